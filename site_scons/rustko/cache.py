@@ -1,0 +1,56 @@
+"""The machine-wide cache (sysroots, kernel images, initramfs), shared by every project and build.
+
+Entries are built in a private temporary folder and published with one atomic `rename`, so
+parallel builds never see a half-written entry and an interrupted build leaves none behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+def cache_root() -> Path:
+    """`$RUSTKO_CACHE`, else `$XDG_CACHE_HOME/rustko`, else `~/.cache/rustko`."""
+    env = os.environ.get("RUSTKO_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "rustko"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock beside `path`, so two builds do not do the same slow work twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_dir(path: Path, fill: Callable[[Path], None]) -> Path:
+    """Return `path`, creating it first with `fill(tmpdir)` if it does not exist yet.
+
+    `fill` writes into an empty temporary folder beside `path`; only a complete result is
+    renamed into place.
+    """
+    if path.is_dir():
+        return path
+    with _locked(path):
+        if path.is_dir():
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            fill(tmp)
+            os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,50 @@
+"""The `rustko` command: each subcommand lives in the module that owns its job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .errors import RustkoError
+
+# Subcommand name -> "module:function" registering its parser; imported lazily so that
+# `rustko check` never pays for the VM code and the other way round.
+SUBCOMMANDS: dict[str, str] = {
+    "check": "check:add_parser",
+    "vmtest": "vm:add_parser",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="rustko",
+        description="Build Linux kernel modules in Rust and prove them loadable.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, target in SUBCOMMANDS.items():
+        module_name, func = target.split(":")
+        module = importlib.import_module(f"rustko.{module_name}")
+        getattr(module, func)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except RustkoError as err:
+        print(err, file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

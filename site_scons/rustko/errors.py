@@ -1,0 +1,23 @@
+"""One error type for everything the user can fix: what went wrong, and how to fix it."""
+
+from __future__ import annotations
+
+
+class RustkoError(Exception):
+    """A problem with the user's input or machine, reported as a short paragraph, never a traceback.
+
+    `exit_code` follows the contract: 2 for bad usage or unreadable input, 1 for a module the
+    kernel would refuse.
+    """
+
+    def __init__(self, message: str, hint: str = "", exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f"\n  help: {self.hint}"
+        return text
