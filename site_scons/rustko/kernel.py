@@ -1,0 +1,165 @@
+"""Kernel probing: what a KDIR (a configured kernel tree or a distribution headers package) says
+about the kernel that will load our modules."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RustkoError
+
+# Kbuild's ARCH names and their aliases (the usual spellings users type).
+ARCH_ALIASES: dict[str, str] = {
+    "x86_64": "x86_64", "x86": "x86_64", "amd64": "x86_64",
+    "arm64": "arm64", "aarch64": "arm64",
+    "um": "um",
+    "riscv": "riscv64", "riscv64": "riscv64",
+}
+
+# The .config symbol that identifies each architecture's tree (arch/*/Kconfig).  UML is tested
+# first: a UML kernel on x86_64 also sets CONFIG_X86_64.
+ARCH_CONFIG: tuple[tuple[str, str], ...] = (
+    ("CONFIG_UML", "um"),
+    ("CONFIG_X86_64", "x86_64"),
+    ("CONFIG_ARM64", "arm64"),
+    ("CONFIG_RISCV", "riscv64"),
+)
+
+# The directory under KDIR/arch/ and the `make ARCH=` value for each architecture.
+KBUILD_ARCH: dict[str, str] = {"x86_64": "x86", "arm64": "arm64", "um": "um", "riscv64": "riscv"}
+
+
+def normalize_arch(name: str) -> str:
+    """Map a user's ARCH spelling to rustko's name, or fail with the accepted spellings."""
+    try:
+        return ARCH_ALIASES[name.lower()]
+    except KeyError:
+        raise RustkoError(
+            f"unknown ARCH '{name}'",
+            f"use one of: {', '.join(sorted(ARCH_ALIASES))}",
+        ) from None
+
+
+def host_arch() -> str:
+    return ARCH_ALIASES.get(platform.machine().lower(), platform.machine().lower())
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """What the build needs to know about the target kernel; everything read from KDIR."""
+
+    kdir: Path
+    release: str
+    version: tuple[int, int, int]
+    arch: str
+    config: dict[str, str] = field(repr=False)
+    compiler: str
+
+    def enabled(self, symbol: str) -> bool:
+        """True when `CONFIG_<symbol>` is `y` (built in) in the kernel's .config."""
+        return self.config.get(f"CONFIG_{symbol}") == "y"
+
+    def value(self, symbol: str) -> str | None:
+        raw = self.config.get(f"CONFIG_{symbol}")
+        return raw.strip('"') if raw is not None else None
+
+    @property
+    def clang(self) -> bool:
+        return self.enabled("CC_IS_CLANG")
+
+    @property
+    def symvers(self) -> Path:
+        return self.kdir / "Module.symvers"
+
+
+def default_kdir() -> Path:
+    return Path("/lib/modules") / platform.release() / "build"
+
+
+def installed_headers() -> list[Path]:
+    """Headers trees under /usr/src that look usable as KDIR (for error messages)."""
+    root = Path("/usr/src")
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / ".config").is_file() and (p / "Makefile").is_file())
+
+
+def _missing_kdir_hint() -> str:
+    found = installed_headers()
+    if found:
+        listing = ", ".join(f"KDIR={p}" for p in found)
+        return f"headers installed on this machine: {listing}"
+    return ("install the headers of the kernel you target, e.g. `apt-get install linux-headers-amd64`, "
+            "then pass KDIR=/usr/src/linux-headers-<release>")
+
+
+def read_config(path: Path) -> dict[str, str]:
+    config: dict[str, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            key, _, value = line.partition("=")
+            config[key] = value
+    return config
+
+
+def _read_release(kdir: Path) -> str:
+    header = kdir / "include/generated/utsrelease.h"
+    if header.is_file():
+        match = re.search(r'UTS_RELEASE\s+"([^"]+)"', header.read_text(errors="replace"))
+        if match:
+            return match.group(1)
+    release_file = kdir / "include/config/kernel.release"
+    if release_file.is_file():
+        return release_file.read_text().strip()
+    raise RustkoError(
+        f"{kdir} has no include/generated/utsrelease.h: it is not a prepared kernel tree",
+        "run `make modules_prepare` in a kernel source tree, or use a distribution headers package",
+    )
+
+
+def _read_version(kdir: Path) -> tuple[int, int, int]:
+    header = kdir / "include/generated/uapi/linux/version.h"
+    text = header.read_text(errors="replace") if header.is_file() else ""
+    parts = [re.search(rf"LINUX_VERSION_{name}\s+(\d+)", text) for name in ("MAJOR", "PATCHLEVEL", "SUBLEVEL")]
+    if all(parts):
+        major, minor, sub = (int(m.group(1)) for m in parts)  # type: ignore[union-attr]
+        return (major, minor, sub)
+    code = re.search(r"LINUX_VERSION_CODE\s+(\d+)", text)
+    if code:
+        value = int(code.group(1))
+        return (value >> 16, (value >> 8) & 0xFF, value & 0xFF)
+    raise RustkoError(f"{kdir} has no include/generated/uapi/linux/version.h",
+                      "KDIR must be a prepared kernel tree (`make modules_prepare`) or a headers package")
+
+
+def probe(kdir: str | os.PathLike[str] | None = None) -> KernelInfo:
+    """Read release, version, architecture, compiler and .config from KDIR."""
+    path = Path(kdir) if kdir else default_kdir()
+    if not path.is_dir():
+        what = f"KDIR {path}" if kdir else f"the default KDIR {path} (the running kernel's headers)"
+        raise RustkoError(f"{what} does not exist", _missing_kdir_hint())
+    config_path = path / ".config"
+    if not config_path.is_file() or not (path / "Makefile").is_file():
+        raise RustkoError(
+            f"{path} is not a kernel build directory (no .config or Makefile)",
+            _missing_kdir_hint(),
+        )
+    config = read_config(config_path)
+    if config.get("CONFIG_MODULES") != "y":
+        raise RustkoError(f"the kernel configured in {path} has no module support (CONFIG_MODULES is not set)",
+                          "build for a kernel with CONFIG_MODULES=y")
+    arch = next((name for symbol, name in ARCH_CONFIG if config.get(symbol) == "y"), None)
+    if arch is None:
+        raise RustkoError(f"{path}/.config is for an architecture rustko does not support",
+                          f"supported: {', '.join(KBUILD_ARCH)}")
+    return KernelInfo(
+        kdir=path.resolve(),
+        release=_read_release(path),
+        version=_read_version(path),
+        arch=arch,
+        config=config,
+        compiler=config.get("CONFIG_CC_VERSION_TEXT", '""').strip('"'),
+    )
