@@ -1,0 +1,594 @@
+"""`rustko vmtest`: boot a real kernel under QEMU (TCG), insmod and rmmod a module, report the log.
+
+A static loadability check can only predict what the kernel's loader does; this runs it. The
+guest is a throw-away busybox initramfs whose `/init` reports every step on the serial console
+between markers that carry a per-run random token, so the host recovers the results reliably
+even when kernel messages interleave with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import os
+import platform
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .cache import cache_root, cached_dir
+from .errors import RustkoError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to boot one architecture: every per-arch fact the VM runner needs, as data."""
+
+    name: str
+    debian_arch: str  # Debian's name, for `pkg:arch` and .deb file names
+    elf_machine: str  # pyelftools' e_machine of modules built for it
+    host_machines: tuple[str, ...]  # `platform.machine()` values that can run its busybox natively
+    qemu: tuple[str, ...]  # QEMU binary and machine arguments
+    qemu_package: str  # the Debian package that provides the QEMU binary
+    console: str
+    boot_seconds: float  # measured on this project's 2-core TCG machine, for the progress line
+
+
+ARCHES: dict[str, ArchSpec] = {
+    "x86_64": ArchSpec(
+        name="x86_64",
+        debian_arch="amd64",
+        elf_machine="EM_X86_64",
+        host_machines=("x86_64", "amd64"),
+        qemu=("qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "512"),
+        qemu_package="qemu-system-x86",
+        console="ttyS0",
+        boot_seconds=6,
+    ),
+    "arm64": ArchSpec(
+        name="arm64",
+        debian_arch="arm64",
+        elf_machine="EM_AARCH64",
+        host_machines=("aarch64", "arm64"),
+        qemu=("qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "max", "-m", "1024"),
+        qemu_package="qemu-system-arm",
+        console="ttyAMA0",
+        boot_seconds=8,
+    ),
+}
+
+ARCH_ALIASES: dict[str, str] = {"x86": "x86_64", "amd64": "x86_64", "aarch64": "arm64"}
+
+# Where a Debian .deb may already sit, so a fetch can reuse it instead of downloading again.
+DEB_DIRS: tuple[Path, ...] = (Path("/var/cache/apt/archives"),)
+
+# Lines the kernel's module loader prints when it refuses a module (kernel/module/main.c,
+# arch/x86/kernel/module.c, arch/arm64/kernel/module.c, kernel/params.c in 6.1 and 6.12).
+REFUSAL_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
+    re.compile(p)
+    for p in (
+        r"Unknown rela relocation: \d+",
+        r"unsupported RELA relocation: \d+",
+        r"overflow in relocation type \d+",
+        r"Invalid relocation target, existing value is nonzero",
+        r"version magic '.*' should be '.*'",
+        r"Unknown symbol \S+ \(err -?\d+\)",
+        r"disagrees about version of symbol",
+        r"no symbol version for",
+        r"section size must match the kernel's built struct module size",
+        r"module PLT section\(s\) missing",
+        r"Unknown parameter `",
+        r"Invalid ELF header magic",
+        r"Module has invalid ELF structures",
+        r"Exported symbol \S+ already",
+    )
+)
+
+# Kernel log lines that mean the guest kernel itself broke while the module was in it.
+CRASH_PATTERN = re.compile(
+    r"Kernel panic - not syncing|\bOops\b|BUG: |general protection fault|"
+    r"WARNING: CPU: |Call Trace:|kernel BUG at|Unable to handle kernel"
+)
+
+DMESG_TIMESTAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
+
+
+@dataclass
+class VmResult:
+    """What happened in the guest; `ok` is the verdict `rustko vmtest` exits on."""
+
+    module: str
+    kernel: Path
+    arch: str
+    loaded: bool = False
+    unloaded: bool = False
+    module_log: list[str] = field(default_factory=list)
+    refusal: str | None = None
+    insmod_error: str | None = None
+    rmmod_error: str | None = None
+    commands: list[tuple[str, int, str]] = field(default_factory=list)
+    crash: list[str] = field(default_factory=list)
+    failure: str | None = None  # why the run itself did not finish (timeout, early power-off)
+    seconds: float = 0.0
+    console: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.loaded
+            and self.unloaded
+            and all(status == 0 for _, status, _ in self.commands)
+            and not self.crash
+            and self.failure is None
+        )
+
+
+def resolve_arch(arch: str) -> ArchSpec:
+    """Accept the names Kbuild users type (`x86`, `amd64`, `aarch64`) as well as ours."""
+    name = ARCH_ALIASES.get(arch, arch)
+    if name not in ARCHES:
+        raise RustkoError(
+            f"vmtest does not support architecture {arch!r}",
+            hint=f"use one of: {', '.join(ARCHES)}",
+        )
+    return ARCHES[name]
+
+
+# --- the module --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """The facts about a `.ko` that choose the kernel and the rmmod name."""
+
+    path: Path
+    name: str
+    vermagic: str
+    elf_machine: str
+
+    @property
+    def release(self) -> str:
+        return self.vermagic.split()[0] if self.vermagic else ""
+
+
+def read_module(path: Path) -> ModuleInfo:
+    """Read `.modinfo` (name, vermagic) and the ELF machine; unreadable input is exit 2."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as handle:
+            elf = ELFFile(handle)
+            machine = elf["e_machine"]
+            section = elf.get_section_by_name(".modinfo")
+            raw = section.data() if section is not None else b""
+    except OSError as err:
+        raise RustkoError(f"cannot read module {path}: {err.strerror}") from None
+    except ELFError as err:
+        raise RustkoError(f"{path} is not an ELF kernel module: {err}") from None
+    if section is None:
+        raise RustkoError(
+            f"{path} has no .modinfo section, so it is not a kernel module",
+            hint="pass the final .ko that Kbuild links, not an intermediate .o",
+        )
+    info: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        key, sep, value = entry.decode("utf-8", "replace").partition("=")
+        if sep and key not in info:
+            info[key] = value
+    name = info.get("name") or path.name.split(".")[0].replace("-", "_")
+    return ModuleInfo(path=path, name=name, vermagic=info.get("vermagic", ""), elf_machine=machine)
+
+
+# --- Debian packages ---------------------------------------------------------------------------
+
+
+def _require_tool(tool: str, package: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        raise RustkoError(f"{tool} is not installed", hint=f"apt-get install {package}")
+    return found
+
+
+def _fetch_deb(package: str, debian_arch: str, dest: Path) -> Path:
+    """A .deb of `package`: one already in the cache or apt's archive, else `apt-get download`."""
+    pattern = f"{package}_*_{debian_arch}.deb"
+    for folder in (cache_root() / "debs", *DEB_DIRS):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[-1]
+    _require_tool("apt-get", "apt")
+    spec = package if debian_arch == _host_debian_arch() else f"{package}:{debian_arch}"
+    proc = subprocess.run(
+        ["apt-get", "download", spec], cwd=dest, capture_output=True, text=True
+    )
+    debs = sorted(dest.glob(pattern))
+    if proc.returncode != 0 or not debs:
+        detail = proc.stderr.strip().splitlines()
+        hint = "run `apt-get update`, or pass --kernel VMLINUZ"
+        if debian_arch != _host_debian_arch():
+            hint = f"run `dpkg --add-architecture {debian_arch} && apt-get update`, or pass --kernel"
+        raise RustkoError(
+            f"apt-get download {spec} failed: {detail[-1] if detail else 'no .deb produced'}",
+            hint=hint,
+        )
+    return debs[-1]
+
+
+def _host_debian_arch() -> str:
+    for spec in ARCHES.values():
+        if platform.machine() in spec.host_machines:
+            return spec.debian_arch
+    return platform.machine()
+
+
+def _extract(deb: Path, members: Sequence[str], dest: Path) -> None:
+    """Unpack only `members` (tar wildcards) of a .deb: the kernel image, not its 400 MB of modules."""
+    _require_tool("dpkg-deb", "dpkg")
+    deb_proc = subprocess.Popen(
+        ["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    tar = subprocess.run(
+        ["tar", "-x", "-C", str(dest), "--wildcards", *members],
+        stdin=deb_proc.stdout,
+        stderr=subprocess.PIPE,
+    )
+    _, deb_err = deb_proc.communicate()
+    if deb_proc.returncode != 0 or tar.returncode != 0:
+        message = (deb_err or tar.stderr).decode(errors="replace").strip()
+        raise RustkoError(f"cannot unpack {deb}: {message}")
+
+
+def debian_kernel(release: str, arch: str = "x86_64") -> Path:
+    """The vmlinuz of Debian's `linux-image-RELEASE-unsigned`, fetched once into the cache.
+
+    The unsigned image is the same kernel without the Secure Boot signature; never installed,
+    only unpacked, so no boot hooks run on this machine.
+    """
+    spec = resolve_arch(arch)
+    if not re.fullmatch(r"[0-9][A-Za-z0-9.+~_-]*", release):
+        raise RustkoError(f"{release!r} is not a kernel release")
+    package = f"linux-image-{release}-unsigned"
+
+    def fill(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
+            deb = _fetch_deb(package, spec.debian_arch, Path(download))
+            _extract(deb, ["./boot/*"], tmp)
+
+    folder = cached_dir(cache_root() / "kernels" / spec.debian_arch / release, fill)
+    vmlinuz = folder / "boot" / f"vmlinuz-{release}"
+    if not vmlinuz.is_file():
+        raise RustkoError(f"{package} has no boot/vmlinuz-{release}; the cache at {folder} is stale")
+    return vmlinuz
+
+
+# --- the initramfs -----------------------------------------------------------------------------
+
+
+class Cpio:
+    """A `newc` cpio archive, written without root: device nodes are just header fields."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        self.inode = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        encoded = name.encode() + b"\0"
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        fields = (self.inode, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        header = b"070701" + b"".join(b"%08X" % value for value in fields)
+        self.inode += 1
+        self.buffer.write(header + encoded)
+        self.buffer.write(b"\0" * (-(len(header) + len(encoded)) % 4))
+        self.buffer.write(data)
+        self.buffer.write(b"\0" * (-len(data) % 4))
+
+    def directory(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
+
+    def gzipped(self) -> bytes:
+        """Close the archive; gzip members concatenate, so each part is compressed alone."""
+        self._entry("TRAILER!!!", 0)
+        return gzip.compress(self.buffer.getvalue(), compresslevel=6, mtime=0)
+
+
+def _busybox(spec: ArchSpec) -> bytes:
+    """A static busybox for the guest: the host's when it runs natively, else Debian's package."""
+    if platform.machine() in spec.host_machines:
+        host = Path("/bin/busybox")
+        if not host.is_file():
+            raise RustkoError("busybox is not installed", hint="apt-get install busybox-static")
+        return host.read_bytes()
+
+    def fill(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
+            deb = _fetch_deb("busybox-static", spec.debian_arch, Path(download))
+            _extract(deb, ["./bin/busybox"], tmp)
+
+    folder = cached_dir(cache_root() / "busybox" / spec.debian_arch, fill)
+    return (folder / "bin" / "busybox").read_bytes()
+
+
+def base_initramfs(spec: ArchSpec) -> Path:
+    """The busybox part of every guest, built once per busybox binary and reused."""
+    busybox = _busybox(spec)
+    key = hashlib.sha256(busybox).hexdigest()[:16]
+
+    def fill(tmp: Path) -> None:
+        archive = Cpio()
+        for folder in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "rustko"):
+            archive.directory(folder)
+        archive.chardev("dev/console", 5, 1)  # the kernel opens it for /init's stdio
+        archive.file("bin/busybox", busybox, 0o755)
+        archive.symlink("bin/sh", "busybox")
+        (tmp / "base.cpio.gz").write_bytes(archive.gzipped())
+
+    return cached_dir(cache_root() / "initramfs" / f"{spec.debian_arch}-{key}", fill) / "base.cpio.gz"
+
+
+def kmsg_marker(token: str) -> str:
+    """The kernel log line written just before insmod; unlike the console markers, so they never mix."""
+    return f"rustko {token}: insmod"
+
+
+def init_script(token: str, module: ModuleInfo, commands: Sequence[str]) -> str:
+    """The guest's /init: each step's output framed by `@@<token>:TAG` lines on the console.
+
+    Outputs go to a file first and are printed after, so kernel messages printed while a step
+    runs land outside the frame. The kernel log gets its own marker so that the module's lines
+    are exactly those after it.
+    """
+    marker = f"@@{token}"
+    lines = [
+        "#!/bin/sh",
+        "/bin/busybox mount -t proc proc /proc",
+        "/bin/busybox --install -s",
+        "export PATH=/sbin:/bin:/usr/sbin:/usr/bin",
+        "mount -t sysfs sysfs /sys",
+        "mount -t devtmpfs devtmpfs /dev",
+        f"say() {{ printf '\\n{marker}:%s\\n' \"$*\"; }}",
+        "step() { tag=$1; shift; \"$@\" >/tmp/out 2>&1; rc=$?; say \"$tag $rc\"; cat /tmp/out; say END; return $rc; }",
+        "say BOOTED",
+        f"echo '{kmsg_marker(token)}' >/dev/kmsg",
+        f"if step INSMOD insmod /rustko/{module.path.name}; then",
+    ]
+    for index in range(len(commands)):
+        lines.append(f"  step CMD{index} sh /rustko/cmd{index}")
+    lines += [
+        f"  step RMMOD rmmod {module.name}",
+        "fi",
+        "say DMESG",
+        "dmesg",
+        "say END",
+        "say DONE",
+        "poweroff -f",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_initramfs(token: str, module: ModuleInfo, commands: Sequence[str]) -> bytes:
+    """The per-run part: /init, the module and the commands; appended to the cached base."""
+    archive = Cpio()
+    archive.file("init", init_script(token, module, commands).encode(), 0o755)
+    archive.file(f"rustko/{module.path.name}", module.path.read_bytes())
+    for index, command in enumerate(commands):
+        archive.file(f"rustko/cmd{index}", (command + "\n").encode(), 0o755)
+    return archive.gzipped()
+
+
+# --- running and reading the console -----------------------------------------------------------
+
+
+def parse_console(console: str, token: str, result: VmResult, commands: Sequence[str]) -> None:
+    """Fill `result` from the serial output: framed step results, then the kernel log."""
+    marker = re.compile(rf"@@{re.escape(token)}:(\S+)(?: (-?\d+))?")
+    lines = console.replace("\r", "").split("\n")
+    frames: dict[str, tuple[int, list[str]]] = {}
+    tag: str | None = None
+    status = 0
+    body: list[str] = []
+    done = False
+    for line in lines:
+        found = marker.search(line)
+        if found is None:
+            if tag is not None:
+                body.append(line)
+            continue
+        name, value = found.group(1), found.group(2)
+        if name == "END" and tag is not None:
+            frames[tag] = (status, body)
+            tag = None
+        elif name in ("INSMOD", "RMMOD", "DMESG") or name.startswith("CMD"):
+            tag, status, body = name, int(value or 0), []
+        elif name == "DONE":
+            done = True
+
+    def text(frame: str) -> str:
+        return "\n".join(frames[frame][1]).strip()
+
+    if "INSMOD" in frames:
+        result.loaded = frames["INSMOD"][0] == 0
+        if not result.loaded:
+            result.insmod_error = text("INSMOD") or f"insmod exited with {frames['INSMOD'][0]}"
+    for index, command in enumerate(commands):
+        if f"CMD{index}" in frames:
+            result.commands.append((command, frames[f"CMD{index}"][0], text(f"CMD{index}")))
+    if "RMMOD" in frames:
+        result.unloaded = frames["RMMOD"][0] == 0
+        if not result.unloaded:
+            result.rmmod_error = text("RMMOD") or f"rmmod exited with {frames['RMMOD'][0]}"
+
+    kernel_log = [DMESG_TIMESTAMP.sub("", line) for line in frames.get("DMESG", (0, []))[1]]
+    after = [i for i, line in enumerate(kernel_log) if line.endswith(kmsg_marker(token))]
+    result.module_log = [line for line in kernel_log[after[0] + 1 :] if line] if after else []
+    if not result.loaded:
+        refusals = [line for line in result.module_log if any(p.search(line) for p in REFUSAL_PATTERNS)]
+        result.refusal = "\n".join(refusals) or None
+    # A crash anywhere after boot counts: on the console (the kernel died) or in the log (it lived on).
+    booted = next((i for i, line in enumerate(lines) if marker.search(line)), len(lines))
+    seen = lines[booted:] if not done else result.module_log
+    result.crash = [line for line in seen if CRASH_PATTERN.search(line)]
+    if not done and result.failure is None:
+        tail = "\n".join(line for line in lines[-15:] if line.strip())
+        result.failure = "the guest stopped before finishing its steps; last console lines:\n" + tail
+
+
+def vmtest(
+    module: Path | str,
+    kernel: Path | str | None = None,
+    arch: str = "x86_64",
+    run: Sequence[str] = (),
+    timeout: float = 120,
+) -> VmResult:
+    """Boot `kernel` (default: Debian's image for the module's vermagic) and load the module in it."""
+    spec = resolve_arch(arch)
+    info = read_module(Path(module))
+    if info.elf_machine != spec.elf_machine:
+        raise RustkoError(
+            f"{info.path} is built for {info.elf_machine}, not for {spec.name}",
+            hint=f"pass the matching --arch ({', '.join(ARCHES)})",
+        )
+    if kernel is None:
+        if not info.release:
+            raise RustkoError(
+                f"{info.path} has no vermagic, so its kernel is unknown", hint="pass --kernel VMLINUZ"
+            )
+        vmlinuz = debian_kernel(info.release, spec.name)
+    else:
+        vmlinuz = Path(kernel)
+        if not vmlinuz.is_file() or not os.access(vmlinuz, os.R_OK):
+            raise RustkoError(f"kernel image {vmlinuz} does not exist or is not readable")
+    qemu = _require_tool(spec.qemu[0], spec.qemu_package)
+    base = base_initramfs(spec)
+    token = secrets.token_hex(6)
+    result = VmResult(module=info.name, kernel=vmlinuz, arch=spec.name)
+    with tempfile.TemporaryDirectory(prefix="rustko-vm-") as tmp:
+        initrd = Path(tmp) / "initrd.gz"
+        initrd.write_bytes(base.read_bytes() + run_initramfs(token, info, run))
+        argv = [
+            qemu,
+            *spec.qemu[1:],
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+            "-kernel",
+            str(vmlinuz),
+            "-initrd",
+            str(initrd),
+            "-append",
+            f"console={spec.console} panic=-1 loglevel=4",
+        ]
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+            result.failure = f"timed out after {timeout:g} s; QEMU was killed"
+        result.seconds = time.monotonic() - started
+    result.console = output.decode("utf-8", "replace")
+    if proc.returncode not in (0, None) and result.failure is None and "@@" + token not in result.console:
+        raise RustkoError(
+            f"{spec.qemu[0]} failed (exit {proc.returncode}): {result.console.strip()[-500:]}",
+            hint="check the kernel image path and that it is for this architecture",
+        )
+    parse_console(result.console, token, result, run)
+    return result
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def report(result: VmResult) -> None:
+    """Print what the user needs: the module's log, each command, and the verdict with its reason."""
+    print(f"kernel: {result.kernel} ({result.arch}), {result.seconds:.1f} s")
+    print(f"kernel log of {result.module}:")
+    for line in result.module_log:
+        print(f"  {line}")
+    for command, status, output in result.commands:
+        print(f"$ {command}  (exit {status})")
+        for line in output.splitlines():
+            print(f"  {line}")
+    problems: list[str] = []
+    if result.failure:
+        problems.append(result.failure)
+    if result.crash:
+        problems.append("the kernel crashed:\n" + "\n".join(f"  {line}" for line in result.crash))
+    if not result.loaded and result.failure is None:
+        if result.refusal:
+            problems.append(f"the kernel refused {result.module}:\n  " + result.refusal.replace("\n", "\n  "))
+        problems.append(f"insmod failed: {result.insmod_error}")
+    if result.loaded and not result.unloaded and result.failure is None:
+        problems.append(f"rmmod failed: {result.rmmod_error}")
+    failed = [command for command, status, _ in result.commands if status != 0]
+    if failed:
+        problems.append("commands failed: " + ", ".join(failed))
+    if result.ok:
+        print(f"ok: {result.module} loaded and unloaded cleanly")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.arch is None:
+        arch = next(
+            (spec.name for spec in ARCHES.values() if spec.elf_machine == read_module(Path(args.module)).elf_machine),
+            "x86_64",
+        )
+    else:
+        arch = args.arch
+    result = vmtest(args.module, kernel=args.kernel, arch=arch, run=args.commands, timeout=args.timeout)
+    report(result)
+    return 0 if result.ok else 1
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `rustko vmtest`."""
+    parser = subparsers.add_parser(
+        "vmtest",
+        help="boot the module's kernel in QEMU, insmod and rmmod it, show its log",
+        description=(
+            "Boot a real kernel in QEMU (TCG) with a busybox initramfs, insmod and rmmod MODULE, "
+            "and print its kernel log. Exit 0: loaded and unloaded cleanly (and every --run "
+            "command exited 0); 1: refused or failed in the kernel; 2: bad usage or missing tools."
+        ),
+    )
+    parser.add_argument("module", metavar="MODULE.ko")
+    parser.add_argument(
+        "--kernel",
+        metavar="VMLINUZ",
+        help="kernel image to boot (default: Debian's linux-image for the module's vermagic)",
+    )
+    parser.add_argument("--arch", help=f"guest architecture: {', '.join(ARCHES)} (default: the module's)")
+    parser.add_argument(
+        "--run",
+        dest="commands",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="CMD",
+        help="shell command(s) to run in the guest while the module is loaded (repeatable)",
+    )
+    parser.add_argument("--timeout", type=float, default=120, help="seconds before QEMU is killed (default 120)")
+    parser.set_defaults(run=_main)
