@@ -1,0 +1,179 @@
+"""The build pipeline without SCons: resolve the target, compile the crate, link with Kbuild, check.
+
+Each step is a plain function over paths so that the SCons tool, tests and scripts drive the same
+code. Nothing here writes outside the build directory and the machine-wide cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import flags as flagset
+from . import kbuild, sysroot, toolchain
+from .errors import RustkoError
+from .kernel import KernelInfo, normalize_arch, probe
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user chose: the Kbuild-style command-line variables."""
+
+    kdir: str | None = None
+    arch: str | None = None
+    cross_compile: str | None = None
+    llvm: bool = False
+    rustc: str | None = None
+    rust_lib_src: str | None = None
+    verbose: bool = False
+
+
+@dataclass
+class Target:
+    """Everything resolved once per build: kernel, compiler, flags; the sysroot on first use."""
+
+    options: Options
+    kernel: KernelInfo
+    toolchain: toolchain.Toolchain
+    flags: list[str]
+    _sysroot: sysroot.Sysroot | None = field(default=None, repr=False)
+
+    @property
+    def sysroot_key(self) -> str:
+        return sysroot.key(self.toolchain, self.flags)
+
+    def sysroot(self, log: Callable[[str, list[str]], None] | None = None) -> sysroot.Sysroot:
+        if self._sysroot is None:
+            self._sysroot = sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log)
+        return self._sysroot
+
+    @property
+    def linker(self) -> str:
+        if self.options.llvm:
+            return "ld.lld"
+        cross = self.options.cross_compile
+        if cross is None:
+            from .kernel import host_arch
+            cross = "" if self.kernel.arch in (host_arch(), "um") else kbuild.CROSS_COMPILE.get(self.kernel.arch, "")
+        return f"{cross}ld"
+
+
+def resolve(options: Options) -> Target:
+    kernel = probe(options.kdir)
+    if options.arch:
+        wanted = normalize_arch(options.arch)
+        if wanted != kernel.arch:
+            raise RustkoError(
+                f"KDIR {kernel.kdir} is configured for {kernel.arch}, but ARCH={options.arch} asks for {wanted}",
+                f"pass the headers of an {wanted} kernel as KDIR, or drop ARCH= to build for {kernel.arch}")
+    tools = toolchain.find(options.rustc, options.rust_lib_src)
+    return Target(options=options, kernel=kernel, toolchain=tools, flags=flagset.codegen_flags(kernel))
+
+
+@dataclass(frozen=True)
+class CrateOutput:
+    obj: Path
+    dep_file: Path
+    has_exit: bool
+
+
+def crate_command(target: Target, name: str, source: Path, project_dir: Path, archive: Path,
+                  dep_file: Path, edition: str, extra: list[str]) -> list[str]:
+    root = target.sysroot().path
+    return [str(target.toolchain.rustc), *target.flags, *extra,
+            f"--edition={edition}", "--crate-type=staticlib", f"--crate-name={name}",
+            "-Clto=fat", f"--sysroot={root}",
+            f"--remap-path-prefix={project_dir}={name}", f"--remap-path-prefix={root}=/sysroot",
+            f"--emit=link={archive},dep-info={dep_file}",
+            os.path.relpath(source, project_dir)]
+
+
+def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: Path,
+                  project_dir: Path, edition: str = "2021", extra: list[str] | None = None,
+                  log: Log | None = None) -> CrateOutput:
+    """rustc (fat LTO, one codegen unit) then `ld -r`: one object with only the code it uses."""
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".rustko-", dir=obj.parent) as tmp:
+        archive = Path(tmp) / f"lib{name}.a"
+        cmd = crate_command(target, name, source, project_dir, archive, dep_file, edition, extra or [])
+        if log and target.options.verbose:
+            log(" ".join(cmd))
+        env = {**os.environ, "RUSTC_BOOTSTRAP": "1"}
+        result = subprocess.run(cmd, cwd=project_dir, env=env, stderr=subprocess.PIPE, text=True)
+        if result.stderr:
+            print(result.stderr, end="", file=sys.stderr)
+        if result.returncode != 0:
+            raise RustkoError(f"the crate of module {name} ({source}) does not compile",
+                              "rustc's messages above say where and why", exit_code=1)
+        # Pull from the archive only what rust_init needs: the crate's object, plus the
+        # compiler_builtins object when (and only when) it is referenced.
+        link = [target.linker, "-r", "-u", "rust_init", "-o", str(obj), str(archive)]
+        if log and target.options.verbose:
+            log(" ".join(link))
+        try:
+            linked = subprocess.run(link, capture_output=True, text=True)
+        except OSError as err:
+            raise RustkoError(f"cannot run the linker {target.linker}: {err.strerror}",
+                              "install binutils for the target (CROSS_COMPILE), or set LLVM=1") from None
+        if linked.returncode != 0:
+            raise RustkoError(f"`{' '.join(link)}` failed: {linked.stderr.strip()}", exit_code=1)
+    symbols = defined_symbols(obj)
+    if "rust_init" not in symbols:
+        raise RustkoError(f"the crate of module {name} defines no `rust_init`",
+                          'add `#[unsafe(no_mangle)] pub extern "C" fn rust_init() -> i32` '
+                          "(return 0 or a negative errno)", exit_code=1)
+    return CrateOutput(obj=obj, dep_file=dep_file, has_exit="rust_exit" in symbols)
+
+
+def defined_symbols(obj: Path) -> set[str]:
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    with open(obj, "rb") as handle:
+        elf = ELFFile(handle)
+        table = elf.get_section_by_name(".symtab")
+        if not isinstance(table, SymbolTableSection):
+            return set()
+        return {sym.name for sym in table.iter_symbols()
+                if sym["st_shndx"] != "SHN_UNDEF" and sym["st_info"]["bind"] == "STB_GLOBAL"}
+
+
+def dep_files(dep_file: Path, project_dir: Path) -> list[Path]:
+    """The source files rustc read: its dep-info has one empty rule (`path:`) per file."""
+    if not dep_file.is_file():
+        return []
+    deps = set()
+    for line in dep_file.read_text(errors="replace").splitlines():
+        if line.endswith(":") and not line.startswith("#"):
+            path = Path(line[:-1].replace("\\ ", " "))
+            deps.add(path if path.is_absolute() else project_dir / path)
+    return sorted(deps)
+
+
+def link_module(target: Target, info: kbuild.ModuleInfo, rust_obj: Path, kbuild_dir: Path,
+                out_ko: Path) -> Path:
+    """Kbuild links the shim and the Rust object into `out_ko`."""
+    kbuild.prepare(kbuild_dir, info, rust_obj)
+    job = kbuild.KbuildJob(kernel=target.kernel, build_dir=kbuild_dir.resolve(),
+                           cross_compile=target.options.cross_compile, llvm=target.options.llvm,
+                           verbose=target.options.verbose)
+    ko = kbuild.run(job, info.name)
+    shutil.copyfile(ko, out_ko)
+    return out_ko
+
+
+def check(target: Target, ko: Path) -> None:
+    """Fail the build, with the checker's report, when the target kernel would refuse `ko`."""
+    from .check import check_module, format_report
+
+    findings = check_module(ko, kernel=target.kernel)
+    if findings:
+        raise RustkoError(format_report(findings, ko).rstrip(), exit_code=1)

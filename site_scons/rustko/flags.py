@@ -1,0 +1,147 @@
+"""Rust code-generation flags for a target kernel, kept as data.
+
+Each row mirrors a line of the kernel's own Makefiles (Linux 6.12 unless noted), so that Rust code
+built here is compiled the way Kbuild compiles in-tree Rust for the same .config. Where Debian's
+headers have no CONFIG_RUST, the rows still apply: they describe the kernel's ABI, not its Rust.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kernel import KernelInfo
+
+
+@dataclass(frozen=True)
+class ArchTarget:
+    """The builtin rustc target the kernel uses (or whose spec matches its target.json)."""
+
+    target: str
+    source: str
+
+
+ARCH_TARGETS: dict[str, ArchTarget] = {
+    "x86_64": ArchTarget("x86_64-unknown-none",
+                         "arch/x86/Makefile: KBUILD_RUSTFLAGS_OPTION_CHKS += --target=x86_64-unknown-none "
+                         "(target.json from scripts/generate_rust_target.rs has the same soft-float ABI)"),
+    "um": ArchTarget("x86_64-unknown-none",
+                     "arch/x86/Makefile.um: target.json from scripts/generate_rust_target.rs (x86_64, no SSE)"),
+    "arm64": ArchTarget("aarch64-unknown-none-softfloat",
+                        "arch/arm64/Makefile: KBUILD_RUSTFLAGS += --target=aarch64-unknown-none-softfloat"),
+    "riscv64": ArchTarget("riscv64imac-unknown-none-elf",
+                          "arch/riscv/Makefile: --target=riscv64imac-unknown-none-elf"),
+}
+
+
+@dataclass(frozen=True)
+class FlagRule:
+    """Flags added when the kernel's .config matches; `{NAME}` expands to CONFIG_NAME's value."""
+
+    flags: tuple[str, ...]
+    source: str
+    arches: tuple[str, ...] = ()   # empty: every architecture
+    when: tuple[str, ...] = ()     # any of these CONFIG_ symbols is y (old and new spellings)
+    unless: tuple[str, ...] = ()   # none of these is y
+
+
+FLAG_RULES: tuple[FlagRule, ...] = (
+    # Top-level Makefile, KBUILD_RUSTFLAGS := ...
+    FlagRule(("-Cpanic=abort", "-Cforce-unwind-tables=n", "-Ccodegen-units=1",
+              "-Csymbol-mangling-version=v0", "-Crelocation-model=static"),
+             "Makefile: KBUILD_RUSTFLAGS := $(rust_common_flags) -Cpanic=abort ... -Crelocation-model=static"),
+    FlagRule(("-Copt-level=2",), "Makefile: ifdef CONFIG_CC_OPTIMIZE_FOR_PERFORMANCE KBUILD_RUSTFLAGS += -Copt-level=2",
+             unless=("CC_OPTIMIZE_FOR_SIZE",)),
+    FlagRule(("-Copt-level=s",), "Makefile: else ifdef CONFIG_CC_OPTIMIZE_FOR_SIZE KBUILD_RUSTFLAGS += -Copt-level=s",
+             when=("CC_OPTIMIZE_FOR_SIZE",)),
+    FlagRule(("-Cdebug-assertions=n", "-Coverflow-checks=n"),
+             "Makefile: -Cdebug-assertions=$(if $(CONFIG_RUST_DEBUG_ASSERTIONS),y,n) (no CONFIG_RUST here: n)"),
+    FlagRule(("-Cforce-frame-pointers=y",), "Makefile: ifdef CONFIG_FRAME_POINTER KBUILD_RUSTFLAGS += -Cforce-frame-pointers=y",
+             when=("FRAME_POINTER",)),
+    FlagRule(("-Cdebuginfo=2",), "scripts/Makefile.debug: DEBUG_RUSTFLAGS += -Cdebuginfo=2",
+             when=("DEBUG_INFO",), unless=("DEBUG_INFO_REDUCED",)),
+    FlagRule(("-Cdebuginfo=1",), "scripts/Makefile.debug: ifdef CONFIG_DEBUG_INFO_REDUCED DEBUG_RUSTFLAGS += -Cdebuginfo=1",
+             when=("DEBUG_INFO_REDUCED",)),
+    # rustko's own: FIELD-NOTES measured that without -Zplt=yes rustc marks the LLVM module
+    # RtLibUseGOT and LLVM's memset/memcpy calls go through R_X86_64_GOTPCREL, which the loader refuses.
+    FlagRule(("-Zplt=yes",), "rustko: keeps libcalls (memset, memcpy) off the GOT; see FIELD-NOTES",
+             arches=("x86_64", "um")),
+    # arch/x86/Makefile
+    FlagRule(("-Ctarget-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2",),
+             "arch/x86/Makefile: KBUILD_RUSTFLAGS += -Ctarget-feature=-sse,-sse2,...", arches=("x86_64", "um")),
+    FlagRule(("-Cno-redzone=y", "-Ccode-model=kernel"),
+             "arch/x86/Makefile: KBUILD_RUSTFLAGS += -Cno-redzone=y, -Ccode-model=kernel", arches=("x86_64",)),
+    FlagRule(("-Ztune-cpu=generic",), "arch/x86/Makefile: rustflags-$(CONFIG_GENERIC_CPU) += -Ztune-cpu=generic",
+             arches=("x86_64",), when=("GENERIC_CPU",)),
+    FlagRule(("-Zretpoline-external-thunk",),
+             "arch/x86/Makefile: RETPOLINE_RUSTFLAGS (rustc >= 1.80 spells +retpoline-external-thunk this way)",
+             arches=("x86_64",), when=("MITIGATION_RETPOLINE", "RETPOLINE")),
+    FlagRule(("-Zfunction-return=thunk-extern",), "arch/x86/Makefile: RETHUNK_RUSTFLAGS := -Zfunction-return=thunk-extern",
+             arches=("x86_64",), when=("MITIGATION_RETHUNK", "RETHUNK")),
+    FlagRule(("-Zcf-protection=branch", "-Cjump-tables=n"),
+             "arch/x86/Makefile: ifeq ($(CONFIG_X86_KERNEL_IBT),y) KBUILD_RUSTFLAGS += -Zcf-protection=branch -Cjump-tables=n",
+             arches=("x86_64",), when=("X86_KERNEL_IBT",)),
+    FlagRule(("-Zpatchable-function-entry={FUNCTION_PADDING_BYTES},{FUNCTION_PADDING_BYTES}",),
+             "arch/x86/Makefile: ifdef CONFIG_CALL_PADDING PADDING_RUSTFLAGS := -Zpatchable-function-entry=...",
+             arches=("x86_64",), when=("CALL_PADDING",)),
+    # UML runs at user-space addresses: module code needs the large code model
+    # (arch/um/Makefile builds C modules with -mcmodel=large; see ../shared/seeds/001).
+    FlagRule(("-Ccode-model=large",), "arch/um/Makefile: KBUILD_CFLAGS_MODULE += -mcmodel=large", arches=("um",)),
+    # arch/arm64/Makefile
+    FlagRule(("-Zbranch-protection=bti,pac-ret",),
+             "arch/arm64/Makefile: ifeq ($(CONFIG_ARM64_BTI_KERNEL),y) KBUILD_RUSTFLAGS += -Zbranch-protection=bti,pac-ret",
+             arches=("arm64",), when=("ARM64_BTI_KERNEL",)),
+    FlagRule(("-Zbranch-protection=pac-ret",),
+             "arch/arm64/Makefile: else ifeq ($(CONFIG_ARM64_PTR_AUTH_KERNEL),y) -Zbranch-protection=pac-ret",
+             arches=("arm64",), when=("ARM64_PTR_AUTH_KERNEL",), unless=("ARM64_BTI_KERNEL",)),
+    FlagRule(("-Zfixed-x18",), "arch/arm64/Makefile: ifeq ($(CONFIG_SHADOW_CALL_STACK),y) KBUILD_RUSTFLAGS += -Zfixed-x18",
+             arches=("arm64",), when=("SHADOW_CALL_STACK",)),
+    # arch/riscv/Makefile
+    FlagRule(("-Ctarget-cpu=generic-rv64",), "arch/riscv/Makefile: KBUILD_RUSTFLAGS += -Ctarget-cpu=generic-rv64",
+             arches=("riscv64",)),
+    FlagRule(("-Ctarget-feature=-relax",), "arch/riscv/Makefile: KBUILD_CFLAGS_MODULE += -mno-relax (R_RISCV_ALIGN is refused)",
+             arches=("riscv64",)),
+)
+
+# Flags for the sysroot crates only (rust/Makefile builds core with --cfg no_fp_fmt_parse);
+# -Cembed-bitcode=yes lets the module's fat LTO keep only the parts of core it uses.
+SYSROOT_ONLY: tuple[str, ...] = ("-Cembed-bitcode=yes",)
+CORE_CFGS: tuple[str, ...] = ("--cfg", "no_fp_fmt_parse")
+
+
+def _applies(rule: FlagRule, kernel: KernelInfo) -> bool:
+    if rule.arches and kernel.arch not in rule.arches:
+        return False
+    if rule.when and not any(kernel.enabled(sym) for sym in rule.when):
+        return False
+    return not any(kernel.enabled(sym) for sym in rule.unless)
+
+
+def _expand(flag: str, kernel: KernelInfo) -> str:
+    names = {part.split("}")[0] for part in flag.split("{")[1:]}
+    return flag.format(**{name: kernel.value(name) or "" for name in names})
+
+
+def target(kernel: KernelInfo) -> str:
+    return ARCH_TARGETS[kernel.arch].target
+
+
+def codegen_flags(kernel: KernelInfo) -> list[str]:
+    """The code-generation flags shared by the sysroot and the module crate.
+
+    Later flags win in rustc, so UML's large code model overrides nothing it should not: UML
+    gets no `-Ccode-model=kernel` row at all.
+    """
+    flags = ["--target", target(kernel)]
+    for rule in FLAG_RULES:
+        if _applies(rule, kernel):
+            flags.extend(_expand(flag, kernel) for flag in rule.flags)
+    return flags
+
+
+def explain(kernel: KernelInfo) -> list[tuple[str, str]]:
+    """(flag, kernel Makefile line it mirrors) for every flag chosen: `rustko doctor` shows this."""
+    rows = [(f"--target {target(kernel)}", ARCH_TARGETS[kernel.arch].source)]
+    for rule in FLAG_RULES:
+        if _applies(rule, kernel):
+            rows.extend((_expand(flag, kernel), rule.source) for flag in rule.flags)
+    return rows

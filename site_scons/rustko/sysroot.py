@@ -1,0 +1,106 @@
+"""The Rust sysroot for one kernel flag set: core, compiler_builtins and alloc, built once.
+
+Entries live under `<cache>/sysroot/<key>`, where the key hashes everything that changes the
+bytes: rustc's `-vV`, the library sources (names and sizes, plus their release), the flags, and
+rustko's own recipe. Every project and build on the machine shares them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cache
+from .errors import RustkoError
+from .toolchain import Toolchain, INSTALL_HINT
+
+RECIPE_VERSION = "1"
+STUB_BUILTINS = Path(__file__).parent / "rust" / "compiler_builtins.rs"
+
+# (crate, source file relative to the library folder, extra rustc arguments), in build order.
+CRATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("core", "core/src/lib.rs", ("--cfg", "no_fp_fmt_parse")),
+    ("compiler_builtins", "", ()),
+    ("alloc", "alloc/src/lib.rs", ()),
+)
+
+
+@dataclass(frozen=True)
+class Sysroot:
+    path: Path
+    target: str
+
+    @property
+    def libdir(self) -> Path:
+        return self.path / "lib" / "rustlib" / self.target / "lib"
+
+
+def _sources_fingerprint(lib_src: Path) -> str:
+    """Names and sizes of every file rustko compiles: cheap enough for every build's start-up."""
+    digest = hashlib.sha256()
+    for crate in ("core", "alloc"):
+        for root, dirs, files in os.walk(lib_src / crate):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                digest.update(f"{os.path.relpath(path, lib_src)}:{os.path.getsize(path)}\n".encode())
+    digest.update(STUB_BUILTINS.read_bytes())
+    return digest.hexdigest()
+
+
+def key(toolchain: Toolchain, flags: list[str]) -> str:
+    digest = hashlib.sha256()
+    for part in (RECIPE_VERSION, toolchain.verbose_version, _sources_fingerprint(toolchain.lib_src), *flags):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _edition(lib_src: Path, crate: str) -> str:
+    manifest = lib_src / crate / "Cargo.toml"
+    try:
+        return tomllib.loads(manifest.read_text())["package"]["edition"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "2021"
+
+
+def _compile(toolchain: Toolchain, flags: list[str], root: Path, target: str, crate: str,
+             source: str, extra: tuple[str, ...], log) -> None:
+    libdir = root / "lib" / "rustlib" / target / "lib"
+    src = STUB_BUILTINS if crate == "compiler_builtins" else toolchain.lib_src / source
+    edition = "2024" if crate == "compiler_builtins" else _edition(toolchain.lib_src, crate)
+    cmd = [str(toolchain.rustc), *flags, "-Cembed-bitcode=yes", *extra,
+           f"--edition={edition}", "--crate-type=rlib", f"--crate-name={crate}",
+           f"--sysroot={root}", f"--remap-path-prefix={toolchain.lib_src}=/rustc/library",
+           "-Awarnings", "-o", str(libdir / f"lib{crate}.rlib"), str(src)]
+    log(crate, cmd)
+    env = {**os.environ, "RUSTC_BOOTSTRAP": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+        raise RustkoError(
+            f"building `{crate}` for the kernel target failed (rustc {toolchain.version}, sources "
+            f"{toolchain.lib_src}):\n{tail}",
+            "the library sources must be those of this exact rustc; " + INSTALL_HINT)
+
+
+def ensure(toolchain: Toolchain, flags: list[str], target: str, log=None) -> Sysroot:
+    """The sysroot for `flags`, built now if no build on this machine has made it yet."""
+    log = log or (lambda crate, cmd: None)
+    path = cache.cache_root() / "sysroot" / key(toolchain, flags)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "lib" / "rustlib" / target / "lib").mkdir(parents=True)
+        for crate, source, extra in CRATES:
+            _compile(toolchain, flags, tmp, target, crate, source, extra, log)
+        (tmp / "flags.txt").write_text("\n".join([toolchain.verbose_version, *flags]) + "\n")
+
+    return Sysroot(path=cache.cached_dir(path, fill), target=target)
+
+
+def default_log(crate: str, cmd: list[str]) -> None:
+    print(f"  SYSROOT {crate} (once per rustc and flag set)", file=sys.stderr, flush=True)
