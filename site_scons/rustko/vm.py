@@ -97,8 +97,12 @@ REFUSAL_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
 # Kernel log lines that mean the guest kernel itself broke while the module was in it.
 CRASH_PATTERN = re.compile(
     r"Kernel panic - not syncing|\bOops\b|BUG: |general protection fault|"
-    r"WARNING: CPU: |Call Trace:|kernel BUG at|Unable to handle kernel"
+    r"WARNING: CPU: |Call Trace:|kernel BUG at|Unable to handle kernel|"
+    r"^RIP: 0010:|^pc : "
 )
+
+# Kernel log lines that the timing of a TCG boot scatters into any window, module or not.
+BOOT_NOISE = re.compile(r"^(tsc|clocksource|sched_clock|random): ")
 
 DMESG_TIMESTAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
 
@@ -439,14 +443,16 @@ def parse_console(console: str, token: str, result: VmResult, commands: Sequence
 
     kernel_log = [DMESG_TIMESTAMP.sub("", line) for line in frames.get("DMESG", (0, []))[1]]
     after = [i for i, line in enumerate(kernel_log) if line.endswith(kmsg_marker(token))]
-    result.module_log = [line for line in kernel_log[after[0] + 1 :] if line] if after else []
+    window = kernel_log[after[0] + 1 :] if after else []
+    result.module_log = [line for line in window if line and not BOOT_NOISE.match(line)]
     if not result.loaded:
+        # busybox's insmod retries with init_module after finit_module fails: each line twice.
         refusals = [line for line in result.module_log if any(p.search(line) for p in REFUSAL_PATTERNS)]
-        result.refusal = "\n".join(refusals) or None
+        result.refusal = "\n".join(dict.fromkeys(refusals)) or None
     # A crash anywhere after boot counts: on the console (the kernel died) or in the log (it lived on).
     booted = next((i for i, line in enumerate(lines) if marker.search(line)), len(lines))
     seen = lines[booted:] if not done else result.module_log
-    result.crash = [line for line in seen if CRASH_PATTERN.search(line)]
+    result.crash = list(dict.fromkeys(line for line in seen if CRASH_PATTERN.search(line)))
     if not done and result.failure is None:
         tail = "\n".join(line for line in lines[-15:] if line.strip())
         result.failure = "the guest stopped before finishing its steps; last console lines:\n" + tail

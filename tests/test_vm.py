@@ -1,0 +1,227 @@
+"""`rustko vmtest` against the real Debian 6.1 and 6.12 kernels, with C modules built by Kbuild.
+
+Every boot is real (QEMU, TCG). The boots are started together once per session, two at a time
+(the machine has two cores), and each test reads the result it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from rustko import vm
+from rustko.errors import RustkoError
+
+REPO = Path(__file__).resolve().parent.parent
+HEADERS = {
+    "6.1": Path("/usr/src/linux-headers-6.1.0-56-amd64"),
+    "6.12": Path("/usr/src/linux-headers-6.12.111+deb12-amd64"),
+}
+
+SOURCES = {
+    "hello": """
+static int __init hello_init(void) { pr_info("hello: rustko vmtest says hi\\n"); return 0; }
+static void __exit hello_exit(void) { pr_info("hello: bye\\n"); }
+module_init(hello_init);
+module_exit(hello_exit);
+""",
+    "nodev": """
+static int __init nodev_init(void) { pr_info("nodev: no device here\\n"); return -ENODEV; }
+module_init(nodev_init);
+""",
+    "unknownsym": """
+extern int rustko_no_such_export(void);
+static int __init unknownsym_init(void) { return rustko_no_such_export(); }
+module_init(unknownsym_init);
+""",
+    "crasher": """
+static int __init crasher_init(void) { BUG(); return 0; }
+module_init(crasher_init);
+""",
+}
+
+pytestmark = pytest.mark.skipif(
+    not all(path.is_dir() for path in HEADERS.values()) or shutil.which("qemu-system-x86_64") is None,
+    reason="needs linux-headers-6.1.0-56-amd64, linux-headers-6.12.111+deb12-amd64 and qemu-system-x86",
+)
+
+
+def build(root: Path, name: str, series: str) -> Path:
+    """A C module built by Kbuild against the installed headers of `series`."""
+    folder = root / f"{name}-{series}"
+    folder.mkdir()
+    (folder / f"{name}.c").write_text(
+        "#include <linux/module.h>\n#include <linux/init.h>\n" + SOURCES[name] + 'MODULE_LICENSE("GPL");\n'
+    )
+    (folder / "Kbuild").write_text(f"obj-m := {name}.o\n")
+    subprocess.run(
+        ["make", "-s", "-C", str(HEADERS[series]), f"M={folder}", "KBUILD_MODPOST_WARN=1"],
+        check=True,
+        capture_output=True,
+    )
+    return folder / f"{name}.ko"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "site_scons"))
+    return subprocess.run(
+        [sys.executable, "-m", "rustko.cli", "vmtest", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="session")
+def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("modules")
+    built = {
+        "hello-6.1": build(root, "hello", "6.1"),
+        "hello-6.12": build(root, "hello", "6.12"),
+        "nodev": build(root, "nodev", "6.1"),
+        "unknownsym": build(root, "unknownsym", "6.1"),
+        "crasher": build(root, "crasher", "6.1"),
+    }
+    # Same release, other flags: with modversions the kernel compares the words after the release.
+    data = built["hello-6.1"].read_bytes()
+    assert data.count(b" mod_unload ") == 1
+    built["badmagic"] = root / "badmagic.ko"
+    built["badmagic"].write_bytes(data.replace(b" mod_unload ", b" mod_unl0ad "))
+    return built
+
+
+@pytest.fixture(scope="session")
+def boots(modules: dict[str, Path]) -> Iterator[dict[str, Future]]:
+    """All boots of the session, started at once; the kernels come from Debian via the cache."""
+    kernel_61 = vm.debian_kernel("6.1.0-56-amd64")
+    vm.debian_kernel("6.12.111+deb12-amd64")
+    pool = ThreadPoolExecutor(max_workers=2)
+    initstate = "cat /sys/module/hello/initstate"
+    futures = {
+        "hello-6.1": pool.submit(vm.vmtest, modules["hello-6.1"], run=(initstate, "echo to stderr >&2; false")),
+        "cli-6.12": pool.submit(cli, str(modules["hello-6.12"]), "--run", initstate),
+        "nodev": pool.submit(vm.vmtest, modules["nodev"]),
+        "cli-badmagic": pool.submit(cli, str(modules["badmagic"]), "--kernel", str(kernel_61)),
+        "unknownsym": pool.submit(vm.vmtest, modules["unknownsym"], kernel=kernel_61),
+        "crasher": pool.submit(vm.vmtest, modules["crasher"]),
+        "timeout": pool.submit(vm.vmtest, modules["hello-6.1"], timeout=1),
+    }
+    yield futures
+    pool.shutdown()
+
+
+def test_hello_loads_in_6_1_and_commands_decide_the_verdict(boots: dict[str, Future]) -> None:
+    result: vm.VmResult = boots["hello-6.1"].result()
+    assert result.loaded and result.unloaded
+    assert "hello: rustko vmtest says hi" in result.module_log
+    assert result.module_log.index("hello: rustko vmtest says hi") < result.module_log.index("hello: bye")
+    assert result.commands == [
+        ("cat /sys/module/hello/initstate", 0, "live"),
+        ("echo to stderr >&2; false", 1, "to stderr"),
+    ]
+    assert not result.ok, "a --run command that exits 1 must fail the verdict"
+    assert result.refusal is None and result.insmod_error is None and not result.crash
+    assert "Linux version 6.1.0-56-amd64" in result.console
+
+
+def test_cli_hello_loads_in_6_12(boots: dict[str, Future]) -> None:
+    proc: subprocess.CompletedProcess[str] = boots["cli-6.12"].result()
+    assert proc.returncode == 0, proc.stderr
+    assert "  hello: rustko vmtest says hi\n" in proc.stdout
+    assert "$ cat /sys/module/hello/initstate  (exit 0)\n  live\n" in proc.stdout
+    assert "vmlinuz-6.12.111+deb12-amd64" in proc.stdout
+    assert "ok: hello loaded and unloaded cleanly" in proc.stdout
+
+
+def test_init_returning_enodev_is_reported(boots: dict[str, Future]) -> None:
+    result: vm.VmResult = boots["nodev"].result()
+    assert not result.loaded and not result.unloaded and not result.ok
+    assert result.insmod_error is not None and "No such device" in result.insmod_error
+    assert "nodev: no device here" in result.module_log
+    assert result.refusal is None, "the loader accepted it; init itself failed"
+
+
+def test_cli_wrong_vermagic_is_refused_with_the_kernels_message(boots: dict[str, Future]) -> None:
+    proc: subprocess.CompletedProcess[str] = boots["cli-badmagic"].result()
+    assert proc.returncode == 1
+    assert (
+        "hello: version magic '6.1.0-56-amd64 SMP preempt mod_unl0ad modversions ' "
+        "should be '6.1.0-56-amd64 SMP preempt mod_unload modversions '"
+    ) in proc.stderr
+    assert "invalid module format" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_symbol_is_refused(boots: dict[str, Future]) -> None:
+    result: vm.VmResult = boots["unknownsym"].result()
+    assert not result.loaded and not result.ok
+    assert result.refusal == "unknownsym: Unknown symbol rustko_no_such_export (err -2)"
+    assert result.insmod_error is not None and "unknown symbol" in result.insmod_error
+
+
+def test_oops_in_init_is_a_failure_with_its_lines(boots: dict[str, Future]) -> None:
+    result: vm.VmResult = boots["crasher"].result()
+    assert not result.ok and not result.loaded
+    assert any("kernel BUG at" in line for line in result.crash), result.module_log
+
+
+def test_timeout_kills_qemu(boots: dict[str, Future]) -> None:
+    result: vm.VmResult = boots["timeout"].result()
+    assert not result.ok
+    assert result.failure is not None and result.failure.startswith("timed out after 1 s")
+    assert result.seconds < 5
+
+
+def test_cli_missing_kernel_is_exit_2() -> None:
+    proc = cli(str(REPO / "tests" / "test_vm.py"), "--kernel", "/nonexistent/vmlinuz")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_kernel_with_a_real_module(modules: dict[str, Path]) -> None:
+    proc = cli(str(modules["hello-6.1"]), "--kernel", "/nonexistent/vmlinuz")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: kernel image /nonexistent/vmlinuz does not exist")
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_bad_inputs_are_exit_2(modules: dict[str, Path], tmp_path: Path) -> None:
+    text = tmp_path / "notes.ko"
+    text.write_text("not an ELF file\n")
+    cases = {
+        (str(text),): "is not an ELF kernel module",
+        (str(tmp_path / "absent.ko"),): "cannot read module",
+        (str(modules["hello-6.1"]), "--arch", "sparc"): "does not support architecture 'sparc'",
+        (str(modules["hello-6.1"]), "--arch", "aarch64"): "is built for EM_X86_64, not for arm64",
+    }
+    for args, message in cases.items():
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_unknown_release_names_the_package() -> None:
+    with pytest.raises(RustkoError) as raised:
+        vm.debian_kernel("0.0.0-rustko-none-amd64")
+    assert "linux-image-0.0.0-rustko-none-amd64-unsigned" in str(raised.value)
+    assert raised.value.exit_code == 2
+
+
+def test_initramfs_is_read_by_cpio(tmp_path: Path) -> None:
+    archive = vm.Cpio()
+    archive.directory("bin")
+    archive.file("bin/tool", b"#!/bin/sh\necho odd-length\n", 0o755)
+    archive.symlink("bin/sh", "busybox")
+    archive.chardev("console", 5, 1)
+    (tmp_path / "a.cpio.gz").write_bytes(archive.gzipped())
+    listing = subprocess.run(
+        f"gzip -dc {tmp_path / 'a.cpio.gz'} | cpio -itv", shell=True, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert [line.split()[0] for line in listing] == ["drwxr-xr-x", "-rwxr-xr-x", "lrwxrwxrwx", "crw-------"]
+    assert listing[2].endswith("bin/sh -> busybox")
+    assert "5,   1" in listing[3] or "5, 1" in listing[3]
