@@ -47,14 +47,21 @@ module_init(crasher_init);
 """,
 }
 
+ARM64_READY = (
+    shutil.which("qemu-system-aarch64") is not None
+    and shutil.which("aarch64-linux-gnu-gcc") is not None
+    and "arm64" in subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True, text=True).stdout
+)
+ARM64_MISSING = "needs qemu-system-arm, gcc-aarch64-linux-gnu and `dpkg --add-architecture arm64`"
+
 pytestmark = pytest.mark.skipif(
     not all(path.is_dir() for path in HEADERS.values()) or shutil.which("qemu-system-x86_64") is None,
     reason="needs linux-headers-6.1.0-56-amd64, linux-headers-6.12.111+deb12-amd64 and qemu-system-x86",
 )
 
 
-def build(root: Path, name: str, series: str) -> Path:
-    """A C module built by Kbuild against the installed headers of `series`."""
+def build(root: Path, name: str, series: str, kdir: Path | None = None, *make_args: str) -> Path:
+    """A C module built by Kbuild against the installed headers of `series` (or `kdir`)."""
     folder = root / f"{name}-{series}"
     folder.mkdir()
     (folder / f"{name}.c").write_text(
@@ -62,11 +69,27 @@ def build(root: Path, name: str, series: str) -> Path:
     )
     (folder / "Kbuild").write_text(f"obj-m := {name}.o\n")
     subprocess.run(
-        ["make", "-s", "-C", str(HEADERS[series]), f"M={folder}", "KBUILD_MODPOST_WARN=1"],
+        ["make", "-s", "-C", str(kdir or HEADERS[series]), f"M={folder}", "KBUILD_MODPOST_WARN=1", *make_args],
         check=True,
         capture_output=True,
     )
     return folder / f"{name}.ko"
+
+
+def arm64_kdir(root: Path) -> Path:
+    """Debian's arm64 headers unpacked beside the common ones, with the host's Kbuild tools."""
+    folder = root / "arm64-headers"
+    folder.mkdir()
+    subprocess.run(
+        ["apt-get", "download", "linux-headers-6.1.0-56-arm64:arm64"], cwd=folder, check=True, capture_output=True
+    )
+    for deb in folder.glob("*.deb"):
+        subprocess.run(["dpkg", "-x", str(deb), str(folder)], check=True)
+    kdir = folder / "usr/src/linux-headers-6.1.0-56-arm64"
+    for link in ("scripts", "tools"):
+        (kdir / link).unlink()
+        (kdir / link).symlink_to(f"/usr/lib/linux-kbuild-6.1/{link}")
+    return kdir
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -86,6 +109,9 @@ def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "unknownsym": build(root, "unknownsym", "6.1"),
         "crasher": build(root, "crasher", "6.1"),
     }
+    if ARM64_READY:
+        kdir = arm64_kdir(root)
+        built["hello-arm64"] = build(root, "hello", "arm64", kdir, "ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-")
     # Same release, other flags: with modversions the kernel compares the words after the release.
     data = built["hello-6.1"].read_bytes()
     assert data.count(b" mod_unload ") == 1
@@ -110,6 +136,8 @@ def boots(modules: dict[str, Path]) -> Iterator[dict[str, Future]]:
         "crasher": pool.submit(vm.vmtest, modules["crasher"]),
         "timeout": pool.submit(vm.vmtest, modules["hello-6.1"], timeout=1),
     }
+    if ARM64_READY:
+        futures["cli-arm64"] = pool.submit(cli, str(modules["hello-arm64"]), "--run", "uname -m", initstate)
     yield futures
     pool.shutdown()
 
@@ -135,6 +163,15 @@ def test_cli_hello_loads_in_6_12(boots: dict[str, Future]) -> None:
     assert "$ cat /sys/module/hello/initstate  (exit 0)\n  live\n" in proc.stdout
     assert "vmlinuz-6.12.111+deb12-amd64" in proc.stdout
     assert "ok: hello loaded and unloaded cleanly" in proc.stdout
+
+
+@pytest.mark.skipif(not ARM64_READY, reason=ARM64_MISSING)
+def test_cli_arm64_module_boots_debians_arm64_kernel(boots: dict[str, Future]) -> None:
+    proc: subprocess.CompletedProcess[str] = boots["cli-arm64"].result()
+    assert proc.returncode == 0, proc.stderr
+    assert "vmlinuz-6.1.0-56-arm64 (arm64)" in proc.stdout
+    assert "  hello: rustko vmtest says hi\n" in proc.stdout
+    assert "$ uname -m  (exit 0)\n  aarch64\n" in proc.stdout
 
 
 def test_init_returning_enodev_is_reported(boots: dict[str, Future]) -> None:
