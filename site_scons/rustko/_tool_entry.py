@@ -1,0 +1,5 @@
+"""What `SCons.Tool.rustko` resolves to in an installed rustko (see `_scons_finder`)."""
+
+from rustko.scons_tool import exists, generate
+
+__all__ = ["exists", "generate"]

@@ -1,0 +1,167 @@
+"""The SCons tool: thin glue from SCons nodes to `rustko.build`.
+
+`env = Environment(tools=["default", "rustko"])` adds `env.RustKernelModule()` and the Kbuild-style
+command-line variables (KDIR, ARCH, CROSS_COMPILE, LLVM, RUSTC, RUST_LIB_SRC, V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import SCons.Action
+import SCons.Errors
+import SCons.Script
+from SCons.Script import BoolVariable, Variables
+
+from . import build, cache, project
+from .errors import RustkoError
+
+VARIABLES: tuple[tuple[str, str], ...] = (
+    ("KDIR", "kernel build directory (default: /lib/modules/$(uname -r)/build)"),
+    ("ARCH", "target architecture: x86_64, arm64, um (aliases x86, amd64, aarch64); must match KDIR"),
+    ("CROSS_COMPILE", "prefix of the C toolchain for Kbuild (default per ARCH, e.g. aarch64-linux-gnu-)"),
+    ("RUSTC", "rustc to use (default: the first rustc whose library sources exist)"),
+    ("RUST_LIB_SRC", "the `library` folder of that rustc's sources (default: from its sysroot)"),
+)
+
+
+def _variables(env: Any) -> None:
+    variables = Variables(None, SCons.Script.ARGUMENTS)
+    for name, help_text in VARIABLES:
+        variables.Add(name, help_text, None)
+    variables.Add(BoolVariable("LLVM", "build the C side with clang/ld.lld (LLVM=1)", False))
+    variables.Add(BoolVariable("V", "show full command lines (V=1)", False))
+    variables.Update(env)
+    SCons.Script.Help(variables.GenerateHelpText(env), append=True)
+
+
+def _options(env: Any) -> build.Options:
+    return build.Options(kdir=env.get("KDIR"), arch=env.get("ARCH"), cross_compile=env.get("CROSS_COMPILE"),
+                         llvm=bool(env.get("LLVM")), rustc=env.get("RUSTC"),
+                         rust_lib_src=env.get("RUST_LIB_SRC"), verbose=bool(env.get("V")))
+
+
+def _target(env: Any) -> build.Target:
+    """Resolve the kernel and compiler once per environment; a bad KDIR stops SCons cleanly."""
+    cached = env.get("_RUSTKO_TARGET")
+    if cached is None:
+        try:
+            cached = build.resolve(_options(env))
+        except RustkoError as err:
+            raise SCons.Errors.UserError(str(err).removeprefix("error: ")) from None
+        env["_RUSTKO_TARGET"] = cached
+    return cached
+
+
+def _reading_only(env: Any) -> bool:
+    """`scons -c` and `scons -h` need the node graph, not a kernel or a compiler."""
+    return bool(env.GetOption("clean") or env.GetOption("help"))
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _fail(err: RustkoError) -> int:
+    print(str(err), file=sys.stderr, flush=True)
+    return 1
+
+
+def _meta(env: Any) -> dict[str, str]:
+    return dict(zip(("license", "author", "description", "version"), env["RUSTKO_META"]))
+
+
+def _compile_action(target: list[Any], source: list[Any], env: Any) -> int:
+    tgt = _target(env)
+    tgt.sysroot(log=lambda crate, cmd: _log(f"  SYSROOT {crate} (once per rustc and flag set)"))
+    manifest = Path(source[1].abspath)
+    try:
+        result = build.compile_crate(
+            tgt, env["RUSTKO_MODULE"], Path(source[0].abspath), Path(target[0].abspath),
+            Path(target[1].abspath), Path(env["RUSTKO_PROJECT"]),
+            project.edition(project.read_manifest(manifest)), list(env["RUSTKO_RUSTFLAGS"]), _log)
+    except RustkoError as err:
+        return _fail(err)
+    Path(target[2].abspath).write_text("exit\n" if result.has_exit else "noexit\n")
+    return 0
+
+
+def _kbuild_action(target: list[Any], source: list[Any], env: Any) -> int:
+    tgt = _target(env)
+    try:
+        info = project.module_info(env["RUSTKO_MODULE"], project.read_manifest(Path(source[3].abspath)),
+                                   _meta(env))
+        has_exit = Path(source[2].abspath).read_text().strip() == "exit"
+        info = dataclasses.replace(info, has_exit=has_exit)
+        ko = Path(target[0].abspath)
+        build.link_module(tgt, info, Path(source[0].abspath), Path(env["RUSTKO_WORK"]) / "kbuild", ko)
+        _log(f"  CHECK   {ko.name}")
+        build.check(tgt, ko)
+    except RustkoError as err:
+        return _fail(err)
+    return 0
+
+
+COMPILE = SCons.Action.Action(_compile_action, "  RUSTC   $RUSTKO_MODULE",
+                              varlist=["RUSTKO_MODULE", "RUSTKO_RUSTFLAGS", "RUSTKO_PROJECT"])
+KBUILD = SCons.Action.Action(_kbuild_action, "  KBUILD  ${RUSTKO_MODULE}.ko",
+                             varlist=["RUSTKO_MODULE", "RUSTKO_META", "RUSTKO_WORK"])
+
+
+def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license: str = "",
+                     author: str = "", description: str = "", version: str = "",
+                     rustflags: list[str] | None = None, build_dir: str = "#build",
+                     manifest: str = "Cargo.toml") -> Any:
+    """Build `name`.ko from the crate rooted at `source`; returns the checked `.ko` node."""
+    try:
+        project.check_name(name)
+    except RustkoError as err:
+        raise SCons.Errors.UserError(str(err).removeprefix("error: ")) from None
+    project_dir = Path(env.Dir("#").abspath)
+    out_dir = env.Dir(build_dir)
+    work = out_dir.Dir(f".rustko/{name}")
+    manifest_node = env.File(manifest)
+    overrides = dict(RUSTKO_MODULE=name, RUSTKO_RUSTFLAGS=tuple(rustflags or ()),
+                     RUSTKO_PROJECT=str(project_dir), RUSTKO_WORK=work.abspath,
+                     RUSTKO_META=(license, author, description, version))
+    rust_targets = [work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d"), work.File(f"{name}_rust.exit")]
+    rust_obj = env.Command(rust_targets, [env.File(source), manifest_node], COMPILE, **overrides)
+    ko = env.Command(out_dir.File(f"{name}.ko"), rust_obj + [manifest_node], KBUILD, **overrides)
+    env.Clean(ko, out_dir)
+
+    if not _reading_only(env):
+        tgt = _target(env)
+        dep_file = Path(rust_targets[1].abspath)
+        env.Depends(rust_obj, [env.File(str(p)) for p in build.dep_files(dep_file, project_dir) if p.is_file()])
+        env.Depends(rust_obj, env.Value(_signature(tgt, list(rustflags or ()))))
+        env.Depends(ko, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
+                                  f"{tgt.options.cross_compile}|{tgt.options.llvm}"))
+    return ko
+
+
+def _signature(tgt: build.Target, extra: list[str]) -> str:
+    """What makes the Rust object differ besides its sources: compiler, sysroot, flags."""
+    digest = hashlib.sha256("\0".join([tgt.sysroot_key, str(tgt.toolchain.rustc), *extra]).encode())
+    return digest.hexdigest()
+
+
+def _sconsign(env: Any) -> None:
+    """Keep SCons's database out of the project, so that `scons -c` leaves the folder as it was."""
+    project_dir = env.Dir("#").abspath
+    folder = cache.cache_root() / "sconsign"
+    folder.mkdir(parents=True, exist_ok=True)
+    SCons.Script.SConsignFile(str(folder / hashlib.sha256(project_dir.encode()).hexdigest()[:16]))
+
+
+def generate(env: Any) -> None:
+    _variables(env)
+    _sconsign(env)
+    env.AddMethod(RustKernelModule, "RustKernelModule")
+
+
+def exists(env: Any) -> bool:
+    return True
