@@ -92,6 +92,23 @@ def arm64_kdir(root: Path) -> Path:
     return kdir
 
 
+def with_gotpcrel(module: Path, out: Path) -> Path:
+    """A copy whose first PLT32 relocation in code is GOTPCREL (9): what Rust without -Zplt emits."""
+    from elftools.elf.elffile import ELFFile
+
+    data = bytearray(module.read_bytes())
+    with open(module, "rb") as handle:
+        for section in ELFFile(handle).iter_sections():
+            if section.name.startswith(".rela") and section.name.endswith("text"):
+                for index, rela in enumerate(section.iter_relocations()):
+                    if rela["r_info_type"] == 4:
+                        offset = section["sh_offset"] + index * section["sh_entsize"] + 8
+                        data[offset : offset + 8] = ((rela["r_info_sym"] << 32) | 9).to_bytes(8, "little")
+                        out.write_bytes(data)
+                        return out
+    raise AssertionError(f"{module} has no PLT32 relocation to rewrite")
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO / "site_scons"))
     return subprocess.run(
@@ -109,6 +126,7 @@ def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "unknownsym": build(root, "unknownsym", "6.1"),
         "crasher": build(root, "crasher", "6.1"),
     }
+    built["gotpcrel"] = with_gotpcrel(built["hello-6.1"], root / "gotpcrel.ko")
     if ARM64_READY:
         kdir = arm64_kdir(root)
         built["hello-arm64"] = build(root, "hello", "arm64", kdir, "ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-")
@@ -133,6 +151,7 @@ def boots(modules: dict[str, Path]) -> Iterator[dict[str, Future]]:
         "nodev": pool.submit(vm.vmtest, modules["nodev"]),
         "cli-badmagic": pool.submit(cli, str(modules["badmagic"]), "--kernel", str(kernel_61)),
         "unknownsym": pool.submit(vm.vmtest, modules["unknownsym"], kernel=kernel_61),
+        "gotpcrel": pool.submit(vm.vmtest, modules["gotpcrel"]),
         "crasher": pool.submit(vm.vmtest, modules["crasher"]),
         "timeout": pool.submit(vm.vmtest, modules["hello-6.1"], timeout=1),
     }
@@ -198,6 +217,13 @@ def test_unknown_symbol_is_refused(boots: dict[str, Future]) -> None:
     assert not result.loaded and not result.ok
     assert result.refusal == "unknownsym: Unknown symbol rustko_no_such_export (err -2)"
     assert result.insmod_error is not None and "unknown symbol" in result.insmod_error
+
+
+def test_unknown_relocation_is_refused(boots: dict[str, Future]) -> None:
+    result: vm.VmResult = boots["gotpcrel"].result()
+    assert not result.loaded and not result.ok
+    assert result.refusal == "module: hello: Unknown rela relocation: 9"
+    assert result.insmod_error is not None and "invalid module format" in result.insmod_error
 
 
 def test_oops_in_init_is_a_failure_with_its_lines(boots: dict[str, Future]) -> None:
