@@ -75,9 +75,12 @@ MSG_COMMON = "{name}: please compile with -fno-common"
 MSG_REL = "module {name}: REL relocation unsupported"
 ENOENT, EINVAL = 2, 22
 
-# Undefined symbols a Rust object leaves behind when part of its runtime is missing: what is
-# missing, and how to fix it. Matched in order; the first pattern that matches wins.
-RUST_RUNTIME: tuple[tuple[str, str, str], ...] = (
+# Undefined symbols a Rust (or PIC) object leaves behind when part of its runtime is missing: what
+# is missing, and how to fix it. Matched in order; the first pattern that matches wins.
+UNDEFINED_EXPLAINED: tuple[tuple[str, str, str], ...] = (
+    (r"^_GLOBAL_OFFSET_TABLE_$",
+     "position-independent code refers to the GOT, which only a dynamic linker provides",
+     "build Rust with `-Crelocation-model=static` (C: drop -fPIC/-fPIE)"),
     (r"^__rust_(alloc|dealloc|realloc|alloc_zeroed)$",
      "`alloc` is used (Box/Vec/String) but no #[global_allocator] is defined",
      "define a #[global_allocator] backed by kmalloc/kfree (krealloc), or avoid alloc types"),
@@ -405,7 +408,7 @@ def _check_vermagic(elf: Elf, modinfo: dict[str, list[str]], name: str, view: Ke
 
 
 def _explain(symbol: str) -> tuple[str, str]:
-    for pattern, why, fix in RUST_RUNTIME:
+    for pattern, why, fix in UNDEFINED_EXPLAINED:
         if re.search(pattern, symbol):
             return why, fix
     return "", ""
@@ -664,7 +667,7 @@ def _source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, in
         return {}
     found: dict[tuple[int, int], str] = {}
     try:
-        dwarf: DWARFInfo = ELFFile(BytesIO(elf.data)).get_dwarf_info(relocate_dwarf_sections=False)
+        dwarf: DWARFInfo = ELFFile(BytesIO(elf.data)).get_dwarf_info(relocate_dwarf_sections=True)
         seq_sections = _line_sequence_sections(elf)
         seq_no = 0
         for cu in dwarf.iter_CUs():
@@ -683,9 +686,7 @@ def _source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, in
                 if prev is not None:
                     for key in wanted:
                         if key not in found and key[0] == section and prev.address <= key[1] < state.address:
-                            fidx = prev.file - (1 if program.header.version < 5 else 0)
-                            fname = files[fidx].name.decode() if 0 <= fidx < len(files) else "?"
-                            found[key] = f"{fname}:{prev.line}"
+                            found[key] = f"{_file_name(program, prev.file)}:{prev.line}"
                 prev = state
                 if state.end_sequence:
                     seq_no += 1
@@ -694,6 +695,21 @@ def _source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, in
             UnicodeDecodeError):
         return found
     return found
+
+
+def _file_name(program: object, index: int) -> str:
+    """A line-program file entry as a path (DWARF 5 counts files from 0, older from 1)."""
+    version = program.header.version
+    files, dirs = program["file_entry"], program["include_directory"]
+    index -= 1 if version < 5 else 0
+    if not 0 <= index < len(files):
+        return "?"
+    entry = files[index]
+    name = entry.name.decode("utf-8", "replace")
+    dir_index = entry.dir_index - (1 if version < 5 else 0)
+    if not name.startswith("/") and 0 <= dir_index < len(dirs):
+        name = dirs[dir_index].decode("utf-8", "replace") + "/" + name
+    return name
 
 
 def _line_sequence_sections(elf: Elf) -> list[int]:
