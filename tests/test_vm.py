@@ -41,6 +41,10 @@ extern int rustko_no_such_export(void);
 static int __init unknownsym_init(void) { return rustko_no_such_export(); }
 module_init(unknownsym_init);
 """,
+    "sticky": """
+static int __init sticky_init(void) { pr_info("sticky: here to stay\\n"); return 0; }
+module_init(sticky_init);
+""",
     "crasher": """
 static int __init crasher_init(void) { BUG(); return 0; }
 module_init(crasher_init);
@@ -68,11 +72,12 @@ def build(root: Path, name: str, series: str, kdir: Path | None = None, *make_ar
         "#include <linux/module.h>\n#include <linux/init.h>\n" + SOURCES[name] + 'MODULE_LICENSE("GPL");\n'
     )
     (folder / "Kbuild").write_text(f"obj-m := {name}.o\n")
-    subprocess.run(
+    proc = subprocess.run(
         ["make", "-s", "-C", str(kdir or HEADERS[series]), f"M={folder}", "KBUILD_MODPOST_WARN=1", *make_args],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    assert proc.returncode == 0, proc.stderr
     return folder / f"{name}.ko"
 
 
@@ -125,6 +130,7 @@ def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "nodev": build(root, "nodev", "6.1"),
         "unknownsym": build(root, "unknownsym", "6.1"),
         "crasher": build(root, "crasher", "6.1"),
+        "sticky": build(root, "sticky", "6.12"),
     }
     built["gotpcrel"] = with_gotpcrel(built["hello-6.1"], root / "gotpcrel.ko")
     if ARM64_READY:
@@ -152,6 +158,7 @@ def boots(modules: dict[str, Path]) -> Iterator[dict[str, Future]]:
         "cli-badmagic": pool.submit(cli, str(modules["badmagic"]), "--kernel", str(kernel_61)),
         "unknownsym": pool.submit(vm.vmtest, modules["unknownsym"], kernel=kernel_61),
         "gotpcrel": pool.submit(vm.vmtest, modules["gotpcrel"]),
+        "sticky": pool.submit(vm.vmtest, modules["sticky"]),
         "crasher": pool.submit(vm.vmtest, modules["crasher"]),
         "timeout": pool.submit(vm.vmtest, modules["hello-6.1"], timeout=1),
     }
@@ -224,6 +231,13 @@ def test_unknown_relocation_is_refused(boots: dict[str, Future]) -> None:
     assert not result.loaded and not result.ok
     assert result.refusal == "module: hello: Unknown rela relocation: 9"
     assert result.insmod_error is not None and "invalid module format" in result.insmod_error
+
+
+def test_module_without_exit_fails_at_rmmod(boots: dict[str, Future]) -> None:
+    result: vm.VmResult = boots["sticky"].result()
+    assert result.loaded and not result.unloaded and not result.ok
+    assert "sticky: here to stay" in result.module_log
+    assert result.rmmod_error is not None and "sticky" in result.rmmod_error
 
 
 def test_oops_in_init_is_a_failure_with_its_lines(boots: dict[str, Future]) -> None:

@@ -427,7 +427,7 @@ def parse_console(console: str, token: str, result: VmResult, commands: Sequence
             done = True
 
     def text(frame: str) -> str:
-        return "\n".join(frames[frame][1]).strip()
+        return "\n".join(frames[frame][1]).strip("\n")
 
     if "INSMOD" in frames:
         result.loaded = frames["INSMOD"][0] == 0
@@ -556,14 +556,17 @@ def report(result: VmResult) -> None:
         print(f"error: {problem}", file=sys.stderr)
 
 
+def arch_of(module: Path) -> str:
+    """The guest architecture a module was built for, so `--arch` is needed only to insist."""
+    machine = read_module(module).elf_machine
+    for spec in ARCHES.values():
+        if spec.elf_machine == machine:
+            return spec.name
+    raise RustkoError(f"vmtest cannot boot {machine} modules", hint=f"supported: {', '.join(ARCHES)}")
+
+
 def _main(args: argparse.Namespace) -> int:
-    if args.arch is None:
-        arch = next(
-            (spec.name for spec in ARCHES.values() if spec.elf_machine == read_module(Path(args.module)).elf_machine),
-            "x86_64",
-        )
-    else:
-        arch = args.arch
+    arch = args.arch or arch_of(Path(args.module))
     result = vmtest(args.module, kernel=args.kernel, arch=arch, run=args.commands, timeout=args.timeout)
     report(result)
     return 0 if result.ok else 1
