@@ -184,6 +184,7 @@ class Elf:
         if shnum and int(header["shentsize"]) != SHDR64.itemsize:
             raise RustkoError(f"{path}: unexpected section header size {int(header['shentsize'])}")
         self.shdrs = self._array(SHDR64, shoff, shnum, "section header table")
+        self.names: list[str] = [f"section {i}" for i in range(shnum)]
         shstrndx = int(header["shstrndx"])
         if shstrndx == SHN_XINDEX and shnum:
             shstrndx = int(self.shdrs["link"][0])

@@ -1,0 +1,115 @@
+"""Hostile input: mutated real modules never crash, hang or leak an exception other than RustkoError."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rustko import check
+from rustko.errors import RustkoError
+
+KDIR = Path("/usr/src/linux-headers-6.1.0-56-amd64")
+SECONDS_PER_CHECK = 5.0
+
+SOURCE = r"""
+#include <linux/module.h>
+static int table[4];
+static int __init f_init(void) { pr_info("f %p\n", &table[1]); return 0; }
+module_init(f_init);
+MODULE_LICENSE("GPL");
+"""
+
+
+class Seed(bytes):
+    """The seed module's bytes, with a short repr for Hypothesis' failure reports."""
+
+    def __repr__(self) -> str:
+        return f"<seed module, {len(self)} bytes>"
+
+
+@pytest.fixture(scope="module")
+def module_bytes(tmp_path_factory) -> bytes:
+    """A real Kbuild module: headers, symbols, RELA sections, .modinfo, DWARF."""
+    if not (KDIR / "Makefile").is_file():
+        pytest.skip(f"{KDIR} not installed")
+    tmp = tmp_path_factory.mktemp("fuzzmod")
+    (tmp / "f.c").write_text(SOURCE)
+    (tmp / "Kbuild").write_text("obj-m += f.o\nccflags-y += -fPIC -mcmodel=small\n")
+    done = subprocess.run(["make", "-s", "-C", str(KDIR), f"M={tmp}", "modules"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    data = (tmp / "f.ko").read_bytes()
+    assert check.check_bytes(data, "f.ko"), "the seed must exercise the finding paths"
+    return Seed(data)
+
+
+def run_check(data: bytes) -> None:
+    start = time.monotonic()
+    try:
+        check.check_bytes(data, "fuzz.ko", version=(6, 1))
+    except RustkoError:
+        pass
+    assert time.monotonic() - start < SECONDS_PER_CHECK
+
+
+def section_header_field(data: bytes, index: int, field: int) -> int:
+    """File offset of one field of section header `index` (ELF64 layout)."""
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    offsets = {0: 0, 1: 4, 2: 8, 3: 16, 4: 24, 5: 32, 6: 40, 7: 44, 8: 48, 9: 56}
+    return shoff + 64 * index + offsets[field]
+
+
+FIELD_SIZE = {0: 4, 1: 4, 2: 8, 3: 8, 4: 8, 5: 8, 6: 4, 7: 4, 8: 8, 9: 8}
+COMMON = settings(max_examples=150, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                         HealthCheck.too_slow])
+
+
+@COMMON
+@given(cut=st.integers(min_value=0, max_value=1 << 20))
+def test_truncated(module_bytes: bytes, cut: int) -> None:
+    run_check(module_bytes[:cut % (len(module_bytes) + 1)])
+
+
+@COMMON
+@given(at=st.integers(min_value=0, max_value=127), value=st.integers(0, 255))
+def test_elf_header_bytes(module_bytes: bytes, at: int, value: int) -> None:
+    data = bytearray(module_bytes)
+    data[at] = value
+    run_check(bytes(data))
+
+
+@COMMON
+@given(section=st.integers(min_value=0, max_value=60), field=st.integers(0, 9),
+       value=st.one_of(st.integers(0, 64), st.sampled_from([0xFFFF, 0xFFFFFFFF, 1 << 40,
+                                                             (1 << 64) - 1, (1 << 63)])))
+def test_section_header_fields(module_bytes: bytes, section: int, field: int, value: int) -> None:
+    shnum = struct.unpack_from("<H", module_bytes, 0x3C)[0]
+    at = section_header_field(module_bytes, section % shnum, field)
+    size = FIELD_SIZE[field]
+    data = bytearray(module_bytes)
+    data[at:at + size] = (value % (1 << (8 * size))).to_bytes(size, "little")
+    run_check(bytes(data))
+
+
+@COMMON
+@given(shstrndx=st.integers(0, 0xFFFF), shnum=st.integers(0, 0xFFFF))
+def test_header_counts(module_bytes: bytes, shstrndx: int, shnum: int) -> None:
+    data = bytearray(module_bytes)
+    struct.pack_into("<HH", data, 0x3C, shnum, shstrndx)
+    run_check(bytes(data))
+
+
+@COMMON
+@given(flips=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(1, 255)), max_size=64))
+def test_random_byte_flips(module_bytes: bytes, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(module_bytes)
+    for at, mask in flips:
+        data[at % len(data)] ^= mask
+    run_check(bytes(data))
