@@ -7,6 +7,7 @@ code. Nothing here writes outside the build directory and the machine-wide cache
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,11 +159,38 @@ def dep_files(dep_file: Path, project_dir: Path) -> list[Path]:
     return sorted(deps)
 
 
+MOD_RE = re.compile(r'^[ \t]*(?:#\[path\s*=\s*"([^"]+)"\]\s*)?(?:pub(?:\([^)]*\))?\s+)?mod\s+(r#)?(\w+)\s*;',
+                    re.MULTILINE)
+
+
+def mod_files(root: Path) -> list[Path]:
+    """Before the first build there is no dep-info: follow `mod name;` declarations instead,
+    with rustc's rules (`name.rs` or `name/mod.rs`, beside a mod.rs/lib.rs or in a folder named
+    after a non-mod.rs file; `#[path]` relative to the declaring file's folder)."""
+    found: set[Path] = set()
+    todo = [root]
+    while todo:
+        current = todo.pop()
+        if current in found or not current.is_file():
+            continue
+        found.add(current)
+        text = re.sub(r"//[^\n]*", "", current.read_text(errors="replace"))
+        owns_dir = current.name in ("mod.rs", "lib.rs", "main.rs") or current == root
+        base = current.parent if owns_dir else current.parent / current.stem
+        for path_attr, _raw, name in MOD_RE.findall(text):
+            if path_attr:
+                todo.append(current.parent / path_attr)
+            else:
+                todo.extend([base / f"{name}.rs", base / name / "mod.rs"])
+    return sorted(found)
+
+
 def link_module(target: Target, info: kbuild.ModuleInfo, rust_obj: Path, kbuild_dir: Path,
                 out_ko: Path) -> Path:
     """Kbuild links the shim and the Rust object into `out_ko`."""
+    kbuild_dir = kbuild.safe_dir(kbuild_dir.resolve())
     kbuild.prepare(kbuild_dir, info, rust_obj)
-    job = kbuild.KbuildJob(kernel=target.kernel, build_dir=kbuild_dir.resolve(),
+    job = kbuild.KbuildJob(kernel=target.kernel, build_dir=kbuild_dir,
                            cross_compile=target.options.cross_compile, llvm=target.options.llvm,
                            verbose=target.options.verbose)
     ko = kbuild.run(job, info.name)
@@ -176,4 +204,6 @@ def check(target: Target, ko: Path) -> None:
 
     findings = check_module(ko, kernel=target.kernel)
     if findings:
-        raise RustkoError(format_report(findings, ko).rstrip(), exit_code=1)
+        print(format_report(findings, ko).rstrip(), file=sys.stderr)
+        raise RustkoError(f"{ko.name} would be refused by kernel {target.kernel.release}: "
+                          f"{len(findings)} finding(s) above", exit_code=1)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .errors import RustkoError
+from .errors import RustkoError, internal_error
 
 # Subcommand name -> "module:function" registering its parser; imported lazily so that
 # `rustko check` never pays for the VM code and the other way round.
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug is reported as a message, never a traceback
+        print(internal_error(err), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,3 +21,14 @@ class RustkoError(Exception):
         if self.hint:
             text += f"\n  help: {self.hint}"
         return text
+
+
+def internal_error(err: BaseException) -> str:
+    """A bug in rustko, said as one paragraph; RUSTKO_DEBUG=1 shows the traceback instead."""
+    import os
+    import traceback
+
+    if os.environ.get("RUSTKO_DEBUG"):
+        return "".join(traceback.format_exception(err))
+    return (f"error: internal error in rustko: {type(err).__name__}: {err}\n"
+            "  help: this is a bug in rustko; rerun with RUSTKO_DEBUG=1 for the traceback and report it")

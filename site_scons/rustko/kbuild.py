@@ -7,12 +7,14 @@ Rust sees only the small C ABI declared in SHIM_ABI below.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cache
 from .errors import RustkoError
 from .kernel import KBUILD_ARCH, KernelInfo
 
@@ -136,6 +138,18 @@ class KbuildJob:
 def _host() -> str:
     from .kernel import host_arch
     return host_arch()
+
+
+# Characters that make cannot carry in M= or in a target name, even quoted.
+MAKE_UNSAFE = set(" \t\n:#$=;%*?[]\\'\"`|&<>(){}!")
+
+
+def safe_dir(build_dir: Path) -> Path:
+    """`build_dir`, or, when its path would break make, a stable private folder in the cache."""
+    if not MAKE_UNSAFE.intersection(str(build_dir)):
+        return build_dir
+    digest = hashlib.sha256(str(build_dir).encode()).hexdigest()[:16]
+    return cache.cache_root() / "kbuild" / digest
 
 
 def prepare(build_dir: Path, info: ModuleInfo, rust_object: Path) -> None:

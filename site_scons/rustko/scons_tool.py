@@ -18,7 +18,7 @@ import SCons.Script
 from SCons.Script import BoolVariable, Variables
 
 from . import build, cache, project
-from .errors import RustkoError
+from .errors import RustkoError, internal_error
 
 VARIABLES: tuple[tuple[str, str], ...] = (
     ("KDIR", "kernel build directory (default: /lib/modules/$(uname -r)/build)"),
@@ -66,8 +66,9 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def _fail(err: RustkoError) -> int:
-    print(str(err), file=sys.stderr, flush=True)
+def _fail(err: BaseException) -> int:
+    text = str(err) if isinstance(err, RustkoError) else internal_error(err)
+    print(text, file=sys.stderr, flush=True)
     return 1
 
 
@@ -77,14 +78,14 @@ def _meta(env: Any) -> dict[str, str]:
 
 def _compile_action(target: list[Any], source: list[Any], env: Any) -> int:
     tgt = _target(env)
-    tgt.sysroot(log=lambda crate, cmd: _log(f"  SYSROOT {crate} (once per rustc and flag set)"))
     manifest = Path(source[1].abspath)
     try:
+        tgt.sysroot(log=lambda crate, cmd: _log(f"  SYSROOT {crate} (once per rustc and flag set)"))
         result = build.compile_crate(
             tgt, env["RUSTKO_MODULE"], Path(source[0].abspath), Path(target[0].abspath),
             Path(target[1].abspath), Path(env["RUSTKO_PROJECT"]),
             project.edition(project.read_manifest(manifest)), list(env["RUSTKO_RUSTFLAGS"]), _log)
-    except RustkoError as err:
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         return _fail(err)
     Path(target[2].abspath).write_text("exit\n" if result.has_exit else "noexit\n")
     return 0
@@ -101,7 +102,7 @@ def _kbuild_action(target: list[Any], source: list[Any], env: Any) -> int:
         build.link_module(tgt, info, Path(source[0].abspath), Path(env["RUSTKO_WORK"]) / "kbuild", ko)
         _log(f"  CHECK   {ko.name}")
         build.check(tgt, ko)
-    except RustkoError as err:
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         return _fail(err)
     return 0
 
@@ -136,7 +137,8 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
     if not _reading_only(env):
         tgt = _target(env)
         dep_file = Path(rust_targets[1].abspath)
-        env.Depends(rust_obj, [env.File(str(p)) for p in build.dep_files(dep_file, project_dir) if p.is_file()])
+        sources = build.dep_files(dep_file, project_dir) or build.mod_files(Path(env.File(source).abspath))
+        env.Depends(rust_obj, [env.File(str(p)) for p in sources if p.is_file()])
         env.Depends(rust_obj, env.Value(_signature(tgt, list(rustflags or ()))))
         env.Depends(ko, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
                                   f"{tgt.options.cross_compile}|{tgt.options.llvm}"))

@@ -1,0 +1,190 @@
+"""The build path end to end: real rustc, real Debian headers, real Kbuild, real kernels in QEMU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import KDIRS, copy_example, require_kdir, rustko, scons, snapshot, tool
+from rustko import vm
+
+
+def build_ok(project: Path, kdir: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    result = scons(project, f"KDIR={kdir}", *args, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def test_hello_loads_in_the_real_kernel(tmp_path: Path, kdir: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    output = build_ok(project, kdir)
+    assert "  RUSTC   hello" in output and "  KBUILD  hello.ko" in output and "  CHECK   hello.ko" in output
+    ko = project / "build" / "hello.ko"
+    result = vm.vmtest(ko)
+    assert result.loaded and result.unloaded, result.console[-3000:]
+    assert any("hello from Rust: sorted [2, 3, 5, 7, 11, 13], sum 41" in line for line in result.module_log)
+    assert any("goodbye from Rust" in line for line in result.module_log)
+
+
+def test_pic_module_fails_the_check_and_the_kernel_agrees(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "pic")
+    (project / "SConstruct").write_text(
+        'env = Environment(tools=["default", "rustko"])\n'
+        'env.RustKernelModule("pic", "src/lib.rs", rustflags=["-Crelocation-model=pic", "-Zplt=no"])\n')
+    result = scons(project, f"KDIR={kdir61}")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "R_X86_64_GOTPCREL (9)" in output
+    assert "module: pic: Unknown rela relocation: 9" in output
+    assert "-Crelocation-model=static" in output
+    assert "Traceback" not in output
+    booted = vm.vmtest(project / "build" / "pic.ko")
+    assert not booted.loaded
+    assert booted.refusal is not None and "module: pic: Unknown rela relocation: 9" in booted.refusal
+
+
+def test_same_module_from_two_paths_is_byte_identical(tmp_path: Path, kdir61: Path) -> None:
+    first = copy_example(tmp_path / "a" / "hello")
+    second = copy_example(tmp_path / "somewhere" / "much" / "deeper" / "hello")
+    build_ok(first, kdir61)
+    build_ok(second, kdir61)
+    assert (first / "build/hello.ko").read_bytes() == (second / "build/hello.ko").read_bytes()
+
+
+def test_build_writes_nothing_outside_build_and_clean_removes_it(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    kernel_trees = [kdir61, kdir61.resolve().parent / kdir61.name.replace("-amd64", "-common")]
+    before_kdir = {str(tree): snapshot(tree) for tree in kernel_trees if tree.is_dir()}
+    before = snapshot(project)
+    build_ok(project, kdir61)
+    after_build = snapshot(project)
+    assert {k: v for k, v in after_build.items() if not k.startswith("build/")} == before
+    assert {str(tree): snapshot(Path(tree)) for tree in before_kdir} == before_kdir
+    result = scons(project, "-c", f"KDIR={kdir61}")
+    assert result.returncode == 0, result.stderr
+    assert snapshot(project) == before
+
+
+def test_editing_a_submodule_rebuilds_and_noop_builds_nothing(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    build_ok(project, kdir61)
+    assert build_ok(project, kdir61).strip() == "scons: `.' is up to date."
+    log_rs = project / "src" / "log.rs"
+    log_rs.write_text(log_rs.read_text().replace("const INFO: i32 = 6;", "const INFO: i32 = 5;"))
+    output = build_ok(project, kdir61)
+    assert "  RUSTC   hello" in output and "  KBUILD  hello.ko" in output
+    assert build_ok(project, kdir61).strip() == "scons: `.' is up to date."
+
+
+def test_project_path_with_spaces_builds(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "my modules" / "hello world")
+    build_ok(project, kdir61)
+    assert (project / "build" / "hello.ko").is_file()
+
+
+def test_sysroot_cache_is_shared_atomic_and_survives_interruption(tmp_path: Path, kdir61: Path) -> None:
+    """A fresh cache: an interrupted first build leaves no entry; then two projects built at once
+    (each with -j2) share one sysroot; a third project builds without compiling core again."""
+    cache = tmp_path / "cache"
+    env = {"RUSTKO_CACHE": str(cache)}
+    projects = [copy_example(tmp_path / name) for name in ("one", "two", "three")]
+
+    proc = subprocess.Popen([tool("scons"), "-Q", f"KDIR={kdir61}"], cwd=projects[0], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((cache / "sysroot").glob(".*.*")):
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert [p.name for p in (cache / "sysroot").iterdir() if not p.name.endswith(".lock")] == []
+
+    procs = [subprocess.Popen([tool("scons"), "-Q", "-j2", f"KDIR={kdir61}"], cwd=project,
+                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for project in projects[:2]]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sum("SYSROOT core" in out for out in outputs) == 1, outputs
+    entries = [p for p in (cache / "sysroot").iterdir() if not p.name.endswith(".lock")]
+    assert len(entries) == 1 and not entries[0].name.startswith(".")
+    third = build_ok(projects[2], kdir61, env=env)
+    assert "SYSROOT" not in third
+
+
+# Bad input: one clear paragraph, a non-zero exit, never a traceback.
+
+def bad(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    result = scons(project, *args, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    return output
+
+
+def test_missing_kdir_lists_installed_headers(tmp_path: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    output = bad(project, "KDIR=/nonexistent/kdir")
+    assert "KDIR /nonexistent/kdir does not exist" in output
+    installed = [k for k in KDIRS.values() if k]
+    assert all(f"KDIR={k}" in output for k in installed), output
+    assert not (project / "build").exists()
+
+
+def test_headers_of_another_arch(tmp_path: Path, kdir61: Path) -> None:
+    output = bad(copy_example(tmp_path / "hello"), f"KDIR={kdir61}", "ARCH=arm64")
+    assert "is configured for x86_64, but ARCH=arm64" in output
+
+
+def test_rustc_without_library_sources(tmp_path: Path, kdir61: Path) -> None:
+    """A real rustc whose sysroot has no rust-src (like rustup's without the component)."""
+    empty = tmp_path / "empty-sysroot"
+    empty.mkdir()
+    wrapper = tmp_path / "rustc"
+    wrapper.write_text('#!/bin/sh\n[ "$1 $2" = "--print sysroot" ] && { echo %s; exit 0; }\nexec /usr/bin/rustc "$@"\n'
+                       % empty)
+    wrapper.chmod(0o755)
+    project = copy_example(tmp_path / "hello")
+    output = bad(project, f"KDIR={kdir61}", f"RUSTC={wrapper}")
+    assert "has no standard library sources" in output and "rust-web-src" in output
+    output = bad(project, f"KDIR={kdir61}", f"RUST_LIB_SRC={empty}")
+    assert f"{empty} (from RUST_LIB_SRC) has no core/src/lib.rs" in output
+
+
+def test_crate_that_does_not_compile(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    lib = project / "src" / "lib.rs"
+    lib.write_text(lib.read_text().replace("let sum: u32", "let sum: &str"))
+    output = bad(project, f"KDIR={kdir61}")
+    assert "error[E0277]" in output or "error[E0308]" in output
+    assert "src/lib.rs" in output
+    assert "the crate of module hello" in output and "does not compile" in output
+    assert not (project / "build" / "hello.ko").exists()
+
+
+def test_hostile_module_name(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    (project / "SConstruct").write_text('env = Environment(tools=["default", "rustko"])\n'
+                                        'env.RustKernelModule("../../evil name", "src/lib.rs")\n')
+    output = bad(project, f"KDIR={kdir61}")
+    assert "cannot be a module name" in output
+    assert not (tmp_path / "evil name").exists() and not (project / "build").exists()
+
+
+def test_scons_help_lists_the_variables(tmp_path: Path) -> None:
+    result = scons(copy_example(tmp_path / "hello"), "-h")
+    for name in ("KDIR", "ARCH", "CROSS_COMPILE", "LLVM", "RUSTC", "RUST_LIB_SRC", "V"):
+        assert f"\n{name}:" in result.stdout
+
+
+def test_cli_check_accepts_the_built_module(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    build_ok(project, kdir61)
+    result = rustko("check", "--kdir", str(kdir61), str(project / "build" / "hello.ko"))
+    assert result.returncode == 0, result.stdout + result.stderr
