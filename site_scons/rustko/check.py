@@ -451,6 +451,9 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]], name:
         if not symbol:
             continue
         export = view.exports.get(symbol)
+        if export is not None and not export.gpl_only and not export.namespace and (
+                not export.crc or versions is None or versions.get(symbol) == export.crc):
+            continue  # the common case, resolved as the kernel would
         unknown = [MSG_UNKNOWN_SYMBOL.format(name=name, symbol=symbol, err=-ENOENT)]
         if export is None:
             why, fix = _explain(symbol)
@@ -486,17 +489,33 @@ def _fits(values: np.ndarray, kind: str) -> np.ndarray:
     return (values >= np.uint64(0xFFFFFFFF80000000)) | (values <= np.uint64(0x7FFFFFFF))
 
 
+@lru_cache(maxsize=32)
+def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
+    """Lookup arrays indexed by type number: accepted?, bytes written (x86 nonzero check)."""
+    rules = relocs.BY_ARCH[arch]
+    accepted = rules.accepted_types(version)
+    size = max(accepted, default=0) + 2
+    lut = np.zeros(size, dtype=bool)
+    lut[list(accepted)] = True
+    widths = np.zeros(size, dtype=np.int64)
+    for t, width in rules.sizes.items():
+        if t < size:
+            widths[t] = width
+    return lut, widths
+
+
 def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, name: str,
                        path: str) -> list[Finding]:
-    """apply_relocations: every SHT_RELA/SHT_REL section whose target section is SHF_ALLOC."""
+    """apply_relocations: every SHT_RELA/SHT_REL section whose target section is SHF_ALLOC.
+
+    All applied RELA sections of the file are concatenated and classified in one vectorised
+    pass; findings keep the loader's order (section index, then entry).
+    """
     groups: dict[tuple, Finding] = {}
     shdrs = elf.shdrs
-    accepted = rules.accepted_types(version)
-    lut = np.zeros(max(accepted, default=0) + 2, dtype=bool)
-    lut[list(accepted)] = True
+    lut, widths = _tables(rules.arch, version)
     overflow_first = rules.overflow_first_since is not None and version >= rules.overflow_first_since
     nsyms = len(syms.table)
-    pcpu = elf.find(".data..percpu")
 
     def add(key: tuple, offset: int, make) -> None:
         if key in groups:
@@ -504,66 +523,86 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         elif len(groups) < MAX_FINDINGS:
             groups[key] = make(offset)
 
-    for rsec in np.flatnonzero((shdrs["type"] == SHT_RELA) | (shdrs["type"] == SHT_REL)):
-        rsec = int(rsec)
+    parts: list[bytes] = []
+    owners: list[int] = []
+    kinds = shdrs["type"]
+    candidates = np.flatnonzero(((kinds == SHT_RELA) | (kinds == SHT_REL))
+                                & ((shdrs["flags"] & np.uint64(SHF_RELA_LIVEPATCH)) == 0))
+    for rsec in candidates.tolist():
         target = int(shdrs["info"][rsec])
         if target >= len(shdrs) or not int(shdrs["flags"][target]) & SHF_ALLOC:
             continue
-        if int(shdrs["flags"][rsec]) & SHF_RELA_LIVEPATCH:
+        if elf.names[target] in (".modinfo", "__versions"):  # the loader clears their SHF_ALLOC
             continue
-        tname = elf.names[target]
-        if tname in (".modinfo", "__versions"):  # the loader clears SHF_ALLOC on both first
-            continue
-        if int(shdrs["type"][rsec]) == SHT_REL:
+        if int(kinds[rsec]) == SHT_REL:
             if int(shdrs["size"][rsec]):
-                add(("rel", rsec), 0, lambda off: Finding(
+                add(("rel", rsec), 0, lambda off, rsec=rsec: Finding(
                     path, "relocation", "rel-section", [MSG_REL.format(name=name)],
                     "the loader only applies RELA sections on this architecture: emit RELA "
                     "relocations (the default for x86_64/aarch64/riscv64 toolchains)",
                     section=elf.names[rsec], offset=off))
             continue
-        rows = elf.section_array(rsec, RELA64)
-        if len(rows) == 0:
-            continue
-        rtype = (rows["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        symidx = (rows["info"] >> np.uint64(32)).astype(np.int64)
-        if int(symidx.max()) >= nsyms:
-            raise RustkoError(f"{path}: relocation section {elf.names[rsec]!r} refers to symbol "
-                              f"{int(symidx.max())}, the symbol table has {nsyms}")
-        ok = lut[np.minimum(rtype, len(lut) - 1)] & (rtype < len(lut) - 1)
-        refused = np.flatnonzero(~ok)
-        # The kernel stops at the first refusal; we report every distinct one, in file order.
-        problems: list[tuple[int, str]] = [(int(i), "unknown") for i in refused]
-        sec_size = int(shdrs["size"][target])
-        if rules.sizes:
-            sizes = np.zeros(len(lut) + 1, dtype=np.int64)
-            for t, size in rules.sizes.items():
-                if t < len(sizes):
-                    sizes[t] = size
-            width = np.where(ok, sizes[np.minimum(rtype, len(sizes) - 1)], 0)
-            outside = np.flatnonzero((width > 0) & (rows["offset"] + width.astype(np.uint64)
-                                                    > np.uint64(sec_size)))
-            problems += [(int(i), "outside") for i in outside]
-            if int(shdrs["type"][target]) != SHT_NOBITS and sec_size:
-                body = np.frombuffer(elf.section_bytes(target), dtype=np.uint8)
-                for size in (4, 8):
-                    sel = np.flatnonzero((width == size) & (rows["offset"] + np.uint64(size)
-                                                            <= np.uint64(sec_size)))
-                    if len(sel):
-                        starts = rows["offset"][sel].astype(np.int64)
-                        window = body[starts[:, None] + np.arange(size)]
-                        problems += [(int(i), "nonzero") for i in sel[window.any(axis=1)]]
-            problems += [(int(i), "overflow") for i in _overflows(rows, rtype, symidx, syms, rules,
-                                                                   pcpu, ok)]
-        for i, kind in sorted(problems, key=lambda p: p[0]):
-            t, s, off = int(rtype[i]), int(symidx[i]), int(rows["offset"][i])
-            symbol = syms.name(s) if s else ""
-            if int(syms.table["info"][s] & 0xF) == STT_SECTION if s else False:
-                shndx = int(syms.table["shndx"][s])
-                symbol = elf.names[shndx] if shndx < len(elf.names) else symbol
-            add((kind, tname, t, symbol), off, lambda off, t=t, s=s, kind=kind, symbol=symbol, i=i:
-                _reloc_finding(path, name, rules, version, kind, tname, off, t, symbol,
-                               _exact_value(syms, s, int(rows["addend"][i])), overflow_first))
+        count = int(shdrs["size"][rsec]) // RELA64.itemsize
+        if count:
+            offset = int(shdrs["offset"][rsec])
+            if offset + count * RELA64.itemsize > len(elf.data):
+                raise RustkoError(f"{path}: section {elf.names[rsec]!r} extends past the end of "
+                                  "the file (truncated or corrupt)")
+            parts.append(elf.data[offset:offset + count * RELA64.itemsize])
+            owners.append(rsec)
+    if not parts:
+        return list(groups.values())
+    rows = np.frombuffer(b"".join(parts), dtype=RELA64)
+    counts = np.array([len(p) // RELA64.itemsize for p in parts])
+    rsecs = np.repeat(np.array(owners), counts)
+    targets = shdrs["info"][rsecs].astype(np.int64)
+    rtype = (rows["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    symidx = (rows["info"] >> np.uint64(32)).astype(np.int64)
+    if int(symidx.max()) >= nsyms:
+        raise RustkoError(f"{path}: a relocation refers to symbol {int(symidx.max())}, the symbol "
+                          f"table has {nsyms}")
+    clipped = np.minimum(rtype, len(lut) - 1)
+    ok = lut[clipped] & (rtype < len(lut) - 1)
+    problems: list[np.ndarray] = [np.flatnonzero(~ok)]
+    labels = ["unknown"]
+    if rules.sizes:
+        width = np.where(ok, widths[clipped], 0)
+        sec_size = shdrs["size"][targets]
+        end = rows["offset"] + width.astype(np.uint64)
+        outside = (width > 0) & ((end > sec_size) | (end < rows["offset"]))
+        problems.append(np.flatnonzero(outside))
+        labels.append("outside")
+        readable = (width > 0) & ~outside & (shdrs["type"][targets] != SHT_NOBITS)
+        body = np.frombuffer(elf.data, dtype=np.uint8)
+        nonzero = np.zeros(len(rows), dtype=bool)
+        sel = np.flatnonzero(readable)
+        if len(sel):
+            start = shdrs["offset"][targets[sel]] + rows["offset"][sel]
+            past = start + width[sel].astype(np.uint64) > np.uint64(len(body))
+            if past.any():
+                raise RustkoError(f"{path}: a relocated section extends past the end of the file")
+            for size in (4, 8):
+                mine = width[sel] == size
+                if mine.any():
+                    at = start[mine].astype(np.int64)
+                    window = body[at[:, None] + np.arange(size)]
+                    nonzero[sel[mine]] = window.any(axis=1)
+        problems.append(np.flatnonzero(nonzero))
+        labels.append("nonzero")
+        problems.append(_overflows(rows, rtype, symidx, syms, rules, elf.find(".data..percpu"), ok))
+        labels.append("overflow")
+    found = sorted((int(i), label) for idx, label in zip(problems, labels) for i in idx.tolist())
+    for i, kind in found:
+        t, s, off = int(rtype[i]), int(symidx[i]), int(rows["offset"][i])
+        tname = elf.names[int(targets[i])]
+        symbol = syms.name(s) if s else ""
+        if s and int(syms.table["info"][s]) & 0xF == STT_SECTION:
+            shndx = int(syms.table["shndx"][s])
+            symbol = elf.names[shndx] if shndx < len(elf.names) else symbol
+        add((kind, tname, t, symbol), off, lambda off, t=t, s=s, kind=kind, symbol=symbol, i=i,
+            tname=tname: _reloc_finding(path, name, rules, version, kind, tname, off, t, symbol,
+                                        _exact_value(syms, s, int(rows["addend"][i])),
+                                        overflow_first))
     return list(groups.values())
 
 
