@@ -12,7 +12,7 @@ import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pytest
 
@@ -64,21 +64,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def build(root: Path, name: str, series: str, kdir: Path | None = None, *make_args: str) -> Path:
-    """A C module built by Kbuild against the installed headers of `series` (or `kdir`)."""
-    folder = root / f"{name}-{series}"
+def build(root: Path, series: str, names: Sequence[str], kdir: Path | None = None, *make_args: str) -> dict[str, Path]:
+    """C modules built by one Kbuild run against the installed headers of `series` (or `kdir`)."""
+    folder = root / series
     folder.mkdir()
-    (folder / f"{name}.c").write_text(
-        "#include <linux/module.h>\n#include <linux/init.h>\n" + SOURCES[name] + 'MODULE_LICENSE("GPL");\n'
-    )
-    (folder / "Kbuild").write_text(f"obj-m := {name}.o\n")
+    for name in names:
+        (folder / f"{name}.c").write_text(
+            "#include <linux/module.h>\n#include <linux/init.h>\n" + SOURCES[name] + 'MODULE_LICENSE("GPL");\n'
+        )
+    (folder / "Kbuild").write_text("obj-m := " + " ".join(f"{name}.o" for name in names) + "\n")
     proc = subprocess.run(
         ["make", "-s", "-C", str(kdir or HEADERS[series]), f"M={folder}", "KBUILD_MODPOST_WARN=1", *make_args],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    return folder / f"{name}.ko"
+    return {name: folder / f"{name}.ko" for name in names}
 
 
 def arm64_kdir(root: Path) -> Path:
@@ -124,18 +125,22 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session")
 def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("modules")
+    in_61 = build(root, "6.1", ["hello", "nodev", "unknownsym", "crasher"])
+    in_612 = build(root, "6.12", ["hello", "sticky"])
     built = {
-        "hello-6.1": build(root, "hello", "6.1"),
-        "hello-6.12": build(root, "hello", "6.12"),
-        "nodev": build(root, "nodev", "6.1"),
-        "unknownsym": build(root, "unknownsym", "6.1"),
-        "crasher": build(root, "crasher", "6.1"),
-        "sticky": build(root, "sticky", "6.12"),
+        "hello-6.1": in_61["hello"],
+        "hello-6.12": in_612["hello"],
+        "nodev": in_61["nodev"],
+        "unknownsym": in_61["unknownsym"],
+        "crasher": in_61["crasher"],
+        "sticky": in_612["sticky"],
     }
     built["gotpcrel"] = with_gotpcrel(built["hello-6.1"], root / "gotpcrel.ko")
     if ARM64_READY:
         kdir = arm64_kdir(root)
-        built["hello-arm64"] = build(root, "hello", "arm64", kdir, "ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-")
+        built["hello-arm64"] = build(root, "arm64", ["hello"], kdir, "ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-")[
+            "hello"
+        ]
     # Same release, other flags: with modversions the kernel compares the words after the release.
     data = built["hello-6.1"].read_bytes()
     assert data.count(b" mod_unload ") == 1
@@ -282,7 +287,8 @@ def test_cli_bad_inputs_are_exit_2(modules: dict[str, Path], tmp_path: Path) -> 
         assert "Traceback" not in proc.stderr
 
 
-def test_unknown_release_names_the_package() -> None:
+def test_unknown_release_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUSTKO_CACHE", str(tmp_path))  # the failed fetch leaves its lock file here
     with pytest.raises(RustkoError) as raised:
         vm.debian_kernel("0.0.0-rustko-none-amd64")
     assert "linux-image-0.0.0-rustko-none-amd64-unsigned" in str(raised.value)
