@@ -732,7 +732,8 @@ def _source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, in
                     seq_no += 1
                     prev = None
     except (ELFError, ValueError, KeyError, IndexError, AttributeError, TypeError, AssertionError,
-            UnicodeDecodeError):
+            UnicodeDecodeError, OverflowError, MemoryError, RecursionError):
+        # Source lines decorate a finding; a corrupt DWARF section must not hide the finding.
         return found
     return found
 
