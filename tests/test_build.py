@@ -95,16 +95,25 @@ def test_sysroot_cache_is_shared_atomic_and_survives_interruption(tmp_path: Path
     env = {"RUSTKO_CACHE": str(cache)}
     projects = [copy_example(tmp_path / name) for name in ("one", "two", "three")]
 
-    proc = subprocess.Popen([tool("scons"), "-Q", f"KDIR={kdir61}"], cwd=projects[0], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((cache / "sysroot").glob(".*.*")):
-        time.sleep(0.2)
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert [p.name for p in (cache / "sysroot").iterdir() if not p.name.endswith(".lock")] == []
+    def interrupt(sig: int) -> None:
+        """Start a build in its own process group and hit it (like Ctrl-C, or a kill -9)
+        while core is being compiled."""
+        proc = subprocess.Popen([tool("scons"), "-Q", f"KDIR={kdir61}"], cwd=projects[0],
+                                env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((cache / "sysroot").glob(".*.*/lib/rustlib/*/lib/*")):
+            time.sleep(0.1)
+        time.sleep(1)
+        os.killpg(proc.pid, sig)
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert [p.name for p in (cache / "sysroot").iterdir() if not p.name.startswith(".")
+                and not p.name.endswith(".lock")] == []
+
+    interrupt(signal.SIGINT)
+    assert not list((cache / "sysroot").glob(".*.*")), "Ctrl-C leaves no temporary folder"
+    interrupt(signal.SIGKILL)
 
     procs = [subprocess.Popen([tool("scons"), "-Q", "-j2", f"KDIR={kdir61}"], cwd=project,
                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -113,7 +122,7 @@ def test_sysroot_cache_is_shared_atomic_and_survives_interruption(tmp_path: Path
     assert all(p.returncode == 0 for p in procs), outputs
     assert sum("SYSROOT core" in out for out in outputs) == 1, outputs
     entries = [p for p in (cache / "sysroot").iterdir() if not p.name.endswith(".lock")]
-    assert len(entries) == 1 and not entries[0].name.startswith(".")
+    assert len(entries) == 1 and not entries[0].name.startswith("."), "the killed build's leftovers are gone"
     third = build_ok(projects[2], kdir61, env=env)
     assert "SYSROOT" not in third
 

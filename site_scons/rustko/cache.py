@@ -47,6 +47,9 @@ def cached_dir(path: Path, fill: Callable[[Path], None]) -> Path:
     with _locked(path):
         if path.is_dir():
             return path
+        # Under the lock, a temporary folder for this entry can only be a killed build's leftover.
+        for stale in path.parent.glob(f".{path.name}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             fill(tmp)

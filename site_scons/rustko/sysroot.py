@@ -83,6 +83,9 @@ def _compile(toolchain: Toolchain, flags: list[str], root: Path, target: str, cr
     log(crate, cmd)
     env = {**os.environ, "RUSTC_BOOTSTRAP": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    if result.returncode < 0:
+        raise RustkoError(f"building `{crate}` was interrupted (signal {-result.returncode})",
+                          "nothing was cached; the next build starts it again")
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-15:])
         raise RustkoError(
