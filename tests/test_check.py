@@ -176,8 +176,8 @@ def test_pic_module_is_refused_with_the_kernels_words(c_modules, kernel) -> None
     line = C_MODULE.splitlines().index('\tpr_info("m %lu %lu\\n", jiffies, mod_addr());') + 1
     assert jiffies.source.endswith(f"m.c:{line}")  # the line reading jiffies, from DWARF
     assert "-Crelocation-model=static" in jiffies.hint
-    got = next(f for f in findings if f.symbol == "_GLOBAL_OFFSET_TABLE_")
-    assert got.kernel == ["m: Unknown symbol _GLOBAL_OFFSET_TABLE_ (err -2)"] and got.explanation
+    # The x86 loader forgives an undefined _GLOBAL_OFFSET_TABLE_ (seen in the real 6.1 kernel).
+    assert [f for f in findings if f.stage == "symbol"] == []
 
 
 def test_small_code_model_overflows(c_modules, kernel) -> None:
