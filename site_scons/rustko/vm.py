@@ -250,27 +250,49 @@ def _extract(deb: Path, members: Sequence[str], dest: Path) -> None:
         raise RustkoError(f"cannot unpack {deb}: {message}")
 
 
-def debian_kernel(release: str, arch: str = "x86_64") -> Path:
-    """The vmlinuz of Debian's `linux-image-RELEASE-unsigned`, fetched once into the cache.
-
-    The unsigned image is the same kernel without the Secure Boot signature; never installed,
-    only unpacked, so no boot hooks run on this machine.
-    """
-    spec = resolve_arch(arch)
+def _image_package(release: str) -> str:
+    """Debian's `linux-image-RELEASE-unsigned`: the same kernel and modules without the Secure Boot
+    signature, never installed, only unpacked, so no boot hooks run on this machine."""
     if not re.fullmatch(r"[0-9][A-Za-z0-9.+~_-]*", release):
         raise RustkoError(f"{release!r} is not a kernel release")
-    package = f"linux-image-{release}-unsigned"
+    return f"linux-image-{release}-unsigned"
+
+
+def _unpacked_image(release: str, arch: str, what: str, members: Sequence[str]) -> Path:
+    """`members` of the image package of `release`, fetched and unpacked once into cache/WHAT."""
+    spec = resolve_arch(arch)
+    package = _image_package(release)
 
     def fill(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
             deb = _fetch_deb(package, spec.debian_arch, Path(download))
-            _extract(deb, ["./boot/*"], tmp)
+            _extract(deb, members, tmp)
 
-    folder = cached_dir(cache_root() / "kernels" / spec.debian_arch / release, fill)
+    return cached_dir(cache_root() / what / spec.debian_arch / release, fill)
+
+
+def debian_kernel(release: str, arch: str = "x86_64") -> Path:
+    """The vmlinuz of Debian's kernel `release`, fetched once into the cache."""
+    folder = _unpacked_image(release, arch, "kernels", ["./boot/*"])
     vmlinuz = folder / "boot" / f"vmlinuz-{release}"
     if not vmlinuz.is_file():
-        raise RustkoError(f"{package} has no boot/vmlinuz-{release}; the cache at {folder} is stale")
+        raise RustkoError(f"{_image_package(release)} has no boot/vmlinuz-{release}; "
+                          f"the cache at {folder} is stale")
     return vmlinuz
+
+
+def debian_modules(release: str, arch: str = "x86_64") -> Path:
+    """`lib/modules/RELEASE` of Debian's kernel `release`, fetched once into the cache.
+
+    Every module Debian ships for that kernel: thousands of real, loadable objects, the corpus on
+    which a loadability check must find nothing.
+    """
+    folder = _unpacked_image(release, arch, "modules", ["./lib/modules"])
+    tree = folder / "lib" / "modules" / release
+    if not tree.is_dir():
+        raise RustkoError(f"{_image_package(release)} has no lib/modules/{release}; "
+                          f"the cache at {folder} is stale")
+    return tree
 
 
 # --- the initramfs -----------------------------------------------------------------------------
