@@ -88,10 +88,11 @@ class CrateOutput:
 
 def crate_command(target: Target, name: str, source: Path, project_dir: Path, archive: Path,
                   dep_file: Path, edition: str, extra: list[str]) -> list[str]:
-    root = target.sysroot().path
+    sysroot = target.sysroot()
+    root = sysroot.path
     return [str(target.toolchain.rustc), *target.flags, *extra,
             f"--edition={edition}", "--crate-type=staticlib", f"--crate-name={name}",
-            "-Clto=fat", f"--sysroot={root}",
+            "-Clto=fat", f"--sysroot={root}", f"--extern=rustko={sysroot.support_crate}",
             f"--remap-path-prefix={project_dir}={name}", f"--remap-path-prefix={root}=/sysroot",
             f"--emit=link={archive},dep-info={dep_file}",
             os.path.relpath(source, project_dir)]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RustkoError
-from .kbuild import ModuleInfo
+from .kbuild import PARAM_TYPES, ModuleInfo, Param
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,54}$")  # a C identifier that fits MODULE_NAME_LEN
 
@@ -33,7 +33,51 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise RustkoError(f"{path} is not valid TOML: {err}", "fix the file or remove it") from None
 
 
-def module_info(name: str, manifest: dict[str, Any], overrides: dict[str, str]) -> ModuleInfo:
+# The range of each numeric parameter type (LP64: long is 64-bit on every supported arch).
+PARAM_RANGES: dict[str, tuple[int, int]] = {
+    "int": (-2**31, 2**31 - 1), "uint": (0, 2**32 - 1),
+    "long": (-2**63, 2**63 - 1), "ulong": (0, 2**64 - 1),
+}
+PARAM_KEYS = {"type", "default", "description", "perm"}
+
+
+def parse_param(name: str, spec: Any) -> Param:
+    """One `[package.metadata.kernel.params.NAME]` table (or `params={NAME: {...}}`), checked."""
+    where = f"module parameter '{name}'"
+    if not NAME_RE.match(name) or not isinstance(spec, dict):
+        raise RustkoError(f"{where}: needs a C identifier as name and a table of settings",
+                          'e.g. [package.metadata.kernel.params.count] type = "int", default = 1')
+    unknown = set(spec) - PARAM_KEYS
+    kind = spec.get("type", "int")
+    if unknown or kind not in PARAM_TYPES:
+        raise RustkoError(f"{where}: unknown setting(s) {sorted(unknown)} or type {kind!r}",
+                          f"settings: {sorted(PARAM_KEYS)}; types: {', '.join(PARAM_TYPES)}")
+    default = spec.get("default", "" if kind == "charp" else (False if kind == "bool" else 0))
+    if kind in PARAM_RANGES:
+        low, high = PARAM_RANGES[kind]
+        if isinstance(default, bool) or not isinstance(default, int) or not low <= default <= high:
+            raise RustkoError(f"{where}: default {default!r} is not a {kind} ({low}..{high})")
+    elif kind == "bool" and not isinstance(default, bool):
+        raise RustkoError(f"{where}: default {default!r} is not true or false")
+    elif kind == "charp" and not isinstance(default, str):
+        raise RustkoError(f"{where}: default {default!r} is not a string")
+    perm = spec.get("perm", 0o444)
+    if isinstance(perm, str):
+        try:
+            perm = int(perm, 8)
+        except ValueError:
+            perm = -1
+    if not isinstance(perm, int) or not 0 <= perm <= 0o664 or perm & 0o002:
+        raise RustkoError(f"{where}: perm {spec.get('perm')!r} is not a valid sysfs mode",
+                          'use an octal string such as "0444" (read-only) or "0644"; the kernel '
+                          "refuses world-writable parameters")
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise RustkoError(f"{where}: description must be a string")
+    return Param(name=name, type=kind, default=default, description=description, perm=perm)
+
+
+def module_info(name: str, manifest: dict[str, Any], overrides: dict[str, Any]) -> ModuleInfo:
     """Keyword arguments win over `[package.metadata.kernel]`, which wins over `[package]`."""
     package = manifest.get("package", {}) if isinstance(manifest.get("package"), dict) else {}
     kernel_meta = package.get("metadata", {}).get("kernel", {}) if isinstance(package.get("metadata"), dict) else {}
@@ -53,7 +97,10 @@ def module_info(name: str, manifest: dict[str, Any], overrides: dict[str, str]) 
         if not isinstance(value, str):
             raise RustkoError(f"module metadata '{key}' must be a string, not {type(value).__name__}",
                               "check [package.metadata.kernel] in Cargo.toml")
-    return ModuleInfo(name=check_name(name), **base)
+    specs = dict(kernel_meta.get("params", {}) or {})
+    specs.update(overrides.get("params") or {})
+    params = tuple(parse_param(pname, spec) for pname, spec in sorted(specs.items()))
+    return ModuleInfo(name=check_name(name), params=params, **base)
 
 
 def edition(manifest: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import SCons.Errors
 import SCons.Script
 from SCons.Script import BoolVariable, Variables
 
-from . import build, cache, project
+from . import build, cache, kbuild, project
 from .errors import RustkoError, internal_error
 
 VARIABLES: tuple[tuple[str, str], ...] = (
@@ -72,8 +73,10 @@ def _fail(err: BaseException) -> int:
     return 1
 
 
-def _meta(env: Any) -> dict[str, str]:
-    return dict(zip(("license", "author", "description", "version"), env["RUSTKO_META"]))
+def _meta(env: Any) -> dict[str, Any]:
+    license, author, description, version, params = env["RUSTKO_META"]
+    return {"license": license, "author": author, "description": description, "version": version,
+            "params": json.loads(params)}
 
 
 def _compile_action(target: list[Any], source: list[Any], env: Any) -> int:
@@ -115,9 +118,14 @@ KBUILD = SCons.Action.Action(_kbuild_action, "  KBUILD  ${RUSTKO_MODULE}.ko",
 
 def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license: str = "",
                      author: str = "", description: str = "", version: str = "",
+                     params: dict[str, dict[str, Any]] | None = None,
                      rustflags: list[str] | None = None, build_dir: str = "#build",
                      manifest: str = "Cargo.toml") -> Any:
-    """Build `name`.ko from the crate rooted at `source`; returns the checked `.ko` node."""
+    """Build `name`.ko from the crate rooted at `source`; returns the checked `.ko` node.
+
+    Keyword metadata (and `params`, shaped like `[package.metadata.kernel.params]`) win over
+    Cargo.toml's.
+    """
     try:
         project.check_name(name)
     except RustkoError as err:
@@ -128,7 +136,8 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
     manifest_node = env.File(manifest)
     overrides = dict(RUSTKO_MODULE=name, RUSTKO_RUSTFLAGS=tuple(rustflags or ()),
                      RUSTKO_PROJECT=str(project_dir), RUSTKO_WORK=work.abspath,
-                     RUSTKO_META=(license, author, description, version))
+                     RUSTKO_META=(license, author, description, version,
+                                  json.dumps(params or {}, sort_keys=True)))
     rust_targets = [work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d"), work.File(f"{name}_rust.exit")]
     rust_obj = env.Command(rust_targets, [env.File(source), manifest_node], COMPILE, **overrides)
     ko = env.Command(out_dir.File(f"{name}.ko"), rust_obj + [manifest_node], KBUILD, **overrides)
@@ -142,6 +151,7 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
         env.Depends(rust_obj, env.Value(_signature(tgt, list(rustflags or ()))))
         env.Depends(ko, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
                                   f"{tgt.options.cross_compile}|{tgt.options.llvm}"))
+        env.Depends(ko, env.File(str(kbuild.RUNTIME_C)))
     return ko
 
 

@@ -22,14 +22,17 @@ from . import cache
 from .errors import RustkoError
 from .toolchain import Toolchain, INSTALL_HINT
 
-RECIPE_VERSION = "1"
-STUB_BUILTINS = Path(__file__).parent / "rust" / "compiler_builtins.rs"
+RECIPE_VERSION = "2"
+RUST_DIR = Path(__file__).parent / "rust"
+SUPPORT_CRATE = RUST_DIR / "rustko" / "lib.rs"
 
-# (crate, source file relative to the library folder, extra rustc arguments), in build order.
+# (crate, source, extra rustc arguments), in build order. Sources starting with "library/" are
+# in rustc's library sources; the others are rustko's own (rust/).
 CRATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("core", "core/src/lib.rs", ("--cfg", "no_fp_fmt_parse")),
-    ("compiler_builtins", "", ()),
-    ("alloc", "alloc/src/lib.rs", ()),
+    ("core", "library/core/src/lib.rs", ("--cfg", "no_fp_fmt_parse")),  # rust/Makefile
+    ("compiler_builtins", "compiler_builtins.rs", ()),
+    ("alloc", "library/alloc/src/lib.rs", ()),
+    ("rustko", "rustko/lib.rs", ()),   # the support crate: modules opt in with `use rustko`
 )
 
 
@@ -42,6 +45,10 @@ class Sysroot:
     def libdir(self) -> Path:
         return self.path / "lib" / "rustlib" / self.target / "lib"
 
+    @property
+    def support_crate(self) -> Path:
+        return self.libdir / "librustko.rlib"
+
 
 def _sources_fingerprint(lib_src: Path) -> str:
     """Names and sizes of every file rustko compiles: cheap enough for every build's start-up."""
@@ -52,7 +59,8 @@ def _sources_fingerprint(lib_src: Path) -> str:
             for name in sorted(files):
                 path = os.path.join(root, name)
                 digest.update(f"{os.path.relpath(path, lib_src)}:{os.path.getsize(path)}\n".encode())
-    digest.update(STUB_BUILTINS.read_bytes())
+    for path in sorted(RUST_DIR.rglob("*.rs")):
+        digest.update(path.relative_to(RUST_DIR).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -74,11 +82,15 @@ def _edition(lib_src: Path, crate: str) -> str:
 def _compile(toolchain: Toolchain, flags: list[str], root: Path, target: str, crate: str,
              source: str, extra: tuple[str, ...], log) -> None:
     libdir = root / "lib" / "rustlib" / target / "lib"
-    src = STUB_BUILTINS if crate == "compiler_builtins" else toolchain.lib_src / source
-    edition = "2024" if crate == "compiler_builtins" else _edition(toolchain.lib_src, crate)
+    if source.startswith("library/"):
+        src = toolchain.lib_src / source.removeprefix("library/")
+        edition = _edition(toolchain.lib_src, crate)
+    else:
+        src, edition = RUST_DIR / source, "2024"
     cmd = [str(toolchain.rustc), *flags, "-Cembed-bitcode=yes", *extra,
            f"--edition={edition}", "--crate-type=rlib", f"--crate-name={crate}",
            f"--sysroot={root}", f"--remap-path-prefix={toolchain.lib_src}=/rustc/library",
+           f"--remap-path-prefix={RUST_DIR}=/rustko",
            "-Awarnings", "-o", str(libdir / f"lib{crate}.rlib"), str(src)]
     log(crate, cmd)
     env = {**os.environ, "RUSTC_BOOTSTRAP": "1"}

@@ -1,0 +1,104 @@
+"""Build speed of rustko against Kbuild itself, measured side by side in one run.
+
+Prints three comparisons (median of several runs each):
+  1. no-op `scons` on examples/hello vs Kbuild's own no-op `make -C KDIR M=` on a C hello module
+     (goal: at most 0.5x);
+  2. a clean build of examples/hello with a warm sysroot cache vs a clean build of the C module
+     (goal: at most 1.5x);
+  3. the first build with an empty cache (core, compiler_builtins and alloc compiled), for scale.
+
+    .venv/bin/python bench/build.py [--kdir DIR] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCONS = str(Path(sys.executable).parent / "scons")
+C_HELLO = """\
+#include <linux/module.h>
+#include <linux/init.h>
+static int __init hello_init(void) { pr_info("hello from C\\n"); return 0; }
+static void __exit hello_exit(void) { pr_info("goodbye from C\\n"); }
+module_init(hello_init);
+module_exit(hello_exit);
+MODULE_LICENSE("GPL");
+"""
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, **(env or {})})
+    return time.perf_counter() - start
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def default_kdir() -> Path:
+    found = sorted(Path("/usr/src").glob("linux-headers-6.1.*-amd64"))
+    if not found:
+        sys.exit("no Debian 6.1 amd64 headers under /usr/src: run ./dev setup")
+    return found[-1]
+
+
+def row(label: str, ours: float, ref: float, goal: float | None) -> None:
+    ratio = ours / ref
+    verdict = "" if goal is None else ("  ok" if ratio <= goal else f"  ABOVE GOAL {goal}x")
+    print(f"{label:<44} rustko {ours:7.3f} s   kbuild {ref:7.3f} s   ratio {ratio:5.2f}x{verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kdir", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    kdir = args.kdir or default_kdir()
+    env = {"PYTHONPATH": str(REPO / "site_scons")}
+    with tempfile.TemporaryDirectory(prefix="rustko-bench-") as tmp:
+        work = Path(tmp)
+        rust = work / "hello"
+        shutil.copytree(REPO / "examples/hello", rust, ignore=shutil.ignore_patterns("build"))
+        c_mod = work / "chello"
+        c_mod.mkdir()
+        (c_mod / "chello.c").write_text(C_HELLO)
+        (c_mod / "Kbuild").write_text("obj-m := chello.o\n")
+        make = ["make", "-C", str(kdir), f"M={c_mod}", "modules"]
+        scons = [SCONS, "-Q", f"KDIR={kdir}"]
+
+        # Warm everything once (sysroot cache, page cache), then measure.
+        timed(scons, rust, env)
+        timed(make, c_mod)
+        noop_rust = median([timed(scons, rust, env) for _ in range(args.runs)])
+        noop_c = median([timed(make, c_mod) for _ in range(args.runs)])
+
+        clean_rust, clean_c = [], []
+        for _ in range(args.runs):
+            timed(scons + ["-c"], rust, env)
+            clean_rust.append(timed(scons, rust, env))
+            timed(["make", "-C", str(kdir), f"M={c_mod}", "clean"], c_mod)
+            clean_c.append(timed(make, c_mod))
+
+        cold_cache = work / "cache"
+        timed(scons + ["-c"], rust, env)
+        first = timed(scons, rust, {**env, "RUSTKO_CACHE": str(cold_cache)})
+
+    print(f"KDIR {kdir}, {args.runs} runs each, medians")
+    row("no-op build (scons vs make M=)", noop_rust, noop_c, 0.5)
+    row("clean build, warm sysroot cache", median(clean_rust), median(clean_c), 1.5)
+    row("first build, empty cache (builds core)", first, median(clean_c), None)
+
+
+if __name__ == "__main__":
+    main()
