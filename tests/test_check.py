@@ -1,8 +1,9 @@
 """`rustko check` against real objects: Kbuild C modules, rustc objects, Debian's own modules.
 
-Fixtures are built once with the real compilers into a content-keyed cache under /var/tmp (never
-the repo); bad modules are made the way users make them (wrong flags), or by the byte edits a
-mismatched build leaves (vermagic, license) in a copy.
+Fixtures are built with the real compilers into a cache under /var/tmp (never the repo), keyed by
+their source and the headers, so a cold cache builds them and new headers get new ones; bad modules
+are made the way users make them (wrong flags), or by the byte edits a mismatched build leaves
+(vermagic, license) in a copy.
 """
 
 from __future__ import annotations
@@ -10,25 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from rustko import check, relocs
+from conftest import require_kdir
+from rustko import check, relocs, vm
 from rustko.cache import cached_dir
 from rustko.cli import main
 from rustko.errors import RustkoError
-from rustko.kernel import probe
+from rustko.kernel import KernelInfo, probe
 
-KDIR = Path("/usr/src/linux-headers-6.1.0-56-amd64")
-KDIR_612 = Path("/usr/src/linux-headers-6.12.111+deb12-amd64")
-IMAGE_DEB_GLOB = "linux-image-6.1.0-56-amd64-unsigned_*_amd64.deb"
 RUSTC = Path("/usr/bin/rustc")
 CACHE = Path(os.environ.get("RUSTKO_TEST_CACHE", "/var/tmp/rustko/check-fixtures"))
-
-needs_kdir = pytest.mark.skipif(not (KDIR / "Makefile").is_file(), reason=f"{KDIR} not installed")
 
 C_MODULE = r"""
 #include <linux/module.h>
@@ -89,22 +86,22 @@ def _key(*parts: str) -> str:
 
 
 def _build_c(variant: str) -> Path:
+    """The C module of `variant`, built by Kbuild against the newest 6.1 headers."""
+    kdir = require_kdir("6.1")
     flags = VARIANTS[variant]
 
     def fill(tmp: Path) -> None:
         (tmp / "m.c").write_text(C_MODULE)
         (tmp / "Kbuild").write_text(f"obj-m += m.o\nccflags-y += {flags}\n")
-        done = subprocess.run(["make", "-s", "-C", str(KDIR), f"M={tmp}", "modules",
+        done = subprocess.run(["make", "-s", "-C", str(kdir), f"M={tmp}", "modules",
                                "KBUILD_MODPOST_WARN=1"], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
 
-    return cached_dir(CACHE / f"c-{variant}-{_key(C_MODULE, flags, str(KDIR))}", fill) / "m.ko"
+    return cached_dir(CACHE / f"c-{variant}-{_key(C_MODULE, flags, str(kdir))}", fill) / "m.ko"
 
 
 @pytest.fixture(scope="session")
 def c_modules() -> dict[str, Path]:
-    if not (KDIR / "Makefile").is_file():
-        pytest.skip(f"{KDIR} not installed")
     return {variant: _build_c(variant) for variant in VARIANTS}
 
 
@@ -117,15 +114,13 @@ def _edited(src: Path, dest: Path, old: bytes, new: bytes) -> Path:
 
 
 @pytest.fixture(scope="session")
-def kernel():
-    if not (KDIR / "Makefile").is_file():
-        pytest.skip(f"{KDIR} not installed")
-    return probe(KDIR)
+def kernel(kdir61: Path) -> KernelInfo:
+    return probe(kdir61)
 
 
 def _rust_objects() -> Path:
     if not RUSTC.is_file():
-        pytest.skip("/usr/bin/rustc (rustc-web) not installed")
+        pytest.fail(f"{RUSTC} (rustc-web) is not installed: run ./dev setup")
 
     def fill(tmp: Path) -> None:
         (tmp / "lib.rs").write_text(RUST_LIB)
@@ -216,23 +211,30 @@ def test_gpl_only_symbol_needs_gpl_license(c_modules, kernel, tmp_path) -> None:
     assert "'BSD'" in findings[0].hint
 
 
+def other_abi(release: str) -> str:
+    """A release of the same length with another ABI number (6.1.0-56-amd64 -> 6.1.0-57-amd64)."""
+    abi = re.search(r"^\d+\.\d+\.\d+-\d+", release)
+    assert abi, release
+    last = abi.end() - 1
+    return release[:last] + str((int(release[last]) + 1) % 10) + release[last + 1:]
+
+
 def test_vermagic_mismatch(c_modules, kernel, tmp_path) -> None:
     bad = _edited(c_modules["good"], tmp_path / "m.ko", b"mod_unload ", b"mod_unl0ad ")
     findings = check.check_module(bad, kernel)
     assert kinds(findings) == ["vermagic"]
     assert findings[0].kernel == [
-        "m: version magic '6.1.0-56-amd64 SMP preempt mod_unl0ad modversions ' should be "
-        "'6.1.0-56-amd64 SMP preempt mod_unload modversions '"]
+        f"m: version magic '{kernel.release} SMP preempt mod_unl0ad modversions ' should be "
+        f"'{kernel.release} SMP preempt mod_unload modversions '"]
     # With modversions the kernel ignores the release part (same_magic): a different release
     # of the same length loads.
-    other = _edited(c_modules["good"], tmp_path / "r.ko", b"6.1.0-56-amd64 SMP", b"6.1.0-57-amd64 SMP")
+    other = _edited(c_modules["good"], tmp_path / "r.ko", f"{kernel.release} SMP".encode(),
+                    f"{other_abi(kernel.release)} SMP".encode())
     assert check.check_module(other, kernel) == []
 
 
 def test_vermagic_of_another_series_and_crcs(c_modules, tmp_path) -> None:
-    if not (KDIR_612 / "Makefile").is_file():
-        pytest.skip(f"{KDIR_612} not installed")
-    findings = check.check_module(c_modules["good"], probe(KDIR_612))
+    findings = check.check_module(c_modules["good"], probe(require_kdir("6.12")))
     assert any(f.kind == "symbol-version" and f.symbol == "_printk" and
                f.kernel[0] == "m: disagrees about version of symbol _printk" for f in findings)
 
@@ -277,8 +279,8 @@ def test_rustc_objects() -> None:
 
 
 # --- the CLI ---------------------------------------------------------------------------------
-def test_cli_exit_codes_and_json(c_modules, tmp_path, capsys) -> None:
-    kdir = ["--kdir", str(KDIR)]
+def test_cli_exit_codes_and_json(c_modules, kdir61, tmp_path, capsys) -> None:
+    kdir = ["--kdir", str(kdir61)]
     assert main(["check", *kdir, str(c_modules["good"])]) == 0
     capsys.readouterr()
     assert main(["check", *kdir, str(c_modules["pic"])]) == 1
@@ -314,21 +316,10 @@ def test_compressed_modules(c_modules, tmp_path) -> None:
 
 
 # --- no false positives: every module Debian ships for 6.1 -----------------------------------
-def _debian_tree() -> Path:
-    debs = sorted(Path("/var/tmp/rustko/debs").glob(IMAGE_DEB_GLOB))
-    if not debs:
-        pytest.skip("Debian's linux-image-6.1.0-56-amd64-unsigned .deb is not in /var/tmp/rustko/debs")
-
-    def fill(tmp: Path) -> None:
-        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
-
-    return cached_dir(Path("/var/tmp/rustko/image-6.1-modules"), fill) / "lib/modules"
-
-
-@needs_kdir
-def test_every_debian_61_module_passes() -> None:
-    tree = _debian_tree()
-    results = check.check_paths([tree], kdir=str(KDIR))
+def test_every_debian_61_module_passes(kernel) -> None:
+    """The image package of the installed headers' release, fetched with apt into the cache."""
+    tree = vm.debian_modules(kernel.release)
+    results = check.check_paths([tree], kdir=str(kernel.kdir))
     assert len(results) > 3000
     refused = {p: r for p, r in results if r}
     assert refused == {}

@@ -3,23 +3,21 @@ with the line the checker said it would print."""
 
 from __future__ import annotations
 
-import shutil
+from pathlib import Path
 
 import pytest
 
+from conftest import tool
 from rustko import check
-from rustko.kernel import probe
+from rustko.kernel import KernelInfo, probe
 from rustko.vm import vmtest
-from test_check import KDIR, _build_c, _edited
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None or not (KDIR / "Makefile").is_file(),
-    reason="needs qemu-system-x86 and the 6.1 headers")
+from test_check import _build_c, _edited
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    return probe(KDIR)
+def kernel(kdir61: Path) -> KernelInfo:
+    tool("qemu-system-x86_64")  # fails with "run ./dev setup" when QEMU is missing
+    return probe(kdir61)
 
 
 def _verdicts(path, kernel):
