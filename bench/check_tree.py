@@ -1,42 +1,34 @@
 """Time `rustko check` over Debian's whole 6.1 amd64 module tree against `readelf -rW`.
 
-Unpacks linux-image-6.1.0-56-amd64-unsigned once into /var/tmp/rustko (never the repo),
-decompressing .ko.xz/.ko.zst/.ko.gz modules if the package ships them compressed, then runs
-both tools over the same files and prints the two wall times and their ratio (goal: <= 0.5).
+The tree is the one of the installed 6.1 headers' release: `linux-image-<release>-unsigned`,
+fetched with apt and unpacked once into rustko's cache (vm.debian_modules), never the repo. Both
+tools run over the same files; prints the two wall times and their ratio (goal: <= 0.5).
 
-    PYTHONPATH=site_scons .venv/bin/python bench/check_tree.py [--kdir DIR]
+    PYTHONPATH=site_scons .venv/bin/python bench/check_tree.py [--kdir DIR] [--symbols]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from rustko import check
-from rustko.cache import cached_dir
-
-DEB_DIR = Path("/var/tmp/rustko/debs")
-DEB_GLOB = "linux-image-6.1.0-56-amd64-unsigned_*_amd64.deb"
-TREE = Path("/var/tmp/rustko/image-6.1-modules")
+from rustko.kernel import probe
+from rustko.vm import debian_modules
 
 
-def module_tree() -> Path:
-    debs = sorted(DEB_DIR.glob(DEB_GLOB))
-    if not debs:
-        sys.exit(f"no {DEB_GLOB} in {DEB_DIR}: `apt-get download linux-image-6.1.0-56-amd64-unsigned` there")
-
-    def fill(tmp: Path) -> None:
-        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
-        for packed in tmp.rglob("*.ko.*"):
-            packed.with_name(packed.name.rsplit(".", 1)[0]).write_bytes(
-                check.read_module_bytes(packed))
-            packed.unlink()
-
-    return cached_dir(TREE, fill) / "lib/modules"
+def newest_61_headers() -> Path:
+    """The newest Debian 6.1 amd64 headers under /usr/src (what `./dev setup` installs)."""
+    found = [p for p in Path("/usr/src").glob("linux-headers-6.1.*-amd64")
+             if re.fullmatch(r"linux-headers-6\.1\.\d+-\d+-amd64", p.name)]
+    if not found:
+        sys.exit("no Debian 6.1 amd64 headers under /usr/src: run ./dev setup")
+    return max(found, key=lambda p: [int(n) for n in re.findall(r"\d+", p.name)])
 
 
 def time_readelf(files: list[str]) -> float:
@@ -57,14 +49,21 @@ def time_rustko(tree: Path, kdir: str | None) -> tuple[float, int, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kdir", help="also check symbols and vermagic against this KDIR")
+    parser.add_argument("--kdir", type=Path, help="headers whose release's modules are checked "
+                        "(default: the newest installed 6.1 amd64 headers)")
+    parser.add_argument("--symbols", action="store_true",
+                        help="also check symbols and vermagic against those headers")
     args = parser.parse_args()
-    tree = module_tree()
+    kdir = args.kdir or newest_61_headers()
+    tree = debian_modules(probe(kdir).release)
     files = sorted(str(p) for p in tree.rglob("*.ko"))
+    if not files or any(tree.rglob("*.ko.*")):
+        sys.exit(f"{tree} has compressed modules, which readelf cannot read: pick a release that "
+                 "ships plain .ko files (Debian's 6.1 does)")
     size = sum(os.path.getsize(f) for f in files)
     readelf = time_readelf(files)
-    rustko, checked, refused = time_rustko(tree, args.kdir)
-    print(f"{len(files)} modules, {size / 2**20:.0f} MiB, {os.cpu_count()} cores")
+    rustko, checked, refused = time_rustko(tree, str(kdir) if args.symbols else None)
+    print(f"{tree}: {len(files)} modules, {size / 2**20:.0f} MiB, {os.cpu_count()} cores")
     print(f"{'readelf -rW':<16}{readelf:8.2f} s")
     print(f"{'rustko check':<16}{rustko:8.2f} s   ({checked} checked, {refused} refused)")
     print(f"{'ratio':<16}{rustko / readelf:8.2f}x  (goal <= 0.50x)")
