@@ -12,9 +12,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import flags as flagset
 from . import kbuild, sysroot, toolchain
@@ -76,7 +76,29 @@ def resolve(options: Options) -> Target:
                 f"KDIR {kernel.kdir} is configured for {kernel.arch}, but ARCH={options.arch} asks for {wanted}",
                 f"pass the headers of an {wanted} kernel as KDIR, or drop ARCH= to build for {kernel.arch}")
     tools = toolchain.find(options.rustc, options.rust_lib_src)
-    return Target(options=options, kernel=kernel, toolchain=tools, flags=flagset.codegen_flags(kernel))
+    target = Target(options=options, kernel=kernel, toolchain=tools, flags=flagset.codegen_flags(kernel))
+    _require_c_tools(target)
+    return target
+
+
+# The programs Kbuild runs with LLVM=1 (Documentation/kbuild/llvm.rst), from Debian's clang, lld, llvm.
+LLVM_TOOLS: tuple[str, ...] = ("clang", "ld.lld", "llvm-ar", "llvm-nm", "llvm-objcopy", "llvm-readelf", "llvm-strip")
+# The Debian package with the GNU cross toolchain for each CROSS_COMPILE default (kbuild.CROSS_COMPILE).
+CROSS_PACKAGES: dict[str, str] = {"arm64": "gcc-aarch64-linux-gnu", "riscv64": "gcc-riscv64-linux-gnu"}
+
+
+def _require_c_tools(target: Target) -> None:
+    """Say which toolchain is missing before rustc and Kbuild run for minutes and fail on it."""
+    if target.options.llvm:
+        missing = [name for name in LLVM_TOOLS if shutil.which(name) is None]
+        if missing:
+            raise RustkoError(f"LLVM=1 needs {', '.join(missing)}, not installed on this machine",
+                              "apt-get install clang lld llvm, or drop LLVM=1 to use the GNU toolchain")
+    elif shutil.which(target.linker) is None:
+        package = CROSS_PACKAGES.get(target.kernel.arch, "binutils gcc")
+        raise RustkoError(f"the {target.kernel.arch} linker {target.linker} is not installed",
+                          f"apt-get install {package}, set CROSS_COMPILE= to the prefix of your "
+                          "toolchain, or use LLVM=1")
 
 
 @dataclass(frozen=True)
@@ -98,10 +120,18 @@ def crate_command(target: Target, name: str, source: Path, project_dir: Path, ar
             os.path.relpath(source, project_dir)]
 
 
+def with_rustflags(target: Target, extra: list[str]) -> Target:
+    """`target`, or a copy whose sysroot also gets the module's own code-model, relocation-model
+    and target-feature overrides: fat LTO cannot link core built with others."""
+    shared = flagset.sysroot_shared(extra)
+    return replace(target, flags=[*target.flags, *shared], _sysroot=None) if shared else target
+
+
 def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: Path,
                   project_dir: Path, edition: str = "2021", extra: list[str] | None = None,
                   log: Log | None = None) -> CrateOutput:
     """rustc (fat LTO, one codegen unit) then `ld -r`: one object with only the code it uses."""
+    target = with_rustflags(target, extra or [])
     obj.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".rustko-", dir=obj.parent) as tmp:
         archive = Path(tmp) / f"lib{name}.a"
@@ -127,7 +157,8 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
                               "install binutils for the target (CROSS_COMPILE), or set LLVM=1") from None
         if linked.returncode != 0:
             raise RustkoError(f"`{' '.join(link)}` failed: {linked.stderr.strip()}", exit_code=1)
-    symbols = defined_symbols(obj)
+    symbols, undefined = object_symbols(obj)
+    _refuse_runtime_gaps(name, undefined)
     if "rust_init" not in symbols:
         raise RustkoError(f"the crate of module {name} defines no `rust_init`",
                           'add `#[unsafe(no_mangle)] pub extern "C" fn rust_init() -> i32` '
@@ -135,17 +166,39 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
     return CrateOutput(obj=obj, dep_file=dep_file, has_exit="rust_exit" in symbols)
 
 
-def defined_symbols(obj: Path) -> set[str]:
+def object_symbols(obj: Path) -> tuple[set[str], set[str]]:
+    """(global symbols the object defines, symbols it leaves undefined)."""
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
 
     with open(obj, "rb") as handle:
-        elf = ELFFile(handle)
-        table = elf.get_section_by_name(".symtab")
+        table = ELFFile(handle).get_section_by_name(".symtab")
         if not isinstance(table, SymbolTableSection):
-            return set()
-        return {sym.name for sym in table.iter_symbols()
-                if sym["st_shndx"] != "SHN_UNDEF" and sym["st_info"]["bind"] == "STB_GLOBAL"}
+            return set(), set()
+        defined, undefined = set(), set()
+        for sym in table.iter_symbols():
+            if sym["st_shndx"] == "SHN_UNDEF":
+                if sym.name:
+                    undefined.add(sym.name)
+            elif sym["st_info"]["bind"] == "STB_GLOBAL":
+                defined.add(sym.name)
+        return defined, undefined
+
+
+def _refuse_runtime_gaps(name: str, undefined: set[str]) -> None:
+    """Symbols no kernel exports (float helpers, allocator shim, core itself) would only fail
+    later, in modpost or insmod, with a bare name: say what they mean now."""
+    from .check import explain_undefined
+
+    gaps = {symbol: explain_undefined(symbol) for symbol in sorted(undefined)}
+    gaps = {symbol: why_fix for symbol, why_fix in gaps.items() if why_fix[0]}
+    if gaps:
+        by_reason: dict[tuple[str, str], list[str]] = {}
+        for symbol, reason in gaps.items():
+            by_reason.setdefault(reason, []).append(symbol)
+        lines = [f"  {why} ({', '.join(symbols)})" for (why, _fix), symbols in by_reason.items()]
+        raise RustkoError(f"the crate of module {name} needs symbols no kernel provides:\n" + "\n".join(lines),
+                          "; ".join(fix for _why, fix in by_reason), exit_code=1)
 
 
 def dep_files(dep_file: Path, project_dir: Path) -> list[Path]:
@@ -187,10 +240,10 @@ def mod_files(root: Path) -> list[Path]:
 
 
 def link_module(target: Target, info: kbuild.ModuleInfo, rust_obj: Path, kbuild_dir: Path,
-                out_ko: Path) -> Path:
-    """Kbuild links the shim and the Rust object into `out_ko`."""
+                out_ko: Path, c_sources: Sequence[Path] = ()) -> Path:
+    """Kbuild links the shim, the project's own C files and the Rust object into `out_ko`."""
     kbuild_dir = kbuild.safe_dir(kbuild_dir.resolve())
-    kbuild.prepare(kbuild_dir, info, rust_obj)
+    kbuild.prepare(kbuild_dir, info, rust_obj, c_sources)
     job = kbuild.KbuildJob(kernel=target.kernel, build_dir=kbuild_dir,
                            cross_compile=target.options.cross_compile, llvm=target.options.llvm,
                            verbose=target.options.verbose)

@@ -409,7 +409,8 @@ def _check_vermagic(elf: Elf, modinfo: dict[str, list[str]], name: str, view: Ke
                     "release (SMP, preempt, mod_unload, modversions) come from its .config")]
 
 
-def _explain(symbol: str) -> tuple[str, str]:
+def explain_undefined(symbol: str) -> tuple[str, str]:
+    """(what is missing, how to fix it) for a Rust runtime symbol; ("", "") for anything else."""
     for pattern, why, fix in UNDEFINED_EXPLAINED:
         if re.search(pattern, symbol):
             return why, fix
@@ -459,7 +460,7 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]], name:
             continue
         unknown = [MSG_UNKNOWN_SYMBOL.format(name=name, symbol=symbol, err=-ENOENT)]
         if export is None:
-            why, fix = _explain(symbol)
+            why, fix = explain_undefined(symbol)
             out.append(Finding(path, "symbol", "unknown-symbol", unknown,
                                fix or "the kernel does not export this symbol: define it in the "
                                "module, or use an exported API (grep KDIR/Module.symvers)",
