@@ -197,3 +197,12 @@ def test_cli_check_accepts_the_built_module(tmp_path: Path, kdir61: Path) -> Non
     build_ok(project, kdir61)
     result = rustko("check", "--kdir", str(kdir61), str(project / "build" / "hello.ko"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_doctor_explains_every_flag(kdir61: Path) -> None:
+    result = rustko("doctor", "--kdir", str(kdir61))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "-Ccode-model=kernel" in result.stdout and "arch/x86/Makefile" in result.stdout
+    assert "-Zplt=yes" in result.stdout and "[ok] rustc" in result.stdout
+    missing = rustko("doctor", "--kdir", "/nonexistent")
+    assert missing.returncode == 1 and "does not exist" in missing.stdout and "Traceback" not in missing.stderr

@@ -1,0 +1,68 @@
+"""`rustko doctor`: what rustko sees on this machine for a KDIR, and what is missing.
+
+Prints the kernel, the compiler, every Rust flag with the kernel Makefile line it mirrors, the
+sysroot cache entry, and the tools each step needs. Exit 0 when a build can run, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+from . import build, flags, kbuild, sysroot
+from .errors import RustkoError
+from .kernel import host_arch, normalize_arch
+
+# (step, program, Debian package): the programs each step runs.
+TOOLS: tuple[tuple[str, str, str], ...] = (
+    ("kbuild", "make", "make"),
+    ("vmtest", "busybox", "busybox-static"),
+    ("vmtest", "cpio", "cpio"),
+)
+
+
+def _line(ok: bool, label: str, detail: str) -> str:
+    return f"  [{'ok' if ok else '!!'}] {label:<16} {detail}"
+
+
+def run(args: argparse.Namespace) -> int:
+    options = build.Options(kdir=args.kdir, arch=args.arch, rustc=args.rustc, rust_lib_src=args.rust_lib_src)
+    problems = 0
+    print("rustko doctor")
+    try:
+        target = build.resolve(options)
+    except RustkoError as err:
+        print(_line(False, "target", err.message))
+        if err.hint:
+            print(f"       {err.hint}")
+        return 1
+    kernel, tools = target.kernel, target.toolchain
+    print(_line(True, "KDIR", str(kernel.kdir)))
+    print(_line(True, "kernel", f"{kernel.release} ({'.'.join(map(str, kernel.version))}, {kernel.arch}), "
+                                f"built by {kernel.compiler}"))
+    print(_line(kernel.symvers.is_file(), "Module.symvers",
+                "present" if kernel.symvers.is_file() else "missing: symbol checks and modversions cannot work"))
+    problems += not kernel.symvers.is_file()
+    print(_line(True, "rustc", f"{tools.rustc} {tools.version}, library sources {tools.lib_src}"))
+    entry = sysroot.cache.cache_root() / "sysroot" / target.sysroot_key
+    print(_line(True, "sysroot", f"{entry} ({'cached' if entry.is_dir() else 'built on the first build, ~30 s'})"))
+    cross = kbuild.CROSS_COMPILE.get(kernel.arch, "") if kernel.arch != host_arch() else ""
+    for step, program, package in (*TOOLS, ("link", target.linker, "binutils"),
+                                   ("kbuild", f"{cross}gcc", f"gcc{'-' + cross.rstrip('-') if cross else ''}")):
+        found = shutil.which(program)
+        problems += found is None and step != "vmtest"
+        print(_line(found is not None, program, f"{found or f'not found (apt-get install {package})'}  [{step}]"))
+    print("flags (each mirrors the kernel Makefile line after it):")
+    for flag, source in flags.explain(kernel):
+        print(f"  {flag:<48} {source}")
+    return 1 if problems else 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("doctor", help="show what rustko sees for a KDIR and what is missing",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kdir", help="kernel build directory (default: the running kernel's)")
+    parser.add_argument("--arch", type=normalize_arch, help="expected architecture (x86_64, arm64, um)")
+    parser.add_argument("--rustc", help="rustc to use (default: the first with library sources)")
+    parser.add_argument("--rust-lib-src", help="that rustc's `library` sources")
+    parser.set_defaults(run=run)
