@@ -1,4 +1,4 @@
-"""What `SCons.Tool.rustko` resolves to in an installed rustko (see `_scons_finder`)."""
+"""What `SCons.Tool.rustko` resolves to in an installed rustko (see `rustko_scons_finder`)."""
 
 from rustko.scons_tool import exists, generate
 

@@ -683,6 +683,27 @@ def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kin
                    **common)
 
 
+# Rust v0 crate disambiguators (`core[1eb95a942f2852f8]`) say nothing to a reader.
+CRATE_HASH = re.compile(r"\[[0-9a-f]{8,16}\]")
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    """Readable names for Rust (v0, legacy) and C++ symbols, through binutils' c++filt, which
+    knows Rust v0 since 2.36; names stay as they are when it is not installed."""
+    mangled = sorted({n for n in names if n.startswith(("_R", "_ZN"))})
+    tool = shutil.which("c++filt")
+    if not mangled or tool is None:
+        return {}
+    try:
+        out = subprocess.run([tool], input="\n".join(mangled), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    lines = out.stdout.splitlines()
+    if out.returncode != 0 or len(lines) != len(mangled):
+        return {}
+    return {name: CRATE_HASH.sub("", line) for name, line in zip(mangled, lines)}
+
+
 def _function_at(elf: Elf, syms: Symbols, section: str, offset: int) -> str:
     index = elf.find(section)
     table = syms.table
@@ -794,6 +815,9 @@ def check_bytes(data: bytes, path: str, kernel: KernelView | None = None, arch: 
         sites = [f for f in findings if f.section and f.offset is not None]
         for f in sites:
             f.function = _function_at(elf, syms, f.section, f.offset)
+        names = demangle([f.function for f in sites if f.function])
+        for f in sites:
+            f.function = names.get(f.function, f.function)
         keys = {(elf.find(f.section), f.offset): f for f in sites}
         for key, where in _source_lines(elf, list(keys)).items():
             keys[key].source = where
@@ -826,6 +850,7 @@ def format_report(findings: list[Finding], path: str | Path) -> str:
     if not findings:
         return ""
     lines = [f"{'error: module would be refused' if errors else 'warning: module taints the kernel'}: {path}"]
+    said: set[str] = set()
     for f in findings:
         if f.reloc_name:
             where = f"{f.section}+{f.offset:#x}" if f.offset is not None else f.section
@@ -843,7 +868,8 @@ def format_report(findings: list[Finding], path: str | Path) -> str:
         if f.explanation:
             lines.append(f"  = note: {f.explanation}")
         if f.hint:
-            lines.append(f"  = help: {f.hint}")
+            lines.append(f"  = help: {f.hint}" if f.hint not in said else "  = help: as above")
+            said.add(f.hint)
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
 """Lets `Environment(tools=["rustko"])` work in any project once rustko is installed.
 
 SCons looks for a tool in the project's site_scons, then as the module `SCons.Tool.<name>`.
-The `rustko-scons.pth` file installed beside the package runs this at interpreter start-up:
-a finder that answers only for `SCons.Tool.rustko` (it imports nothing, so it costs nothing).
+The `rustko-scons.pth` file installed beside this module runs `install()` at interpreter start-up:
+a finder that answers only for `SCons.Tool.rustko`. It is a top-level module on purpose:
+importing the `rustko` package at start-up would pin the installed copy before PYTHONPATH or
+pytest could put a working tree first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ class RustkoToolFinder:
     def find_spec(cls, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
         if fullname != cls.NAME:
             return None
-        return importlib.util.spec_from_file_location(fullname, Path(__file__).with_name("_tool_entry.py"))
+        package = importlib.util.find_spec("rustko")
+        if package is None or package.origin is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, Path(package.origin).with_name("_tool_entry.py"))
 
 
 def install() -> None:
