@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable
 
@@ -13,6 +14,8 @@ from .errors import RustkoError, internal_error
 SUBCOMMANDS: dict[str, str] = {
     "check": "check:add_parser",
     "vmtest": "vm:add_parser",
+    "new": "new:add_parser",
+    "doctor": "doctor:add_parser",
 }
 
 
@@ -33,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `rustko check ... | head` ends quietly, like any Unix tool.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
