@@ -102,7 +102,8 @@ def _kbuild_action(target: list[Any], source: list[Any], env: Any) -> int:
         has_exit = Path(source[2].abspath).read_text().strip() == "exit"
         info = dataclasses.replace(info, has_exit=has_exit)
         ko = Path(target[0].abspath)
-        build.link_module(tgt, info, Path(source[0].abspath), Path(env["RUSTKO_WORK"]) / "kbuild", ko)
+        build.link_module(tgt, info, Path(source[0].abspath), Path(env["RUSTKO_WORK"]) / "kbuild", ko,
+                          [Path(node.abspath) for node in source[4:]])
         _log(f"  CHECK   {ko.name}")
         build.check(tgt, ko)
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
@@ -120,14 +121,17 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
                      author: str = "", description: str = "", version: str = "",
                      params: dict[str, dict[str, Any]] | None = None,
                      rustflags: list[str] | None = None, build_dir: str = "#build",
-                     manifest: str = "Cargo.toml") -> Any:
+                     manifest: str = "Cargo.toml", c_sources: list[str] | None = None) -> Any:
     """Build `name`.ko from the crate rooted at `source`; returns the checked `.ko` node.
 
     Keyword metadata (and `params`, shaped like `[package.metadata.kernel.params]`) win over
-    Cargo.toml's.
+    Cargo.toml's. `c_sources`: the project's own C files (and the headers they include),
+    compiled by Kbuild into the module against the kernel's headers.
     """
+    c_nodes = [env.File(path) for path in c_sources or ()]
     try:
         project.check_name(name)
+        kbuild.c_objects(name, [Path(node.abspath) for node in c_nodes])
     except RustkoError as err:
         raise SCons.Errors.UserError(str(err).removeprefix("error: ")) from None
     project_dir = Path(env.Dir("#").abspath)
@@ -140,7 +144,7 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
                                   json.dumps(params or {}, sort_keys=True)))
     rust_targets = [work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d"), work.File(f"{name}_rust.exit")]
     rust_obj = env.Command(rust_targets, [env.File(source), manifest_node], COMPILE, **overrides)
-    ko = env.Command(out_dir.File(f"{name}.ko"), rust_obj + [manifest_node], KBUILD, **overrides)
+    ko = env.Command(out_dir.File(f"{name}.ko"), rust_obj + [manifest_node] + c_nodes, KBUILD, **overrides)
     env.Clean(ko, out_dir)
 
     if not _reading_only(env):

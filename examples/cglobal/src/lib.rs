@@ -1,0 +1,45 @@
+//! A Rust module reading a global variable defined in C (src/answer.c): directly through an
+//! `extern "C"` static, and through the C accessor `cglobal_answer_ptr()`. Both must see the
+//! same storage, so a write through one is visible through the other.
+#![no_std]
+
+use core::fmt::Write;
+
+mod log;
+
+use log::KernelLog;
+
+unsafe extern "C" {
+    /// `int cglobal_answer` in src/answer.c.
+    static mut cglobal_answer: i32;
+    /// Returns `&cglobal_answer`.
+    fn cglobal_answer_ptr() -> *mut i32;
+}
+
+/// Called by the shim's `module_init`: 0, or -EINVAL when the two reads disagree.
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_init() -> i32 {
+    // SAFETY: module init runs once, before anything else of this module; nothing else writes
+    // the global meanwhile, and the accessor returns its valid, aligned address.
+    let (direct, via, after) = unsafe {
+        let direct = cglobal_answer;
+        let ptr = cglobal_answer_ptr();
+        let via = *ptr;
+        *ptr += 1;
+        (direct, via, cglobal_answer)
+    };
+    let mut line = KernelLog::info();
+    let _ = write!(line, "C global read from Rust: direct {direct}, via accessor {via}, after +1 {after}");
+    line.flush();
+    if direct == via && after == via + 1 { 0 } else { -22 }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let mut line = KernelLog::error();
+    let _ = write!(line, "panic: {}", info.message());
+    line.flush();
+    loop {
+        core::hint::spin_loop();
+    }
+}
