@@ -206,3 +206,9 @@ def test_doctor_explains_every_flag(kdir61: Path) -> None:
     assert "-Zplt=yes" in result.stdout and "[ok] rustc" in result.stdout
     missing = rustko("doctor", "--kdir", "/nonexistent")
     assert missing.returncode == 1 and "does not exist" in missing.stdout and "Traceback" not in missing.stderr
+
+
+def test_verbose_shows_full_command_lines(tmp_path: Path, kdir61: Path) -> None:
+    output = build_ok(copy_example(tmp_path / "hello"), kdir61, "V=1")
+    assert "-Crelocation-model=static" in output and "--crate-type=staticlib" in output
+    assert f"make -C {kdir61}" in output and "modpost" in output

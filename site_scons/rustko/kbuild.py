@@ -270,6 +270,8 @@ def run(job: KbuildJob, name: str) -> Path:
     cmd = job.make_command()
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     env["LC_ALL"] = "C"
+    if job.verbose:
+        print(" ".join(cmd), flush=True)
     try:
         result = subprocess.run(cmd, capture_output=not job.verbose, text=True, env=env)
     except OSError as err:
