@@ -111,6 +111,19 @@ def _kbuild_action(target: list[Any], source: list[Any], env: Any) -> int:
     return 0
 
 
+def _vmtest_action(target: list[Any], source: list[Any], env: Any) -> int:
+    """`scons vmtest`: boot the kernel each module was built for and load it (rustko.vm)."""
+    from . import vm
+
+    try:
+        ko = Path(source[0].abspath)
+        result = vm.vmtest(ko, arch=vm.arch_of(ko))
+        vm.report(result)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
+        return _fail(err)
+    return 0 if result.ok else 1
+
+
 COMPILE = SCons.Action.Action(_compile_action, "  RUSTC   $RUSTKO_MODULE",
                               varlist=["RUSTKO_MODULE", "RUSTKO_RUSTFLAGS", "RUSTKO_PROJECT"])
 KBUILD = SCons.Action.Action(_kbuild_action, "  KBUILD  ${RUSTKO_MODULE}.ko",
@@ -146,6 +159,9 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
     rust_obj = env.Command(rust_targets, [env.File(source), manifest_node], COMPILE, **overrides)
     ko = env.Command(out_dir.File(f"{name}.ko"), rust_obj + [manifest_node] + c_nodes, KBUILD, **overrides)
     env.Clean(ko, out_dir)
+    booted = env.Alias(f"vmtest-{name}", ko, SCons.Action.Action(_vmtest_action, f"  VMTEST  {name}.ko"))
+    env.AlwaysBuild(booted)
+    env.Alias("vmtest", booted)
 
     if not _reading_only(env):
         tgt = _target(env)
