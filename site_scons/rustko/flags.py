@@ -8,6 +8,7 @@ headers have no CONFIG_RUST, the rows still apply: they describe the kernel's AB
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .kernel import KernelInfo
 
@@ -67,7 +68,7 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              arches=("x86_64", "um")),
     # arch/x86/Makefile
     FlagRule(("-Ctarget-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2",),
-             "arch/x86/Makefile: KBUILD_RUSTFLAGS += -Ctarget-feature=-sse,-sse2,...", arches=("x86_64", "um")),
+             "arch/x86/Makefile: KBUILD_RUSTFLAGS += -Ctarget-feature=-sse,-sse2,...", arches=("x86_64",)),
     FlagRule(("-Cno-redzone=y", "-Ccode-model=kernel"),
              "arch/x86/Makefile: KBUILD_RUSTFLAGS += -Cno-redzone=y, -Ccode-model=kernel", arches=("x86_64",)),
     FlagRule(("-Ztune-cpu=generic",), "arch/x86/Makefile: rustflags-$(CONFIG_GENERIC_CPU) += -Ztune-cpu=generic",
@@ -83,9 +84,25 @@ FLAG_RULES: tuple[FlagRule, ...] = (
     FlagRule(("-Zpatchable-function-entry={FUNCTION_PADDING_BYTES},{FUNCTION_PADDING_BYTES}",),
              "arch/x86/Makefile: ifdef CONFIG_CALL_PADDING PADDING_RUSTFLAGS := -Zpatchable-function-entry=...",
              arches=("x86_64",), when=("CALL_PADDING",)),
-    # UML runs at user-space addresses: module code needs the large code model
-    # (arch/um/Makefile builds C modules with -mcmodel=large; see ../shared/seeds/001).
-    FlagRule(("-Ccode-model=large",), "arch/um/Makefile: KBUILD_CFLAGS_MODULE += -mcmodel=large", arches=("um",)),
+    # UML (arch/um/Makefile includes arch/x86/Makefile.um, never arch/x86/Makefile): no kernel
+    # code model and no -mno-red-zone. UML's kernel is a host process linked at 0x60000000 and its
+    # modules are vmalloc'ed above its physical memory (arch/um/include/asm/pgtable.h), at any
+    # user-space address: C is built with -mcmodel=large, and so must Rust be (the default small
+    # model overflows R_X86_64_32S, seeds/001). 6.12's arch/um/Makefile also adds
+    # KBUILD_RUSTFLAGS += -Crelocation-model=pie, meant for the executable: modules keep the
+    # top-level static model, since the loader refuses the GOTPCREL that PIE code uses (seeds/001).
+    FlagRule(("-Ctarget-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2",),
+             "arch/x86/Makefile.um: ifeq ($(call gcc-min-version, 110000)$(CONFIG_CC_IS_CLANG),y) "
+             "KBUILD_RUSTFLAGS += -Ctarget-feature=-sse,... (6.12; 6.1: Clang only)", arches=("um",)),
+    FlagRule(("-Ccode-model=large",),
+             "arch/um/Makefile: ifdef CONFIG_64BIT KBUILD_CFLAGS += -mcmodel=large (6.1, 6.12)",
+             arches=("um",), when=("64BIT",)),
+    FlagRule(("-Cno-redzone=n",),
+             "arch/um/Makefile, arch/x86/Makefile.um: no -mno-red-zone, and 6.12's target.json "
+             "(scripts/generate_rust_target.rs) no disable-redzone: UML's interrupts are host "
+             "signals taken on a sigaltstack (arch/um/os-Linux/signal.c SA_ONSTACK), never over "
+             "the red zone; x86_64-unknown-none would disable it",
+             arches=("um",)),
     # arch/arm64/Makefile
     FlagRule(("-Zbranch-protection=bti,pac-ret",),
              "arch/arm64/Makefile: ifeq ($(CONFIG_ARM64_BTI_KERNEL),y) KBUILD_RUSTFLAGS += -Zbranch-protection=bti,pac-ret",
@@ -95,6 +112,15 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              arches=("arm64",), when=("ARM64_PTR_AUTH_KERNEL",), unless=("ARM64_BTI_KERNEL",)),
     FlagRule(("-Zfixed-x18",), "arch/arm64/Makefile: ifeq ($(CONFIG_SHADOW_CALL_STACK),y) KBUILD_RUSTFLAGS += -Zfixed-x18",
              arches=("arm64",), when=("SHADOW_CALL_STACK",)),
+    # The two rows below mirror 6.12 lines that Debian's arm64 configs (6.1, 6.12) do not enable.
+    FlagRule(("-Zsanitizer=shadow-call-stack",),
+             "Makefile: ifdef CONFIG_SHADOW_CALL_STACK / ifndef CONFIG_DYNAMIC_SCS KBUILD_RUSTFLAGS += "
+             "-Zsanitizer=shadow-call-stack (rustc accepts it on arm64 only with -Zfixed-x18, above)",
+             arches=("arm64",), when=("SHADOW_CALL_STACK",), unless=("DYNAMIC_SCS",)),
+    FlagRule(("-Cforce-unwind-tables=y", "-Zuse-sync-unwind=n"),
+             "arch/arm64/Makefile: ifeq ($(CONFIG_UNWIND_TABLES),y) KBUILD_RUSTFLAGS += -Cforce-unwind-tables=y "
+             "-Zuse-sync-unwind=n (after the top-level -Cforce-unwind-tables=n: the last one wins)",
+             arches=("arm64",), when=("UNWIND_TABLES",)),
     # arch/riscv/Makefile
     FlagRule(("-Ctarget-cpu=generic-rv64",), "arch/riscv/Makefile: KBUILD_RUSTFLAGS += -Ctarget-cpu=generic-rv64",
              arches=("riscv64",)),
@@ -106,6 +132,24 @@ FLAG_RULES: tuple[FlagRule, ...] = (
 # -Cembed-bitcode=yes lets the module's fat LTO keep only the parts of core it uses.
 SYSROOT_ONLY: tuple[str, ...] = ("-Cembed-bitcode=yes",)
 CORE_CFGS: tuple[str, ...] = ("--cfg", "no_fp_fmt_parse")
+
+# Codegen options a module's own rustflags may override that `core` must share: fat LTO refuses
+# to link bitcode of different code models ("linking module flags 'Code Model': IDs have
+# conflicting values"), and the others change how core addresses data or which instructions it uses.
+SYSROOT_SHARED: tuple[str, ...] = ("code-model", "relocation-model", "target-feature", "target-cpu",
+                                   "no-redzone")
+
+
+def sysroot_shared(rustflags: Sequence[str]) -> list[str]:
+    """The part of a module's rustflags its sysroot must be built with (`-Cx=y` or `-C x=y`)."""
+    out: list[str] = []
+    args = list(rustflags)
+    for index, arg in enumerate(args):
+        option = arg[2:] if arg.startswith("-C") and len(arg) > 2 else (
+            args[index + 1] if arg == "-C" and index + 1 < len(args) else "")
+        if option.partition("=")[0] in SYSROOT_SHARED:
+            out.append(f"-C{option}")
+    return out
 
 
 def _applies(rule: FlagRule, kernel: KernelInfo) -> bool:
