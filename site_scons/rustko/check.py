@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # ELF constants (include/uapi/linux/elf.h).
 SHT_SYMTAB, SHT_RELA, SHT_NOBITS, SHT_REL = 2, 4, 8, 9
 SHF_ALLOC = 0x2
+SHF_EXECINSTR = 0x4
 SHF_RELA_LIVEPATCH = 0x00100000
 SHN_UNDEF, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFFF1, 0xFFF2, 0xFFFF
 STB_GLOBAL, STB_WEAK = 1, 2
@@ -513,7 +514,8 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
     """apply_relocations: every SHT_RELA/SHT_REL section whose target section is SHF_ALLOC.
 
     All applied RELA sections of the file are concatenated and classified in one vectorised
-    pass; findings keep the loader's order (section index, then entry).
+    pass; findings keep the loader's order (section index, then entry, after arm64's branch
+    partition), so the first one is the line the kernel prints.
     """
     groups: dict[tuple, Finding] = {}
     shdrs = elf.shdrs
@@ -596,6 +598,9 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         problems.append(_overflows(rows, rtype, symidx, syms, rules, elf.find(".data..percpu"), ok))
         labels.append("overflow")
     found = sorted((int(i), label) for idx, label in zip(problems, labels) for i in idx.tolist())
+    if rules.branch_partition and found:
+        rank = _partitioned_rank(rsecs, rtype, symidx, syms, shdrs, rules, [i for i, _ in found])
+        found.sort(key=lambda item: (int(rank[item[0]]), item[1]))
     for i, kind in found:
         t, s, off = int(rtype[i]), int(symidx[i]), int(rows["offset"][i])
         tname = elf.names[int(targets[i])]
@@ -608,6 +613,32 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
                                         _exact_value(syms, s, int(rows["addend"][i])),
                                         overflow_first))
     return list(groups.values())
+
+
+def _partitioned_rank(rsecs: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Symbols,
+                      shdrs: np.ndarray, rules: ArchRules, wanted: list[int]) -> np.ndarray:
+    """Each entry's place in the order the loader applies them (`rules.branch_partition`).
+
+    The kernel walks each executable section's table with two indices, swapping every entry
+    that is not a partitioned branch at the front with the last partitioned branch at the back:
+    the leftmost such entry lands in the rightmost branch's slot. Only sections with findings
+    are reordered (the only ones whose order can show).
+    """
+    rank = np.arange(len(rsecs))
+    for rsec in np.unique(rsecs[wanted]).tolist():
+        target = int(shdrs["info"][rsec])
+        if not int(shdrs["flags"][target]) & SHF_EXECINSTR:
+            continue
+        mine = np.flatnonzero(rsecs == rsec)
+        branch = (np.isin(rtype[mine], rules.branch_partition)
+                  & (syms.table["shndx"][symidx[mine]].astype(np.int64) != target))
+        count = int(branch.sum())
+        front = np.flatnonzero(~branch[:count])
+        back = np.flatnonzero(branch[count:])[::-1] + count
+        place = np.arange(len(mine))
+        place[front], place[back] = back, front
+        rank[mine] = mine[0] + place
+    return rank
 
 
 def _exact_value(syms: Symbols, index: int, addend: int) -> int | None:

@@ -81,6 +81,9 @@ class ArchRules:
     # Where module per-CPU symbols (section .data..percpu) point, when that differs from
     # module_range; None: they live in the module range too.
     percpu_range: AddressRange | None = None
+    # arm64: branch types that module_frob_arch_sections moves to the front of each executable
+    # section's RELA table before apply_relocate_add runs, so refusals surface in that order.
+    branch_partition: tuple[int, ...] = ()
 
     def name(self, rtype: int) -> str:
         prefix = {"x86_64": "R_X86_64_", "um": "R_X86_64_", "arm64": "R_AARCH64_",
@@ -244,6 +247,11 @@ ARM64 = ArchRules(
            **{t: X86_TLS_HINT for t in range(512, 574)}},
     default_hint="this relocation type is never produced by `-Crelocation-model=static` for "
                  "aarch64-unknown-none-softfloat: rebuild with that flag",
+    # arch/arm64/kernel/module-plts.c partition_branch_plt_relas: JUMP26/CALL26 to another
+    # section are swapped to the front (6.1: with CONFIG_ARM64_MODULE_PLTS and
+    # CONFIG_RANDOMIZE_BASE, as every distribution config has; 6.12: always). Seen here: a PIC
+    # module with ADR_GOT_PAGE (311) before LD64_GOT_LO12_NC (312) is refused with "312".
+    branch_partition=(282, 283),
 )
 
 # --- riscv64 ----------------------------------------------------------------------------------
