@@ -14,6 +14,7 @@ from .errors import RustkoError, internal_error
 SUBCOMMANDS: dict[str, str] = {
     "check": "check:add_parser",
     "vmtest": "vm:add_parser",
+    "kdir": "kdir:add_parser",
     "new": "new:add_parser",
     "doctor": "doctor:add_parser",
 }
