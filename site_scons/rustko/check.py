@@ -755,7 +755,7 @@ def _source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, in
     """
     from io import BytesIO
 
-    from elftools.common.exceptions import ELFError
+    from elftools.common.exceptions import DWARFError, ELFError
     from elftools.dwarf.dwarfinfo import DWARFInfo
     from elftools.elf.elffile import ELFFile
 
@@ -787,7 +787,7 @@ def _source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, in
                 if state.end_sequence:
                     seq_no += 1
                     prev = None
-    except (ELFError, ValueError, KeyError, IndexError, AttributeError, TypeError, AssertionError,
+    except (ELFError, DWARFError, ValueError, KeyError, IndexError, AttributeError, TypeError, AssertionError,
             UnicodeDecodeError, OverflowError, MemoryError, RecursionError):
         # Source lines decorate a finding; a corrupt DWARF section must not hide the finding.
         return found
