@@ -148,6 +148,9 @@ def _mend(src: Path, release: str, common: str, kbuild: str) -> None:
 
 def prepare(arch: str, release: str | None = None) -> Path:
     """The KDIR for Debian's `release` headers of `arch`, unpacked into the cache once."""
+    if normalize_arch(arch) == "um":  # no headers package: prepared from source (rustko/uml.py)
+        from .uml import prepare_uml_kdir
+        return prepare_uml_kdir()
     debian_arch = _debian_arch(arch)
     release = release or newest_release(arch)
     if not re.fullmatch(r"[0-9][A-Za-z0-9.+~_-]*", release):
@@ -198,6 +201,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "The second call is instant and prints the same path."
         ),
     )
-    parser.add_argument("--arch", required=True, help=f"target architecture: {', '.join(DEBIAN_ARCH)} (or aarch64)")
+    parser.add_argument("--arch", required=True, help=f"target architecture: {', '.join(DEBIAN_ARCH)} (or aarch64), or um "
+                        "(User-Mode Linux: matches the installed user-mode-linux package)")
     parser.add_argument("--release", help=f"e.g. 6.1.0-56-arm64 (default: the newest {DEFAULT_SERIES} Debian offers)")
     parser.set_defaults(run=_main)

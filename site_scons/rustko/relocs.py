@@ -180,22 +180,36 @@ X86_64 = ArchRules(
                   "assumes addresses below 2 GiB, modules live at 0xffffffffa0000000 and up",
 )
 
+# UML links arch/x86/kernel/module.o into arch/x86/um's composite object `subarch`, so its
+# pr_fmt (KBUILD_MODNAME ": ") prints "subarch: " where x86_64 prints "module: " (6.1 and 6.12;
+# seen in seeds/001 and in Debian's UML 6.1.176 kernel).
+UM_UNKNOWN = Versioned((((0,), "subarch: {name}: Unknown rela relocation: {type}"),))
+UM_OVERFLOW = Versioned((((0,), "subarch: overflow in relocation type {type} val {val}\n"
+                                "subarch: `{name}' likely not compiled with -mcmodel=kernel"),))
+UM_NONZERO = Versioned(tuple((since, text.replace("module: ", "subarch: ", 1))
+                             for since, text in X86_NONZERO.texts))
+
 UM = ArchRules(
     arch="um", e_machine=62, loader=X86_LOADER + " via arch/x86/um/Makefile "
     "(subarch-$(CONFIG_MODULES) += ../kernel/module.o)", names=X86_NAMES, accepted=X86_ACCEPTED,
-    unknown=X86_UNKNOWN, hints=X86_HINTS, default_hint=X86_64.default_hint,
-    sizes=X86_SIZES, overflow_checked={10: "u32", 11: "s32"}, overflow=X86_OVERFLOW,
-    nonzero=X86_NONZERO, overflow_first_since=(6, 3),
-    # arch/um/include/asm/pgtable.h: MODULES_VADDR = VMALLOC_START = end_iomem + 8 MiB,
-    # MODULES_END = VMALLOC_END just below FIXADDR_START (TASK_SIZE - ...): user-space addresses
-    # above the physical memory mapped after the kernel at 0x60000000, i.e. above 2 GiB for any
-    # guest with more than ~500 MiB, and far above 4 GiB near TASK_SIZE. Module-local symbols
-    # therefore overflow both 32-bit forms; that is why arch/um/Makefile builds all 64-bit UML
-    # code with -mcmodel=large.
-    module_range=AddressRange(0x80000000, 0x7FFFFFFFFFFF,
+    unknown=UM_UNKNOWN, hints=X86_HINTS,
+    default_hint="this relocation type is never produced by `-Crelocation-model=static "
+                 "-Ccode-model=large` (C: -mcmodel=large, no -fPIC): rebuild with those flags",
+    sizes=X86_SIZES, overflow_checked={10: "u32", 11: "s32"}, overflow=UM_OVERFLOW,
+    nonzero=UM_NONZERO, overflow_first_since=(6, 3),
+    # arch/um/include/asm/pgtable.h: MODULES_VADDR = VMALLOC_START = end_iomem + VMALLOC_OFFSET
+    # (8 MiB, asm/page.h __va_space) rounded, MODULES_END = VMALLOC_END just below FIXADDR_START
+    # (TASK_SIZE - ..., asm/fixmap.h). Physical memory starts where the binary is linked,
+    # 0x60000000 (arch/um/kernel/um_arch.c uml_physmem = __binary_start), so modules land at
+    # 0x60800000 + mem= + earlier vmalloc users, up to the top of user space: above 2 GiB already
+    # with mem=256M (val 0x859aa575 seen in Debian's 6.1.176), above 4 GiB with mem=3G. No 32-bit
+    # absolute form reaches module-local symbols everywhere: arch/um/Makefile builds all 64-bit
+    # UML code with -mcmodel=large.
+    module_range=AddressRange(0x60800000, 0x800000000000,
                               "arch/um/include/asm/pgtable.h VMALLOC_START..VMALLOC_END"),
-    # The UML kernel binary is linked at START = 0x60000000 (arch/um/Makefile, LDS_START).
-    kernel_range=AddressRange(0x60000000, 0x80000000, "arch/um/Makefile START"),
+    # The UML kernel binary is linked at START = 0x60000000 (arch/x86/Makefile.um), its exports
+    # within its first 512 MiB (the Debian binary ends below 0x60a90000).
+    kernel_range=AddressRange(0x60000000, 0x80000000, "arch/x86/Makefile.um START"),
     overflow_hint="UML modules live at user-space addresses: build Rust with `-Ccode-model=large` "
                   "(C: -mcmodel=large, as arch/um/Makefile does for CONFIG_64BIT)",
 )

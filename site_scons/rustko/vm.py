@@ -1,5 +1,7 @@
 """`rustko vmtest`: boot a real kernel under QEMU (TCG), insmod and rmmod a module, report the log.
 
+User-Mode Linux needs no QEMU: its kernel is a host program, run with the same initramfs.
+
 A static loadability check can only predict what the kernel's loader does; this runs it. The
 guest is a throw-away busybox initramfs whose `/init` reports every step on the serial console
 between markers that carry a per-run random token, so the host recovers the results reliably
@@ -17,6 +19,7 @@ import platform
 import re
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -38,9 +41,10 @@ class ArchSpec:
     debian_arch: str  # Debian's name, for `pkg:arch` and .deb file names
     elf_machine: str  # pyelftools' e_machine of modules built for it
     host_machines: tuple[str, ...]  # `platform.machine()` values that can run its busybox natively
-    qemu: tuple[str, ...]  # QEMU binary and machine arguments
-    qemu_package: str  # the Debian package that provides the QEMU binary
+    qemu: tuple[str, ...]  # QEMU binary and machine arguments; UML: the kernel's own arguments
+    qemu_package: str  # the Debian package that provides the QEMU binary (UML: the kernel)
     console: str
+    uml: bool = False  # the kernel is a host program (User-Mode Linux), not a QEMU guest
 
 
 ARCHES: dict[str, ArchSpec] = {
@@ -61,6 +65,20 @@ ARCHES: dict[str, ArchSpec] = {
         qemu=("qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "max", "-m", "1024"),
         qemu_package="qemu-system-arm",
         console="ttyAMA0",
+    ),
+    # mem=3G: physical memory starts at 0x60000000 (where linux.uml is linked) and modules are
+    # vmalloc'ed above it (arch/um/include/asm/pgtable.h), so they land above 4 GiB, where a
+    # module built without -mcmodel=large overflows as it would on any big UML guest.
+    # con0=fd:0,fd:1 con=null: the console on stdio, no xterms for the other consoles.
+    "um": ArchSpec(
+        name="um",
+        debian_arch="amd64",
+        elf_machine="EM_X86_64",
+        host_machines=("x86_64", "amd64"),
+        qemu=("mem=3G", "con=null", "con0=fd:0,fd:1"),
+        qemu_package="user-mode-linux",
+        console="tty0",
+        uml=True,
     ),
 }
 
@@ -497,45 +515,54 @@ def vmtest(
             raise RustkoError(
                 f"{info.path} has no vermagic, so its kernel is unknown", hint="pass --kernel VMLINUZ"
             )
-        vmlinuz = debian_kernel(info.release, spec.name)
+        vmlinuz = _uml_kernel(info) if spec.uml else debian_kernel(info.release, spec.name)
     else:
         vmlinuz = Path(kernel)
         if not vmlinuz.is_file() or not os.access(vmlinuz, os.R_OK):
             raise RustkoError(f"kernel image {vmlinuz} does not exist or is not readable")
-    qemu = _require_tool(spec.qemu[0], spec.qemu_package)
+    qemu = "" if spec.uml else _require_tool(spec.qemu[0], spec.qemu_package)
     base = base_initramfs(spec)
     token = secrets.token_hex(6)
     result = VmResult(module=info.name, kernel=vmlinuz, arch=spec.name)
     with tempfile.TemporaryDirectory(prefix="rustko-vm-") as tmp:
         initrd = Path(tmp) / "initrd.gz"
         initrd.write_bytes(base.read_bytes() + run_initramfs(token, info, run))
-        argv = [
-            qemu,
-            *spec.qemu[1:],
-            "-nographic",
-            "-no-reboot",
-            "-nic",
-            "none",
-            "-kernel",
-            str(vmlinuz),
-            "-initrd",
-            str(initrd),
-            "-append",
-            f"console={spec.console} panic=-1 loglevel=4",
-        ]
+        if spec.uml:
+            argv = [str(vmlinuz), *spec.qemu, f"initrd={initrd}", "loglevel=4"]
+        else:
+            argv = [
+                qemu,
+                *spec.qemu[1:],
+                "-nographic",
+                "-no-reboot",
+                "-nic",
+                "none",
+                "-kernel",
+                str(vmlinuz),
+                "-initrd",
+                str(initrd),
+                "-append",
+                f"console={spec.console} panic=-1 loglevel=4",
+            ]
+        # UML keeps its memory in a file under $TMPDIR and may dump core into its working
+        # folder on a panic: both go to the run's own folder. Its helper processes share its
+        # process group, so a timeout kills them all.
         started = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                cwd=tmp, env={**os.environ, "TMPDIR": tmp}, start_new_session=spec.uml)
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            if spec.uml:
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.kill()
             output, _ = proc.communicate()
-            result.failure = f"timed out after {timeout:g} s; QEMU was killed"
+            result.failure = f"timed out after {timeout:g} s; {'UML' if spec.uml else 'QEMU'} was killed"
         result.seconds = time.monotonic() - started
     result.console = output.decode("utf-8", "replace")
     if proc.returncode not in (0, None) and result.failure is None and "@@" + token not in result.console:
         raise RustkoError(
-            f"{spec.qemu[0]} failed (exit {proc.returncode}): {result.console.strip()[-500:]}",
+            f"{vmlinuz if spec.uml else spec.qemu[0]} failed (exit {proc.returncode}): {result.console.strip()[-500:]}",
             hint="check the kernel image path and that it is for this architecture",
         )
     parse_console(result.console, token, result, run)
@@ -575,9 +602,33 @@ def report(result: VmResult) -> None:
         print(f"error: {problem}", file=sys.stderr)
 
 
+def _uml_kernel(info: ModuleInfo) -> Path:
+    """The packaged UML kernel, when the module was built for its release."""
+    from . import uml
+
+    kernel = uml.uml_kernel()
+    releases = uml.uml_releases()
+    if info.release not in releases:
+        raise RustkoError(
+            f"{info.path} was built for kernel {info.release}, but the installed UML kernel is "
+            f"{', '.join(sorted(releases)) or 'of no known release'}",
+            hint="build against KDIR=$(rustko kdir --arch um), or pass --kernel LINUX_UML",
+        )
+    return kernel
+
+
 def arch_of(module: Path | str) -> str:
-    """The guest architecture a module was built for, so `--arch` is needed only to insist."""
-    machine = read_module(Path(module)).elf_machine
+    """The guest architecture a module was built for, so `--arch` is needed only to insist.
+
+    UML modules are x86_64 ELF with no arch word in their vermagic: their release tells them
+    apart, when it is the release of the installed UML kernel (`user-mode-linux`).
+    """
+    from .uml import uml_releases
+
+    info = read_module(Path(module))
+    machine = info.elf_machine
+    if machine == ARCHES["um"].elf_machine and info.release in uml_releases():
+        return "um"
     for spec in ARCHES.values():
         if spec.elf_machine == machine:
             return spec.name
@@ -598,7 +649,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="boot the module's kernel in QEMU, insmod and rmmod it, show its log",
         description=(
             "Boot a real kernel in QEMU (TCG) with a busybox initramfs, insmod and rmmod MODULE, "
-            "and print its kernel log. Exit 0: loaded and unloaded cleanly (and every --run "
+            "and print its kernel log. UML modules (--arch um, or built for the release of the "
+            "installed user-mode-linux) run in that UML kernel as a process instead. Exit 0: loaded and unloaded cleanly (and every --run "
             "command exited 0); 1: refused or failed in the kernel; 2: bad usage or missing tools."
         ),
     )
@@ -606,7 +658,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--kernel",
         metavar="VMLINUZ",
-        help="kernel image to boot (default: Debian's linux-image for the module's vermagic)",
+        help="kernel image to boot (default: Debian's linux-image for the module's vermagic; "
+        "for um, /usr/bin/linux.uml)",
     )
     parser.add_argument("--arch", help=f"guest architecture: {', '.join(ARCHES)} (default: the module's)")
     parser.add_argument(
