@@ -120,3 +120,11 @@ def test_seed_failures_predicted_and_refused(tmp_path: Path, uml_kdir: Path, see
     assert "(um)" in booted.stdout
     assert re.search(rf"the kernel refused jiffies:\n  {first}$", booted.stderr, re.M), booted.stderr
     assert "invalid module format" in booted.stderr
+
+
+def test_arch_um_with_x86_headers_says_how_to_get_a_uml_kdir(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    built = scons(project, "ARCH=um", f"KDIR={kdir61}")
+    assert built.returncode != 0 and "Traceback" not in built.stderr
+    assert "is configured for x86_64, but ARCH=um" in built.stderr
+    assert "KDIR=$(rustko kdir --arch um)" in built.stderr

@@ -74,7 +74,9 @@ def resolve(options: Options) -> Target:
         if wanted != kernel.arch:
             raise RustkoError(
                 f"KDIR {kernel.kdir} is configured for {kernel.arch}, but ARCH={options.arch} asks for {wanted}",
-                f"pass the headers of an {wanted} kernel as KDIR, or drop ARCH= to build for {kernel.arch}")
+                ("KDIR=$(rustko kdir --arch um) prepares one for Debian's user-mode-linux kernel"
+                 if wanted == "um" else f"pass the headers of an {wanted} kernel as KDIR")
+                + f", or drop ARCH= to build for {kernel.arch}")
     tools = toolchain.find(options.rustc, options.rust_lib_src)
     target = Target(options=options, kernel=kernel, toolchain=tools, flags=flagset.codegen_flags(kernel))
     _require_c_tools(target)
