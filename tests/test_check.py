@@ -180,9 +180,9 @@ def test_small_code_model_overflows(c_modules, kernel) -> None:
     assert findings and set(kinds(findings)) == {"overflow"}
     first = findings[0]
     assert first.reloc_type == 10 and first.function == "mod_addr"
-    assert first.kernel == ["overflow in relocation type 10 val <val>",
+    assert first.kernel == ["module: overflow in relocation type 10 val <val>",
                             "module: `m' likely not compiled with -mcmodel=kernel"]
-    assert first.kernel_regex().match("overflow in relocation type 10 val ffffffffc0a0200c\n"
+    assert first.kernel_regex().match("module: overflow in relocation type 10 val ffffffffc0a0200c\n"
                                       "module: `m' likely not compiled with -mcmodel=kernel")
     assert "-Ccode-model=kernel" in first.hint
 

@@ -30,7 +30,7 @@ def test_good_module_loads(kernel) -> None:
     assert findings == [] and result.ok, result.failure or result.refusal
 
 
-@pytest.mark.parametrize("variant", ["pic", "missing", "vermagic"])
+@pytest.mark.parametrize("variant", ["pic", "small", "missing", "vermagic"])
 def test_refusal_matches_the_kernel(variant: str, kernel, tmp_path) -> None:
     if variant == "vermagic":
         path = _edited(_build_c("good"), tmp_path / "m.ko", b"mod_unload ", b"mod_unl0ad ")

@@ -139,7 +139,8 @@ class Finding:
     def kernel_regex(self) -> re.Pattern[str]:
         """A pattern matching the kernel's real lines (values the checker cannot know wildcarded)."""
         parts = [re.escape(line) for line in self.kernel]
-        text = r"\n".join(parts)
+        # A serial console ends lines with \r\n, and each line may carry printk's timestamp.
+        text = r"\r?\n(?:\[ *\d+\.\d+\] )?".join(parts)
         for placeholder in ("<val>", "<loc>"):
             text = text.replace(re.escape(placeholder), "[0-9a-fx()ptrvl]+")
         return re.compile(text)

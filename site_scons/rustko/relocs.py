@@ -142,7 +142,7 @@ X86_HINTS: dict[int, str] = {
        for t in (5, 6, 7, 8, 37, 38)},
 }
 X86_UNKNOWN = Versioned((((0,), "module: {name}: Unknown rela relocation: {type}"),))
-X86_OVERFLOW = Versioned((((0,), "overflow in relocation type {type} val {val}\n"
+X86_OVERFLOW = Versioned((((0,), "module: overflow in relocation type {type} val {val}\n"
                                  "module: `{name}' likely not compiled with -mcmodel=kernel"),))
 X86_NONZERO = Versioned((
     # commit eda9cec4c9a1 'x86/module: Detect and skip invalid relocations' (v5.8); 6.1.192 text.
