@@ -11,10 +11,9 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import SCons.Action
-import SCons.Errors
 import SCons.Script
 from SCons.Script import BoolVariable, Variables
 
@@ -53,9 +52,15 @@ def _target(env: Any) -> build.Target:
         try:
             cached = build.resolve(_options(env))
         except RustkoError as err:
-            raise SCons.Errors.UserError(str(err).removeprefix("error: ")) from None
+            _stop(err)
         env["_RUSTKO_TARGET"] = cached
     return cached
+
+
+def _stop(err: RustkoError) -> NoReturn:
+    """A problem found while reading the SConstruct: the message alone, cargo-style, exit 2."""
+    print(str(err), file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _reading_only(env: Any) -> bool:
@@ -146,7 +151,7 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
         project.check_name(name)
         kbuild.c_objects(name, [Path(node.abspath) for node in c_nodes])
     except RustkoError as err:
-        raise SCons.Errors.UserError(str(err).removeprefix("error: ")) from None
+        _stop(err)
     project_dir = Path(env.Dir("#").abspath)
     out_dir = env.Dir(build_dir)
     work = out_dir.Dir(f".rustko/{name}")
