@@ -12,6 +12,7 @@ import pytest
 
 from conftest import KDIRS, copy_example, require_kdir, rustko, scons, snapshot, tool
 from rustko import vm
+from rustko.kernel import probe
 
 
 def build_ok(project: Path, kdir: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -212,3 +213,20 @@ def test_verbose_shows_full_command_lines(tmp_path: Path, kdir61: Path) -> None:
     output = build_ok(copy_example(tmp_path / "hello"), kdir61, "V=1")
     assert "-Crelocation-model=static" in output and "--crate-type=staticlib" in output
     assert f"make -C {kdir61}" in output and "modpost" in output
+
+
+def test_one_sconstruct_builds_for_several_kernels(tmp_path: Path) -> None:
+    """Environments cloned with another KDIR build the same crate for each kernel."""
+    project = copy_example(tmp_path / "multi")
+    k61, k612 = require_kdir("6.1"), require_kdir("6.12")
+    (project / "SConstruct").write_text(
+        'base = Environment(tools=["default", "rustko"])\n'
+        f'for tag, kdir in (("61", "{k61}"), ("612", "{k612}")):\n'
+        '    env = base.Clone(KDIR=kdir)\n'
+        '    env.RustKernelModule("hello", "src/lib.rs", build_dir=f"#build/{tag}")\n')
+    result = scons(project, "-j2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for tag, kdir in (("61", k61), ("612", k612)):
+        modinfo = subprocess.run(["modinfo", "-F", "vermagic", str(project / f"build/{tag}/hello.ko")],
+                                 capture_output=True, text=True, check=True).stdout
+        assert modinfo.startswith(probe(kdir).release + " ")

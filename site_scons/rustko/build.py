@@ -118,7 +118,8 @@ def crate_command(target: Target, name: str, source: Path, project_dir: Path, ar
             f"--edition={edition}", "--crate-type=staticlib", f"--crate-name={name}",
             "-Clto=fat", f"--sysroot={root}", f"--extern=rustko={sysroot.support_crate}",
             f"--remap-path-prefix={project_dir}={name}", f"--remap-path-prefix={root}=/sysroot",
-            f"--emit=link={archive},dep-info={dep_file}",
+            # --out-dir: rustc's intermediate objects go there, not into the project (its cwd).
+            f"--out-dir={archive.parent}", f"--emit=link={archive},dep-info={dep_file}",
             os.path.relpath(source, project_dir)]
 
 

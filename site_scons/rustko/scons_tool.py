@@ -45,16 +45,20 @@ def _options(env: Any) -> build.Options:
                          rust_lib_src=env.get("RUST_LIB_SRC"), verbose=bool(env.get("V")))
 
 
+# One resolved target per distinct set of options: environments cloned with another KDIR or
+# ARCH (one SConstruct building for several kernels) each get their own.
+_TARGETS: dict[build.Options, build.Target] = {}
+
+
 def _target(env: Any) -> build.Target:
-    """Resolve the kernel and compiler once per environment; a bad KDIR stops SCons cleanly."""
-    cached = env.get("_RUSTKO_TARGET")
-    if cached is None:
+    """Resolve the kernel and compiler once per set of options; a bad KDIR stops SCons cleanly."""
+    options = _options(env)
+    if options not in _TARGETS:
         try:
-            cached = build.resolve(_options(env))
+            _TARGETS[options] = build.resolve(options)
         except RustkoError as err:
             _stop(err)
-        env["_RUSTKO_TARGET"] = cached
-    return cached
+    return _TARGETS[options]
 
 
 def _stop(err: RustkoError) -> NoReturn:
