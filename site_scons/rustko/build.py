@@ -108,6 +108,7 @@ class CrateOutput:
     obj: Path
     dep_file: Path
     has_exit: bool
+    imports: frozenset[str]   # symbols the object leaves to the kernel and rustko's C runtime
 
 
 def crate_command(target: Target, name: str, source: Path, project_dir: Path, archive: Path,
@@ -166,7 +167,7 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
         raise RustkoError(f"the crate of module {name} defines no `rust_init`",
                           'add `#[unsafe(no_mangle)] pub extern "C" fn rust_init() -> i32` '
                           "(return 0 or a negative errno)", exit_code=1)
-    return CrateOutput(obj=obj, dep_file=dep_file, has_exit="rust_exit" in symbols)
+    return CrateOutput(obj=obj, dep_file=dep_file, has_exit="rust_exit" in symbols, imports=frozenset(undefined))
 
 
 def object_symbols(obj: Path) -> tuple[set[str], set[str]]:

@@ -2,13 +2,14 @@
 
 The shim is the ABI boundary: it is compiled by Kbuild against the real headers, so the kernel
 macros that change between versions (module_init, printk levels, MODULE_*) never reach Rust.
-Rust sees only the small C ABI of c/runtime.c and the parameter table generated here.
+Rust sees only the small C ABI of the runtime parts in c/ and the parameter table generated here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import re
 import shutil
 import subprocess
@@ -23,7 +24,16 @@ from .kernel import KBUILD_ARCH, KernelInfo
 # Default CROSS_COMPILE when building for another architecture than the host's.
 CROSS_COMPILE: dict[str, str] = {"arm64": "aarch64-linux-gnu-", "riscv64": "riscv64-linux-gnu-"}
 
-RUNTIME_C = Path(__file__).parent / "c" / "runtime.c"
+RUNTIME_DIR = Path(__file__).parent / "c"
+# A non-static function definition in a runtime part: what the part offers Rust.
+RUNTIME_EXPORT = re.compile(r"^(?!static)[a-z][^\n(;]*?\b(rustko_\w+)\(", re.MULTILINE)
+
+
+def runtime_parts(imports: frozenset[str]) -> list[Path]:
+    """The parts of the C runtime (c/*.c) that define a function the Rust object calls: a module
+    compiles only what it uses, and the smaller shim keeps Kbuild fast."""
+    return [part for part in sorted(RUNTIME_DIR.glob("*.c"))
+            if imports.intersection(RUNTIME_EXPORT.findall(part.read_text()))]
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class ModuleInfo:
     version: str = ""
     has_exit: bool = False
     params: tuple[Param, ...] = ()
+    imports: frozenset[str] = frozenset()   # what the Rust object calls (undefined symbols)
 
 
 def c_string(text: str) -> str:
@@ -141,9 +152,11 @@ def shim_source(info: ModuleInfo) -> str:
         "#include <linux/init.h>",
         "#include <linux/moduleparam.h>",
         "#include <linux/printk.h>",
+        "#include <linux/string.h>",
         "",
-        RUNTIME_C.read_text(),
     ]
+    for part in runtime_parts(info.imports):
+        lines += [part.read_text(), ""]
     for param in info.params:
         lines.extend(_param_c(param))
     lines.extend(_param_table(info.params))

@@ -99,7 +99,8 @@ def _compile_action(target: list[Any], source: list[Any], env: Any) -> int:
             project.edition(project.read_manifest(manifest)), list(env["RUSTKO_RUSTFLAGS"]), _log)
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         return _fail(err)
-    Path(target[2].abspath).write_text("exit\n" if result.has_exit else "noexit\n")
+    # What the Kbuild step needs to know about the object, for its C shim.
+    Path(target[2].abspath).write_text(json.dumps({"exit": result.has_exit, "imports": sorted(result.imports)}))
     return 0
 
 
@@ -108,8 +109,8 @@ def _kbuild_action(target: list[Any], source: list[Any], env: Any) -> int:
     try:
         info = project.module_info(env["RUSTKO_MODULE"], project.read_manifest(Path(source[3].abspath)),
                                    _meta(env))
-        has_exit = Path(source[2].abspath).read_text().strip() == "exit"
-        info = dataclasses.replace(info, has_exit=has_exit)
+        abi = json.loads(Path(source[2].abspath).read_text())
+        info = dataclasses.replace(info, has_exit=abi["exit"], imports=frozenset(abi["imports"]))
         ko = Path(target[0].abspath)
         build.link_module(tgt, info, Path(source[0].abspath), Path(env["RUSTKO_WORK"]) / "kbuild", ko,
                           [Path(node.abspath) for node in source[4:]])
@@ -164,7 +165,7 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
                      RUSTKO_PROJECT=str(project_dir), RUSTKO_WORK=work.abspath,
                      RUSTKO_META=(license, author, description, version,
                                   json.dumps(params or {}, sort_keys=True)))
-    rust_targets = [work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d"), work.File(f"{name}_rust.exit")]
+    rust_targets = [work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d"), work.File(f"{name}_rust.abi")]
     rust_obj = env.Command(rust_targets, [env.File(source), manifest_node], COMPILE, **overrides)
     ko = env.Command(out_dir.File(f"{name}.ko"), rust_obj + [manifest_node] + c_nodes, KBUILD, **overrides)
     env.Clean(ko, out_dir)
@@ -180,7 +181,7 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
         env.Depends(rust_obj, env.Value(_signature(tgt, list(rustflags or ()))))
         env.Depends(ko, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
                                   f"{tgt.options.cross_compile}|{tgt.options.llvm}"))
-        env.Depends(ko, env.File(str(kbuild.RUNTIME_C)))
+        env.Depends(ko, [env.File(str(part)) for part in sorted(kbuild.RUNTIME_DIR.glob("*.c"))])
     return ko
 
 

@@ -1,4 +1,4 @@
-//! The C runtime's ABI (`c/runtime.c` and the parameter table rustko generates per module).
+//! The C runtime's ABI (`c/*.c` and the parameter table rustko generates per module).
 use core::ffi::{c_char, c_int, c_long, c_longlong, c_ulong, c_void};
 
 /// A misc device read/write callback: (ctx, user buffer, length, file position) -> bytes or -errno.

@@ -1,7 +1,7 @@
 //! rustko's support crate: what the in-kernel Rust support gives a module, on kernels without it.
 //!
 //! Everything that depends on the kernel version lives in the C runtime that rustko compiles into
-//! every module (`c/runtime.c`); this crate only calls its stable C ABI (`ffi`). A module that does
+//! every module that calls it (`c/*.c`); this crate only calls its stable C ABI (`ffi`). A module that does
 //! not `use rustko` links none of it and brings its own `#[panic_handler]`.
 #![no_std]
 #![feature(allocator_api)]
