@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import lzma
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from . import relocs
+from .cache import cache_root
 from .errors import RustkoError
 from .relocs import ArchRules, Version
 
@@ -268,7 +271,36 @@ class KernelView:
 
 
 def read_symvers(path: Path) -> dict[str, Export]:
-    """Parse Module.symvers (scripts/mod/modpost.c write_dump: crc, symbol, owner, export, ns)."""
+    """Parse Module.symvers (scripts/mod/modpost.c write_dump: crc, symbol, owner, export, ns).
+
+    Parsed once per file version and kept in the cache: every build checks its module against
+    the same 25,000 exports, and parsing them costs more than the check itself.
+    """
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise RustkoError(f"cannot read {path}: {err.strerror}",
+                          "KDIR must contain Module.symvers (a headers package or a built tree)")
+    key = hashlib.sha256(f"{path.resolve()}|{info.st_size}|{info.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = cache_root() / "symvers" / f"{key}.pickle"
+    try:
+        with open(cached, "rb") as handle:
+            return {name: Export(*row) for name, row in pickle.load(handle).items()}
+    except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError):
+        pass
+    exports = _parse_symvers(path)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+        with open(tmp, "wb") as handle:
+            pickle.dump({name: astuple(e) for name, e in exports.items()}, handle, pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return exports
+
+
+def _parse_symvers(path: Path) -> dict[str, Export]:
     exports: dict[str, Export] = {}
     try:
         text = path.read_text(errors="replace")

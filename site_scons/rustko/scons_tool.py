@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -90,6 +92,8 @@ def _meta(env: Any) -> dict[str, Any]:
 
 def _compile_action(target: list[Any], source: list[Any], env: Any) -> int:
     tgt = _target(env)
+    # The checker (and numpy) loads while rustc runs: the build needs it right after.
+    threading.Thread(target=importlib.import_module, args=("rustko.check",), daemon=True).start()
     manifest = Path(source[1].abspath)
     try:
         tgt.sysroot(log=lambda crate, cmd: _log(f"  SYSROOT {crate} (once per rustc and flag set)"))
