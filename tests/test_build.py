@@ -230,3 +230,15 @@ def test_one_sconstruct_builds_for_several_kernels(tmp_path: Path) -> None:
         modinfo = subprocess.run(["modinfo", "-F", "vermagic", str(project / f"build/{tag}/hello.ko")],
                                  capture_output=True, text=True, check=True).stdout
         assert modinfo.startswith(probe(kdir).release + " ")
+
+
+def test_crate_without_rust_exit_still_unloads(tmp_path: Path, kdir61: Path) -> None:
+    """The shim's empty default exit (a weak definition) stands in when the crate has none."""
+    project = copy_example(tmp_path / "noexit")
+    lib = project / "src" / "lib.rs"
+    text = lib.read_text()
+    lib.write_text(text[:text.index("/// Called by the shim's `module_exit`.")] + text[text.index("#[panic_handler]"):])
+    build_ok(project, kdir61)
+    result = vm.vmtest(project / "build" / "hello.ko")
+    assert result.loaded and result.unloaded, result.console[-2000:]
+    assert not any("goodbye" in line for line in result.module_log)

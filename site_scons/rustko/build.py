@@ -6,6 +6,7 @@ code. Nothing here writes outside the build directory and the machine-wide cache
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -47,13 +48,14 @@ class Target:
     flags: list[str]
     _sysroot: sysroot.Sysroot | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def sysroot_key(self) -> str:
         return sysroot.key(self.toolchain, self.flags)
 
     def sysroot(self, log: Callable[[str, list[str]], None] | None = None) -> sysroot.Sysroot:
         if self._sysroot is None:
-            self._sysroot = sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log)
+            self._sysroot = sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log,
+                                           self.sysroot_key)
         return self._sysroot
 
     @property
@@ -107,8 +109,6 @@ def _require_c_tools(target: Target) -> None:
 class CrateOutput:
     obj: Path
     dep_file: Path
-    has_exit: bool
-    imports: frozenset[str]   # symbols the object leaves to the kernel and rustko's C runtime
 
 
 def crate_command(target: Target, name: str, source: Path, project_dir: Path, archive: Path,
@@ -134,8 +134,8 @@ def with_rustflags(target: Target, extra: list[str]) -> Target:
 def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: Path,
                   project_dir: Path, edition: str = "2021", extra: list[str] | None = None,
                   log: Log | None = None) -> CrateOutput:
-    """rustc (fat LTO, one codegen unit) then `ld -r`: one object with only the code it uses."""
-    target = with_rustflags(target, extra or [])
+    """rustc (fat LTO, one codegen unit) then `ld -r`: one object with only the code it uses.
+    `target` must already carry the sysroot flags `extra` needs (`with_rustflags`)."""
     obj.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".rustko-", dir=obj.parent) as tmp:
         archive = Path(tmp) / f"lib{name}.a"
@@ -167,7 +167,7 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
         raise RustkoError(f"the crate of module {name} defines no `rust_init`",
                           'add `#[unsafe(no_mangle)] pub extern "C" fn rust_init() -> i32` '
                           "(return 0 or a negative errno)", exit_code=1)
-    return CrateOutput(obj=obj, dep_file=dep_file, has_exit="rust_exit" in symbols, imports=frozenset(undefined))
+    return CrateOutput(obj=obj, dep_file=dep_file)
 
 
 def object_symbols(obj: Path) -> tuple[set[str], set[str]]:
@@ -243,17 +243,25 @@ def mod_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def link_module(target: Target, info: kbuild.ModuleInfo, rust_obj: Path, kbuild_dir: Path,
-                out_ko: Path, c_sources: Sequence[Path] = ()) -> Path:
-    """Kbuild links the shim, the project's own C files and the Rust object into `out_ko`."""
-    kbuild_dir = kbuild.safe_dir(kbuild_dir.resolve())
-    kbuild.prepare(kbuild_dir, info, rust_obj, c_sources)
+def build_module(target: Target, info: kbuild.ModuleInfo, source: Path, project_dir: Path, work: Path,
+                 out_ko: Path, edition: str = "2021", extra: list[str] | None = None,
+                 c_sources: Sequence[Path] = (), log: Log | None = None) -> CrateOutput:
+    """The crate and Kbuild, run side by side: make's own start-up (half a second) and the shim's
+    compilation overlap rustc; Kbuild links the Rust object in as soon as it exists."""
+    log = log or (lambda line: None)
+    target = with_rustflags(target, extra or [])
+    target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"))
+    kbuild_dir = kbuild.safe_dir((work / "kbuild").resolve())
+    kbuild.prepare(kbuild_dir, info, c_sources)
     job = kbuild.KbuildJob(kernel=target.kernel, build_dir=kbuild_dir,
                            cross_compile=target.options.cross_compile, llvm=target.options.llvm,
                            verbose=target.options.verbose)
-    ko = kbuild.run(job, info.name)
-    shutil.copyfile(ko, out_ko)
-    return out_ko
+    with kbuild.Kbuild(job, info.name) as running:
+        crate = compile_crate(target, info.name, source, work / f"{info.name}_rust.o",
+                              work / f"{info.name}_rust.d", project_dir, edition, extra, log)
+        log(f"  KBUILD  {info.name}.ko")
+        shutil.copyfile(running.deliver(crate.obj), out_ko)
+    return crate
 
 
 def check(target: Target, ko: Path) -> None:

@@ -6,7 +6,6 @@ command-line variables (KDIR, ARCH, CROSS_COMPILE, LLVM, RUSTC, RUST_LIB_SRC, V)
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -90,34 +89,17 @@ def _meta(env: Any) -> dict[str, Any]:
             "params": json.loads(params)}
 
 
-def _compile_action(target: list[Any], source: list[Any], env: Any) -> int:
+def _build_action(target: list[Any], source: list[Any], env: Any) -> int:
     tgt = _target(env)
-    # The checker (and numpy) loads while rustc runs: the build needs it right after.
+    # The checker (and numpy) loads while rustc and Kbuild run: the build needs it right after.
     threading.Thread(target=importlib.import_module, args=("rustko.check",), daemon=True).start()
-    manifest = Path(source[1].abspath)
     try:
-        tgt.sysroot(log=lambda crate, cmd: _log(f"  SYSROOT {crate} (once per rustc and flag set)"))
-        result = build.compile_crate(
-            tgt, env["RUSTKO_MODULE"], Path(source[0].abspath), Path(target[0].abspath),
-            Path(target[1].abspath), Path(env["RUSTKO_PROJECT"]),
-            project.edition(project.read_manifest(manifest)), list(env["RUSTKO_RUSTFLAGS"]), _log)
-    except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
-        return _fail(err)
-    # What the Kbuild step needs to know about the object, for its C shim.
-    Path(target[2].abspath).write_text(json.dumps({"exit": result.has_exit, "imports": sorted(result.imports)}))
-    return 0
-
-
-def _kbuild_action(target: list[Any], source: list[Any], env: Any) -> int:
-    tgt = _target(env)
-    try:
-        info = project.module_info(env["RUSTKO_MODULE"], project.read_manifest(Path(source[3].abspath)),
-                                   _meta(env))
-        abi = json.loads(Path(source[2].abspath).read_text())
-        info = dataclasses.replace(info, has_exit=abi["exit"], imports=frozenset(abi["imports"]))
+        manifest = project.read_manifest(Path(source[1].abspath))
+        info = project.module_info(env["RUSTKO_MODULE"], manifest, _meta(env))
         ko = Path(target[0].abspath)
-        build.link_module(tgt, info, Path(source[0].abspath), Path(env["RUSTKO_WORK"]) / "kbuild", ko,
-                          [Path(node.abspath) for node in source[4:]])
+        build.build_module(tgt, info, Path(source[0].abspath), Path(env["RUSTKO_PROJECT"]),
+                           Path(env["RUSTKO_WORK"]), ko, project.edition(manifest),
+                           list(env["RUSTKO_RUSTFLAGS"]), [Path(node.abspath) for node in source[2:]], _log)
         _log(f"  CHECK   {ko.name}")
         build.check(tgt, ko)
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
@@ -138,10 +120,9 @@ def _vmtest_action(target: list[Any], source: list[Any], env: Any) -> int:
     return 0 if result.ok else 1
 
 
-COMPILE = SCons.Action.Action(_compile_action, "  RUSTC   $RUSTKO_MODULE",
-                              varlist=["RUSTKO_MODULE", "RUSTKO_RUSTFLAGS", "RUSTKO_PROJECT"])
-KBUILD = SCons.Action.Action(_kbuild_action, "  KBUILD  ${RUSTKO_MODULE}.ko",
-                             varlist=["RUSTKO_MODULE", "RUSTKO_META", "RUSTKO_WORK"])
+BUILD = SCons.Action.Action(_build_action, "  RUSTC   $RUSTKO_MODULE",
+                            varlist=["RUSTKO_MODULE", "RUSTKO_RUSTFLAGS", "RUSTKO_PROJECT", "RUSTKO_META",
+                                     "RUSTKO_WORK"])
 
 
 def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license: str = "",
@@ -169,9 +150,10 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
                      RUSTKO_PROJECT=str(project_dir), RUSTKO_WORK=work.abspath,
                      RUSTKO_META=(license, author, description, version,
                                   json.dumps(params or {}, sort_keys=True)))
-    rust_targets = [work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d"), work.File(f"{name}_rust.abi")]
-    rust_obj = env.Command(rust_targets, [env.File(source), manifest_node], COMPILE, **overrides)
-    ko = env.Command(out_dir.File(f"{name}.ko"), rust_obj + [manifest_node] + c_nodes, KBUILD, **overrides)
+    # One action for the crate and Kbuild, which run side by side (build.build_module).
+    nodes = env.Command([out_dir.File(f"{name}.ko"), work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d")],
+                        [env.File(source), manifest_node, *c_nodes], BUILD, **overrides)
+    ko = nodes[0]
     env.Clean(ko, out_dir)
     booted = env.Alias(f"vmtest-{name}", ko, SCons.Action.Action(_vmtest_action, f"  VMTEST  {name}.ko"))
     env.AlwaysBuild(booted)
@@ -179,13 +161,13 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
 
     if not _reading_only(env):
         tgt = _target(env)
-        dep_file = Path(rust_targets[1].abspath)
+        dep_file = Path(nodes[2].abspath)
         sources = build.dep_files(dep_file, project_dir) or build.mod_files(Path(env.File(source).abspath))
-        env.Depends(rust_obj, [env.File(str(p)) for p in sources if p.is_file()])
-        env.Depends(rust_obj, env.Value(_signature(tgt, list(rustflags or ()))))
-        env.Depends(ko, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
-                                  f"{tgt.options.cross_compile}|{tgt.options.llvm}"))
-        env.Depends(ko, [env.File(str(part)) for part in sorted(kbuild.RUNTIME_DIR.glob("*.c"))])
+        env.Depends(nodes, [env.File(str(p)) for p in sources if p.is_file()])
+        env.Depends(nodes, env.Value(_signature(tgt, list(rustflags or ()))))
+        env.Depends(nodes, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
+                                     f"{tgt.options.cross_compile}|{tgt.options.llvm}"))
+        env.Depends(nodes, [env.File(str(part)) for part in sorted(kbuild.RUNTIME_DIR.glob("*.c"))])
     return ko
 
 

@@ -106,10 +106,11 @@ def _compile(toolchain: Toolchain, flags: list[str], root: Path, target: str, cr
             "the library sources must be those of this exact rustc; " + INSTALL_HINT)
 
 
-def ensure(toolchain: Toolchain, flags: list[str], target: str, log=None) -> Sysroot:
-    """The sysroot for `flags`, built now if no build on this machine has made it yet."""
+def ensure(toolchain: Toolchain, flags: list[str], target: str, log=None, digest: str | None = None) -> Sysroot:
+    """The sysroot for `flags`, built now if no build on this machine has made it yet.
+    `digest`: `key(toolchain, flags)` when the caller has it already."""
     log = log or (lambda crate, cmd: None)
-    path = cache.cache_root() / "sysroot" / key(toolchain, flags)
+    path = cache.cache_root() / "sysroot" / (digest or key(toolchain, flags))
 
     def fill(tmp: Path) -> None:
         (tmp / "lib" / "rustlib" / target / "lib").mkdir(parents=True)

@@ -41,8 +41,16 @@ def _version(rustc: Path) -> tuple[str, str]:
 
 
 def _sysroot_src(rustc: Path) -> Path:
-    out = subprocess.run([str(rustc), "--print", "sysroot"], capture_output=True, text=True, timeout=60)
-    return Path(out.stdout.strip()) / "lib/rustlib/src/rust/library"
+    """`$(rustc --print sysroot)/lib/rustlib/src/rust/library`. rustc's sysroot is the folder
+    above its own `bin/`; when that holds `lib/rustlib` the answer needs no process (this runs on
+    every build), otherwise (a rustup proxy, a wrapper script) rustc is asked."""
+    layout = rustc.resolve().parent.parent
+    if (layout / "lib" / "rustlib").is_dir():
+        sysroot = layout
+    else:
+        out = subprocess.run([str(rustc), "--print", "sysroot"], capture_output=True, text=True, timeout=60)
+        sysroot = Path(out.stdout.strip())
+    return sysroot / "lib/rustlib/src/rust/library"
 
 
 def _sources_version(lib_src: Path) -> str | None:
