@@ -48,13 +48,15 @@ TEMPLATE_RUNS = {
     "hello": ([], []),
     "params": (["cat /sys/module/demo/parameters/count", "cat /sys/module/demo/parameters/greeting",
                 "echo Y > /sys/module/demo/parameters/shout && cat /sys/module/demo/parameters/shout"],
-               ["3", "hello", "Y"]),
+               ["2", "hey", "Y"]),
     "chardev": (["echo written from the VM > /dev/demo && cat /dev/demo", "ls -l /dev/demo"],
                 ["written from the VM", "crw-rw-rw-"]),
 }
+# insmod arguments: the params template is loaded with its parameters set.
+TEMPLATE_PARAMS = {"params": ["count=2", "greeting=hey"]}
 TEMPLATE_LOG = {
     "hello": ["demo: hello from Rust: primes [2, 3, 5, 7], sum 17", "demo: goodbye from Rust (4 primes)"],
-    "params": ["demo: hello #1", "demo: hello #3"],
+    "params": ["demo: hey #1", "demo: hey #2"],
     "chardev": ["demo: /dev/demo is ready"],
 }
 
@@ -68,10 +70,11 @@ def test_template_builds_and_works_in_the_real_kernel(tmp_path: Path, kdir: Path
         assert (project / name).is_file(), name
     built(project, kdir)
     commands, expected = TEMPLATE_RUNS[template]
-    result = vm.vmtest(project / "build" / "demo.ko", run=commands)
+    result = vm.vmtest(project / "build" / "demo.ko", run=commands, params=TEMPLATE_PARAMS.get(template, ()))
     assert result.ok, result.console[-3000:]
     for line in TEMPLATE_LOG[template]:
         assert line in result.module_log, result.module_log
+    assert "demo: hey #3" not in result.module_log
     outputs = [output for _cmd, status, output in result.commands]
     assert all(status == 0 for _cmd, status, _out in result.commands), result.commands
     for want, got in zip(expected, outputs):

@@ -24,7 +24,7 @@ TEMPLATES: dict[str, Template] = {
     "hello": Template("logs a line formatted with core::fmt when loaded, another when unloaded",
                       "rustko vmtest build/{name}.ko"),
     "params": Template("module parameters (int, charp, bool) under /sys/module/NAME/parameters",
-                       "rustko vmtest build/{name}.ko --run 'cat /sys/module/{name}/parameters/count'"),
+                       "rustko vmtest build/{name}.ko --param count=5 --run 'cat /sys/module/{name}/parameters/count'"),
     "chardev": Template("a misc character device /dev/NAME that echoes back what was written",
                         "rustko vmtest build/{name}.ko --run 'echo hi > /dev/{name} && cat /dev/{name}'"),
 }

@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import stat
@@ -391,7 +392,7 @@ def kmsg_marker(token: str) -> str:
     return f"rustko {token}: insmod"
 
 
-def init_script(token: str, module: ModuleInfo, commands: Sequence[str]) -> str:
+def init_script(token: str, module: ModuleInfo, commands: Sequence[str], params: Sequence[str] = ()) -> str:
     """The guest's /init: each step's output framed by `@@<token>:TAG` lines on the console.
 
     Outputs go to a file first and are printed after, so kernel messages printed while a step
@@ -410,7 +411,7 @@ def init_script(token: str, module: ModuleInfo, commands: Sequence[str]) -> str:
         "step() { tag=$1; shift; \"$@\" >/tmp/out 2>&1; rc=$?; say \"$tag $rc\"; cat /tmp/out; say END; return $rc; }",
         "say BOOTED",
         f"echo '{kmsg_marker(token)}' >/dev/kmsg",
-        f"if step INSMOD insmod /rustko/{module.path.name}; then",
+        f"if step INSMOD insmod /rustko/{module.path.name}{''.join(' ' + shlex.quote(p) for p in params)}; then",
     ]
     for index in range(len(commands)):
         lines.append(f"  step CMD{index} sh /rustko/cmd{index}")
@@ -426,10 +427,10 @@ def init_script(token: str, module: ModuleInfo, commands: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_initramfs(token: str, module: ModuleInfo, commands: Sequence[str]) -> bytes:
+def run_initramfs(token: str, module: ModuleInfo, commands: Sequence[str], params: Sequence[str] = ()) -> bytes:
     """The per-run part: /init, the module and the commands; appended to the cached base."""
     archive = Cpio()
-    archive.file("init", init_script(token, module, commands).encode(), 0o755)
+    archive.file("init", init_script(token, module, commands, params).encode(), 0o755)
     archive.file(f"rustko/{module.path.name}", module.path.read_bytes())
     for index, command in enumerate(commands):
         archive.file(f"rustko/cmd{index}", (command + "\n").encode(), 0o755)
@@ -501,8 +502,10 @@ def vmtest(
     arch: str = "x86_64",
     run: Sequence[str] = (),
     timeout: float = 120,
+    params: Sequence[str] = (),
 ) -> VmResult:
-    """Boot `kernel` (default: Debian's image for the module's vermagic) and load the module in it."""
+    """Boot `kernel` (default: Debian's image for the module's vermagic) and load the module in it,
+    with module parameters `params` (`NAME=VALUE`, as insmod takes them)."""
     spec = resolve_arch(arch)
     info = read_module(Path(module))
     if info.elf_machine != spec.elf_machine:
@@ -526,7 +529,7 @@ def vmtest(
     result = VmResult(module=info.name, kernel=vmlinuz, arch=spec.name)
     with tempfile.TemporaryDirectory(prefix="rustko-vm-") as tmp:
         initrd = Path(tmp) / "initrd.gz"
-        initrd.write_bytes(base.read_bytes() + run_initramfs(token, info, run))
+        initrd.write_bytes(base.read_bytes() + run_initramfs(token, info, run, params))
         if spec.uml:
             argv = [str(vmlinuz), *spec.qemu, f"initrd={initrd}", "loglevel=4"]
         else:
@@ -637,7 +640,8 @@ def arch_of(module: Path | str) -> str:
 
 def _main(args: argparse.Namespace) -> int:
     arch = args.arch or arch_of(Path(args.module))
-    result = vmtest(args.module, kernel=args.kernel, arch=arch, run=args.commands, timeout=args.timeout)
+    result = vmtest(args.module, kernel=args.kernel, arch=arch, run=args.commands, timeout=args.timeout,
+                    params=args.params)
     report(result)
     return 0 if result.ok else 1
 
@@ -671,5 +675,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="CMD",
         help="shell command(s) to run in the guest while the module is loaded (repeatable)",
     )
+    parser.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                        help="module parameter for insmod (repeatable)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds before QEMU is killed (default 120)")
     parser.set_defaults(run=_main)
