@@ -403,6 +403,22 @@ def _module_name(elf: Elf, modinfo: dict[str, list[str]], path: Path) -> str:
     return stem.replace("-", "_")
 
 
+@lru_cache(maxsize=1)
+def _uml_releases() -> frozenset[str]:
+    from .uml import uml_releases
+
+    return frozenset(uml_releases())
+
+
+def _uml_by_release(elf: Elf) -> str | None:
+    """"um" for an x86-64 module built for the installed UML kernel's release: UML's vermagic
+    has no arch marker, and its ELF machine is x86-64's."""
+    if elf.machine != relocs.rules_for("um").e_machine:
+        return None
+    vermagic = elf.modinfo().get("vermagic", [""])[0].split()
+    return "um" if vermagic and vermagic[0] in _uml_releases() else None
+
+
 def _rules(arch: str | None, machine: int, path: str) -> ArchRules:
     if arch is None:
         arch = relocs.BY_MACHINE.get(machine)
@@ -862,7 +878,7 @@ def check_bytes(data: bytes, path: str, kernel: KernelView | None = None, arch: 
                 version: Version | None = None, locate: bool = True) -> list[Finding]:
     """Check one module image already in memory; see `check_module`."""
     elf = Elf(data, path)
-    rules = _rules(arch or (kernel.arch if kernel else None), elf.machine, path)
+    rules = _rules(arch or (kernel.arch if kernel else None) or _uml_by_release(elf), elf.machine, path)
     version = version or (kernel.version if kernel else relocs.LATEST)
     syms = elf.symbols()
     modinfo = elf.modinfo()
