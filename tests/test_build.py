@@ -8,8 +8,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import KDIRS, copy_example, require_kdir, rustko, scons, snapshot, tool
 from rustko import vm
 from rustko.kernel import probe

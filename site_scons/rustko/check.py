@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -45,7 +45,7 @@ SHF_ALLOC = 0x2
 SHF_EXECINSTR = 0x4
 SHF_RELA_LIVEPATCH = 0x00100000
 SHN_UNDEF, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFFF1, 0xFFF2, 0xFFFF
-STB_GLOBAL, STB_WEAK = 1, 2
+STB_GLOBAL = 1
 STT_FUNC, STT_SECTION = 2, 3
 
 SHDR64 = np.dtype([("name", "<u4"), ("type", "<u4"), ("flags", "<u8"), ("addr", "<u8"),
@@ -54,7 +54,6 @@ SHDR64 = np.dtype([("name", "<u4"), ("type", "<u4"), ("flags", "<u8"), ("addr", 
 SYM64 = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
                   ("value", "<u8"), ("size", "<u8")])
 RELA64 = np.dtype([("offset", "<u8"), ("info", "<u8"), ("addend", "<i8")])
-REL64 = np.dtype([("offset", "<u8"), ("info", "<u8")])
 
 # Distinct (stage, section, type, symbol) groups kept per module; a hostile file can hold
 # millions of relocations, a report needs the first few of each kind.
@@ -819,7 +818,6 @@ def _source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, in
             program = dwarf.line_program_for_CU(cu)
             if program is None:
                 continue
-            files = program["file_entry"]
             prev = None
             for entry in program.get_entries():
                 state = entry.state

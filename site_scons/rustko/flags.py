@@ -128,11 +128,6 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              arches=("riscv64",)),
 )
 
-# Flags for the sysroot crates only (rust/Makefile builds core with --cfg no_fp_fmt_parse);
-# -Cembed-bitcode=yes lets the module's fat LTO keep only the parts of core it uses.
-SYSROOT_ONLY: tuple[str, ...] = ("-Cembed-bitcode=yes",)
-CORE_CFGS: tuple[str, ...] = ("--cfg", "no_fp_fmt_parse")
-
 # Codegen options a module's own rustflags may override that `core` must share: fat LTO refuses
 # to link bitcode of different code models ("linking module flags 'Code Model': IDs have
 # conflicting values"), and the others change how core addresses data or which instructions it uses.

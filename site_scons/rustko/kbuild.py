@@ -35,17 +35,16 @@ class ParamType:
 
     c_type: str
     kind: int           # the `kind` tag in the shim's parameter table
-    numeric: bool
 
 
 # include/linux/moduleparam.h: the standard parameter types (`param_ops_<type>`).
 PARAM_TYPES: dict[str, ParamType] = {
-    "int": ParamType("int", 0, True),
-    "uint": ParamType("unsigned int", 1, True),
-    "long": ParamType("long", 2, True),
-    "ulong": ParamType("unsigned long", 3, True),
-    "bool": ParamType("bool", 4, False),
-    "charp": ParamType("char *", 5, False),
+    "int": ParamType("int", 0),
+    "uint": ParamType("unsigned int", 1),
+    "long": ParamType("long", 2),
+    "ulong": ParamType("unsigned long", 3),
+    "bool": ParamType("bool", 4),
+    "charp": ParamType("char *", 5),
 }
 
 

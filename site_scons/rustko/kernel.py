@@ -67,10 +67,6 @@ class KernelInfo:
         return raw.strip('"') if raw is not None else None
 
     @property
-    def clang(self) -> bool:
-        return self.enabled("CC_IS_CLANG")
-
-    @property
     def symvers(self) -> Path:
         return self.kdir / "Module.symvers"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -24,7 +23,6 @@ from .toolchain import Toolchain, INSTALL_HINT
 
 RECIPE_VERSION = "2"
 RUST_DIR = Path(__file__).parent / "rust"
-SUPPORT_CRATE = RUST_DIR / "rustko" / "lib.rs"
 
 # (crate, source, extra rustc arguments), in build order. Sources starting with "library/" are
 # in rustc's library sources; the others are rustko's own (rust/).
@@ -87,6 +85,7 @@ def _compile(toolchain: Toolchain, flags: list[str], root: Path, target: str, cr
         edition = _edition(toolchain.lib_src, crate)
     else:
         src, edition = RUST_DIR / source, "2024"
+    # -Cembed-bitcode=yes: the module's fat LTO then keeps only the parts of these crates it uses.
     cmd = [str(toolchain.rustc), *flags, "-Cembed-bitcode=yes", *extra,
            f"--edition={edition}", "--crate-type=rlib", f"--crate-name={crate}",
            f"--sysroot={root}", f"--remap-path-prefix={toolchain.lib_src}=/rustc/library",
@@ -120,6 +119,3 @@ def ensure(toolchain: Toolchain, flags: list[str], target: str, log=None, digest
 
     return Sysroot(path=cache.cached_dir(path, fill), target=target)
 
-
-def default_log(crate: str, cmd: list[str]) -> None:
-    print(f"  SYSROOT {crate} (once per rustc and flag set)", file=sys.stderr, flush=True)
