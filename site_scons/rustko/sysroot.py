@@ -57,8 +57,8 @@ def _sources_fingerprint(lib_src: Path) -> str:
             for name in sorted(files):
                 path = os.path.join(root, name)
                 digest.update(f"{os.path.relpath(path, lib_src)}:{os.path.getsize(path)}\n".encode())
-    for path in sorted(RUST_DIR.rglob("*.rs")):
-        digest.update(path.relative_to(RUST_DIR).as_posix().encode() + b"\0" + path.read_bytes())
+    for own in sorted(RUST_DIR.rglob("*.rs")):
+        digest.update(own.relative_to(RUST_DIR).as_posix().encode() + b"\0" + own.read_bytes())
     return digest.hexdigest()
 
 
