@@ -187,7 +187,7 @@ def test_hostile_module_name(tmp_path: Path, kdir61: Path) -> None:
 
 def test_scons_help_lists_the_variables(tmp_path: Path) -> None:
     result = scons(copy_example(tmp_path / "hello"), "-h")
-    for name in ("KDIR", "ARCH", "CROSS_COMPILE", "LLVM", "RUSTC", "RUST_LIB_SRC", "V"):
+    for name in ("KDIR", "ARCH", "CROSS_COMPILE", "LLVM", "RUSTC", "RUST_LIB_SRC", "SIGN_KEY", "SIGN_CERT", "V"):
         assert f"\n{name}:" in result.stdout
 
 
@@ -240,3 +240,24 @@ def test_crate_without_rust_exit_still_unloads(tmp_path: Path, kdir61: Path) -> 
     result = vm.vmtest(project / "build" / "hello.ko")
     assert result.loaded and result.unloaded, result.console[-2000:]
     assert not any("goodbye" in line for line in result.module_log)
+
+
+def test_signed_module(tmp_path: Path, kdir61: Path) -> None:
+    """SIGN_KEY/SIGN_CERT sign the .ko with KDIR's own sign-file and the kernel's hash; the
+    checker and the real kernel take the signed file (Debian 6.1 does not enforce signatures)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.der"
+    subprocess.run(["openssl", "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+                    "-subj", "/CN=rustko test signer/", "-keyout", str(key), "-out", str(cert), "-outform", "DER"],
+                   check=True, capture_output=True)
+    project = copy_example(tmp_path / "hello")
+    output = build_ok(project, kdir61, f"SIGN_KEY={key}", f"SIGN_CERT={cert}")
+    assert "  SIGN    hello.ko" in output
+    ko = project / "build" / "hello.ko"
+    assert ko.read_bytes().endswith(b"~Module signature appended~\n")
+    info = subprocess.run(["modinfo", "-F", "signer", str(ko)], capture_output=True, text=True, check=True)
+    assert info.stdout.strip() == "rustko test signer"
+    assert rustko("check", "--kdir", str(kdir61), str(ko)).returncode == 0
+    booted = vm.vmtest(ko)
+    assert booted.ok and any("hello from Rust" in line for line in booted.module_log)
+    alone = scons(copy_example(tmp_path / "alone"), f"KDIR={kdir61}", f"SIGN_KEY={key}")
+    assert alone.returncode != 0 and "SIGN_KEY and SIGN_CERT go together" in alone.stderr

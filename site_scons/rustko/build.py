@@ -36,6 +36,8 @@ class Options:
     rustc: str | None = None
     rust_lib_src: str | None = None
     verbose: bool = False
+    sign_key: str | None = None    # PEM private key: sign the .ko the way Kbuild's modules_sign does
+    sign_cert: str | None = None   # its X.509 certificate (PEM or DER)
 
 
 @dataclass
@@ -79,6 +81,14 @@ def resolve(options: Options) -> Target:
                 ("KDIR=$(rustko kdir --arch um) prepares one for Debian's user-mode-linux kernel"
                  if wanted == "um" else f"pass the headers of an {wanted} kernel as KDIR")
                 + f", or drop ARCH= to build for {kernel.arch}")
+    if bool(options.sign_key) != bool(options.sign_cert):
+        raise RustkoError("SIGN_KEY and SIGN_CERT go together",
+                          "pass both (a private key and its certificate), or neither for an unsigned module")
+    for what, path in (("SIGN_KEY", options.sign_key), ("SIGN_CERT", options.sign_cert)):
+        if path and not Path(path).is_file():
+            raise RustkoError(f"{what}={path} does not exist",
+                              "e.g. openssl req -new -x509 -newkey rsa:4096 -nodes -days 3650 -subj "
+                              "'/CN=my modules/' -keyout signing_key.pem -out signing_key.x509 -outform DER")
     tools = toolchain.find(options.rustc, options.rust_lib_src)
     target = Target(options=options, kernel=kernel, toolchain=tools, flags=flagset.codegen_flags(kernel))
     _require_c_tools(target)
@@ -261,6 +271,9 @@ def build_module(target: Target, info: kbuild.ModuleInfo, source: Path, project_
                               work / f"{info.name}_rust.d", project_dir, edition, extra, log)
         log(f"  KBUILD  {info.name}.ko")
         shutil.copyfile(running.deliver(crate.obj), out_ko)
+    if target.options.sign_key and target.options.sign_cert:
+        log(f"  SIGN    {info.name}.ko")
+        kbuild.sign(target.kernel, out_ko, Path(target.options.sign_key), Path(target.options.sign_cert))
     return crate
 
 

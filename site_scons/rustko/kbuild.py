@@ -281,6 +281,20 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
+def sign(kernel: KernelInfo, ko: Path, key: Path, cert: Path) -> None:
+    """Append a module signature with the KDIR's own `scripts/sign-file`, the tool Kbuild's
+    modules_sign uses, and the hash the kernel was configured with (CONFIG_MODULE_SIG_HASH)."""
+    tool = kernel.kdir / "scripts" / "sign-file"
+    if not os.access(tool, os.X_OK):
+        raise RustkoError(f"{kernel.kdir} has no scripts/sign-file",
+                          "use headers that ship it (Debian's linux-kbuild-* do), or drop SIGN_KEY/SIGN_CERT")
+    digest = kernel.value("MODULE_SIG_HASH") or "sha256"
+    result = subprocess.run([str(tool), digest, str(key), str(cert), str(ko)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RustkoError(f"signing {ko.name} failed: {result.stderr.strip() or f'sign-file exited {result.returncode}'}",
+                          "SIGN_KEY must be the PEM private key of the certificate in SIGN_CERT", exit_code=1)
+
+
 class Kbuild:
     """One `make modules` run that starts before the Rust object exists.
 

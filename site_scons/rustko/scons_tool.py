@@ -27,6 +27,8 @@ VARIABLES: tuple[tuple[str, str], ...] = (
     ("CROSS_COMPILE", "prefix of the C toolchain for Kbuild (default per ARCH, e.g. aarch64-linux-gnu-)"),
     ("RUSTC", "rustc to use (default: the first rustc whose library sources exist)"),
     ("RUST_LIB_SRC", "the `library` folder of that rustc's sources (default: from its sysroot)"),
+    ("SIGN_KEY", "private key (PEM) to sign modules with, as Kbuild's modules_sign does"),
+    ("SIGN_CERT", "the signing key's X.509 certificate (PEM or DER)"),
 )
 
 
@@ -43,7 +45,8 @@ def _variables(env: Any) -> None:
 def _options(env: Any) -> build.Options:
     return build.Options(kdir=env.get("KDIR"), arch=env.get("ARCH"), cross_compile=env.get("CROSS_COMPILE"),
                          llvm=bool(env.get("LLVM")), rustc=env.get("RUSTC"),
-                         rust_lib_src=env.get("RUST_LIB_SRC"), verbose=bool(env.get("V")))
+                         rust_lib_src=env.get("RUST_LIB_SRC"), verbose=bool(env.get("V")),
+                         sign_key=env.get("SIGN_KEY"), sign_cert=env.get("SIGN_CERT"))
 
 
 # One resolved target per distinct set of options: environments cloned with another KDIR or
@@ -167,6 +170,7 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
         env.Depends(nodes, env.Value(_signature(tgt, list(rustflags or ()))))
         env.Depends(nodes, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
                                      f"{tgt.options.cross_compile}|{tgt.options.llvm}"))
+        env.Depends(nodes, [env.File(path) for path in (tgt.options.sign_key, tgt.options.sign_cert) if path])
         env.Depends(nodes, [env.File(str(part)) for part in sorted(kbuild.RUNTIME_DIR.glob("*.c"))])
     return ko
 
