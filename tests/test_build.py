@@ -261,3 +261,38 @@ def test_signed_module(tmp_path: Path, kdir61: Path) -> None:
     assert booted.ok and any("hello from Rust" in line for line in booted.module_log)
     alone = scons(copy_example(tmp_path / "alone"), f"KDIR={kdir61}", f"SIGN_KEY={key}")
     assert alone.returncode != 0 and "SIGN_KEY and SIGN_CERT go together" in alone.stderr
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_path_dependencies(tmp_path: Path, kdir61: Path) -> None:
+    """A crate split into local crates (transitively) builds into one module; editing a
+    dependency rebuilds; a registry dependency is refused with what to do instead."""
+    project = copy_example(tmp_path / "hello")
+    _write(project / "vendor/primes-util/Cargo.toml",
+           '[package]\nname = "primes-util"\nversion = "0.1.0"\nedition = "2021"\n\n'
+           '[dependencies]\ninner = { path = "../inner" }\n')
+    _write(project / "vendor/primes-util/src/lib.rs",
+           "#![no_std]\npub fn sum_first(values: &[u32], n: usize) -> u32 {\n"
+           "    inner::twice(values.iter().take(n).sum::<u32>()) / 2\n}\n")
+    _write(project / "vendor/inner/Cargo.toml", '[package]\nname = "inner"\nversion = "0.1.0"\nedition = "2021"\n')
+    _write(project / "vendor/inner/src/lib.rs", "#![no_std]\npub fn twice(x: u32) -> u32 { x * 2 }\n")
+    manifest = project / "Cargo.toml"
+    manifest.write_text(manifest.read_text() + '\n[dependencies]\nprimes-util = { path = "vendor/primes-util" }\n')
+    lib = project / "src" / "lib.rs"
+    lib.write_text(lib.read_text().replace("let sum: u32 = primes.iter().sum();",
+                                           "let sum: u32 = primes_util::sum_first(&primes, 3);"))
+    build_ok(project, kdir61)
+    result = vm.vmtest(project / "build" / "hello.ko")
+    assert "hello: hello from Rust: sorted [2, 3, 5, 7, 11, 13], sum 10" in result.module_log, result.module_log
+    inner = project / "vendor/inner/src/lib.rs"
+    inner.write_text(inner.read_text() + "// edited\n")
+    assert "  RUSTC   hello" in build_ok(project, kdir61)
+
+    manifest.write_text(manifest.read_text() + 'heapless = "0.8"\n')
+    refused = scons(project, f"KDIR={kdir61}")
+    assert refused.returncode == 2 and "dependency 'heapless' is not a path dependency" in refused.stderr
+    assert 'heapless = { path = "vendor/heapless" }' in refused.stderr and "Traceback" not in refused.stderr

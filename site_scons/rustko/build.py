@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import flags as flagset
-from . import kbuild, sysroot, toolchain
+from . import kbuild, project, sysroot, toolchain
 from .errors import RustkoError
 from .kernel import KernelInfo, normalize_arch, probe
 
@@ -141,11 +141,49 @@ def with_rustflags(target: Target, extra: list[str]) -> Target:
     return replace(target, flags=[*target.flags, *shared], _sysroot=None) if shared else target
 
 
+def compile_dependencies(target: Target, deps: Sequence[project.Dependency], out_dir: Path,
+                         extra: list[str], log: Log | None = None) -> list[str]:
+    """Each path dependency as an rlib (with bitcode, so the module's fat LTO keeps only what it
+    uses), dependencies first; returns the rustc arguments that make them visible."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sysroot = target.sysroot()
+    built: dict[Path, Path] = {}
+
+    def build_one(dep: project.Dependency) -> Path:
+        if dep.root in built:
+            return built[dep.root]
+        externs = [f"--extern={sub.extern}={build_one(sub)}" for sub in dep.deps]
+        rlib = out_dir / f"lib{dep.crate}.rlib"
+        if rlib in built.values():
+            raise RustkoError(f"two dependencies are both named `{dep.crate}`",
+                              "rename one of the crates ([package] name in its Cargo.toml)")
+        cmd = [str(target.toolchain.rustc), *target.flags, *extra, f"--edition={dep.edition}",
+               "--crate-type=rlib", f"--crate-name={dep.crate}", "-Cembed-bitcode=yes",
+               f"--sysroot={sysroot.path}", f"--extern=rustko={sysroot.support_crate}", *externs,
+               f"-Ldependency={out_dir}", f"--remap-path-prefix={dep.folder}={dep.crate}",
+               f"--remap-path-prefix={sysroot.path}=/sysroot", f"--out-dir={out_dir}",
+               f"--emit=link={rlib},dep-info={out_dir / dep.crate}.d", os.path.relpath(dep.root, dep.folder)]
+        if log and target.options.verbose:
+            log(" ".join(cmd))
+        result = subprocess.run(cmd, cwd=dep.folder, env={**os.environ, "RUSTC_BOOTSTRAP": "1"},
+                                stderr=subprocess.PIPE, text=True)
+        if result.stderr:
+            print(result.stderr, end="", file=sys.stderr)
+        if result.returncode != 0:
+            raise RustkoError(f"dependency `{dep.extern}` ({dep.root}) does not compile",
+                              "rustc's messages above say where and why", exit_code=1)
+        built[dep.root] = rlib
+        return rlib
+
+    return [f"-Ldependency={out_dir}", *(f"--extern={dep.extern}={build_one(dep)}" for dep in deps)]
+
+
 def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: Path,
                   project_dir: Path, edition: str = "2021", extra: list[str] | None = None,
                   log: Log | None = None) -> CrateOutput:
     """rustc (fat LTO, one codegen unit) then `ld -r`: one object with only the code it uses.
-    `target` must already carry the sysroot flags `extra` needs (`with_rustflags`)."""
+    `target` must already carry the sysroot flags `extra` needs (`with_rustflags`); `extra`
+    also carries the dependencies' --extern arguments."""
     obj.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".rustko-", dir=obj.parent) as tmp:
         archive = Path(tmp) / f"lib{name}.a"
@@ -255,7 +293,8 @@ def mod_files(root: Path) -> list[Path]:
 
 def build_module(target: Target, info: kbuild.ModuleInfo, source: Path, project_dir: Path, work: Path,
                  out_ko: Path, edition: str = "2021", extra: list[str] | None = None,
-                 c_sources: Sequence[Path] = (), log: Log | None = None) -> CrateOutput:
+                 c_sources: Sequence[Path] = (), log: Log | None = None,
+                 deps: Sequence[project.Dependency] = ()) -> CrateOutput:
     """The crate and Kbuild, run side by side: make's own start-up (half a second) and the shim's
     compilation overlap rustc; Kbuild links the Rust object in as soon as it exists."""
     log = log or (lambda line: None)
@@ -267,8 +306,9 @@ def build_module(target: Target, info: kbuild.ModuleInfo, source: Path, project_
                            cross_compile=target.options.cross_compile, llvm=target.options.llvm,
                            verbose=target.options.verbose)
     with kbuild.Kbuild(job, info.name) as running:
+        linked = compile_dependencies(target, deps, work / "deps", extra or [], log) if deps else []
         crate = compile_crate(target, info.name, source, work / f"{info.name}_rust.o",
-                              work / f"{info.name}_rust.d", project_dir, edition, extra, log)
+                              work / f"{info.name}_rust.d", project_dir, edition, [*(extra or []), *linked], log)
         log(f"  KBUILD  {info.name}.ko")
         shutil.copyfile(running.deliver(crate.obj), out_ko)
     if target.options.sign_key and target.options.sign_cert:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
-from pathlib import Path
-from typing import Any
 
 from .errors import RustkoError
 from .kbuild import PARAM_TYPES, ModuleInfo, Param
@@ -107,3 +109,54 @@ def edition(manifest: dict[str, Any]) -> str:
     package = manifest.get("package", {})
     value = package.get("edition", "2021") if isinstance(package, dict) else "2021"
     return str(value)
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A `path = "..."` dependency: the only kind a kernel build can take (no registry, no
+    build scripts)."""
+
+    extern: str                       # the name the code uses: `use <extern>::...`
+    crate: str                        # its crate name
+    folder: Path                      # the folder of its Cargo.toml
+    root: Path                        # its lib.rs
+    edition: str
+    deps: tuple["Dependency", ...]
+
+
+def path_dependencies(manifest: dict[str, Any], project_dir: Path,
+                      within: frozenset[Path] = frozenset()) -> tuple[Dependency, ...]:
+    """The `[dependencies]` of a Cargo.toml, resolved recursively; anything but a local path
+    is refused with what to do instead."""
+    table = manifest.get("dependencies", {}) or {}
+    if not isinstance(table, dict):
+        raise RustkoError("[dependencies] in Cargo.toml must be a table")
+    found: list[Dependency] = []
+    for key, spec in sorted(table.items()):
+        if not isinstance(spec, dict) or "path" not in spec:
+            raise RustkoError(
+                f"dependency '{key}' is not a path dependency: kernel modules are built without a "
+                "registry (rustko runs rustc itself, not cargo)",
+                f"vendor the crate (copy its sources, e.g. from `cargo vendor`) and write "
+                f'`{key} = {{ path = "vendor/{key}" }}`; it must be #![no_std]')
+        folder = (project_dir / str(spec["path"])).resolve()
+        if folder in within:
+            raise RustkoError(f"dependency '{key}' ({folder}) depends on itself through its dependencies")
+        dep_manifest = read_manifest(folder / "Cargo.toml")
+        package = dep_manifest.get("package")
+        if not isinstance(package, dict) or "name" not in package:
+            raise RustkoError(f"dependency '{key}': {folder}/Cargo.toml has no [package] name",
+                              "point `path` at the crate's folder (the one with its Cargo.toml)")
+        if package.get("build") or (folder / "build.rs").is_file():
+            raise RustkoError(f"dependency '{key}' has a build script, which a kernel build cannot run",
+                              "vendor a copy without build.rs (set the cfgs it would set in code)")
+        lib = dep_manifest.get("lib", {}) if isinstance(dep_manifest.get("lib"), dict) else {}
+        root = folder / str(lib.get("path", "src/lib.rs"))
+        if not root.is_file():
+            raise RustkoError(f"dependency '{key}': {root} does not exist",
+                              "only library crates can be dependencies ([lib] path in its Cargo.toml)")
+        found.append(Dependency(
+            extern=key.replace("-", "_"), crate=str(package["name"]).replace("-", "_"), folder=folder, root=root,
+            edition=edition(dep_manifest),
+            deps=path_dependencies(dep_manifest, folder, within | {folder})))
+    return tuple(found)

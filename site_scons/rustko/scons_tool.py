@@ -100,9 +100,11 @@ def _build_action(target: list[Any], source: list[Any], env: Any) -> int:
         manifest = project.read_manifest(Path(source[1].abspath))
         info = project.module_info(env["RUSTKO_MODULE"], manifest, _meta(env))
         ko = Path(target[0].abspath)
-        build.build_module(tgt, info, Path(source[0].abspath), Path(env["RUSTKO_PROJECT"]),
+        project_dir = Path(env["RUSTKO_PROJECT"])
+        build.build_module(tgt, info, Path(source[0].abspath), project_dir,
                            Path(env["RUSTKO_WORK"]), ko, project.edition(manifest),
-                           list(env["RUSTKO_RUSTFLAGS"]), [Path(node.abspath) for node in source[2:]], _log)
+                           list(env["RUSTKO_RUSTFLAGS"]), [Path(node.abspath) for node in source[2:]], _log,
+                           project.path_dependencies(manifest, project_dir))
         _log(f"  CHECK   {ko.name}")
         build.check(tgt, ko)
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
@@ -166,6 +168,15 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
         tgt = _target(env)
         dep_file = Path(nodes[2].abspath)
         sources = build.dep_files(dep_file, project_dir) or build.mod_files(Path(env.File(source).abspath))
+        try:
+            crates = _all_dependencies(project.path_dependencies(
+                project.read_manifest(Path(manifest_node.abspath)), project_dir))
+        except RustkoError as err:
+            _stop(err)
+        for dep in crates:
+            sources += build.dep_files(Path(work.abspath) / "deps" / f"{dep.crate}.d", dep.folder) or \
+                build.mod_files(dep.root)
+            sources.append(dep.folder / "Cargo.toml")
         env.Depends(nodes, [env.File(str(p)) for p in sources if p.is_file()])
         env.Depends(nodes, env.Value(_signature(tgt, list(rustflags or ()))))
         env.Depends(nodes, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
@@ -173,6 +184,14 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
         env.Depends(nodes, [env.File(path) for path in (tgt.options.sign_key, tgt.options.sign_cert) if path])
         env.Depends(nodes, [env.File(str(part)) for part in sorted(kbuild.RUNTIME_DIR.glob("*.c"))])
     return ko
+
+
+def _all_dependencies(deps: tuple[project.Dependency, ...]) -> list[project.Dependency]:
+    """Every path dependency, transitively: their sources are the module's sources too."""
+    found: list[project.Dependency] = []
+    for dep in deps:
+        found += [dep, *_all_dependencies(dep.deps)]
+    return found
 
 
 def _signature(tgt: build.Target, extra: list[str]) -> str:
