@@ -296,3 +296,16 @@ def test_path_dependencies(tmp_path: Path, kdir61: Path) -> None:
     refused = scons(project, f"KDIR={kdir61}")
     assert refused.returncode == 2 and "dependency 'heapless' is not a path dependency" in refused.stderr
     assert 'heapless = { path = "vendor/heapless" }' in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_install_like_modules_install(tmp_path: Path, kdir61: Path) -> None:
+    project = copy_example(tmp_path / "hello")
+    stage = tmp_path / "stage"
+    output = build_ok(project, kdir61, "install", f"INSTALL_MOD_PATH={stage}")
+    release = probe(kdir61).release
+    installed = stage / "lib/modules" / release / "extra/hello.ko"
+    assert f"  INSTALL {installed}" in output
+    assert installed.read_bytes() == (project / "build/hello.ko").read_bytes()
+    found = subprocess.run(["modinfo", "-b", str(stage), "-k", release, "-F", "filename", "hello"],
+                           capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.strip() == str(installed), found.stderr

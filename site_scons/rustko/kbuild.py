@@ -295,6 +295,23 @@ def sign(kernel: KernelInfo, ko: Path, key: Path, cert: Path) -> None:
                           "SIGN_KEY must be the PEM private key of the certificate in SIGN_CERT", exit_code=1)
 
 
+def install(kernel: KernelInfo, ko: Path, root: str = "", subdir: str = "extra") -> Path:
+    """What `make M=... modules_install` does (scripts/Makefile.modinst, INSTALL_MOD_DIR ?= extra):
+    copy the module under `root`/lib/modules/RELEASE/`subdir`/ and refresh depmod's index."""
+    folder = Path(root or "/") / "lib" / "modules" / kernel.release / subdir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ko, folder / ko.name)
+    except OSError as err:
+        raise RustkoError(f"cannot install {ko.name} into {folder}: {err.strerror}",
+                          "run as root, or stage it elsewhere with INSTALL_MOD_PATH=DIR") from None
+    depmod = shutil.which("depmod") or "/sbin/depmod"
+    result = subprocess.run([depmod, "-b", str(root or "/"), kernel.release], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RustkoError(f"depmod failed: {result.stderr.strip()}", "apt-get install kmod", exit_code=1)
+    return folder / ko.name
+
+
 class Kbuild:
     """One `make modules` run that starts before the Rust object exists.
 

@@ -29,6 +29,8 @@ VARIABLES: tuple[tuple[str, str], ...] = (
     ("RUST_LIB_SRC", "the `library` folder of that rustc's sources (default: from its sysroot)"),
     ("SIGN_KEY", "private key (PEM) to sign modules with, as Kbuild's modules_sign does"),
     ("SIGN_CERT", "the signing key's X.509 certificate (PEM or DER)"),
+    ("INSTALL_MOD_PATH", "`scons install`: root to install under (default /), as for make modules_install"),
+    ("INSTALL_MOD_DIR", "`scons install`: folder under /lib/modules/RELEASE (default extra)"),
 )
 
 
@@ -112,6 +114,17 @@ def _build_action(target: list[Any], source: list[Any], env: Any) -> int:
     return 0
 
 
+def _install_action(target: list[Any], source: list[Any], env: Any) -> int:
+    """`scons install`: modules_install for each module (kbuild.install)."""
+    try:
+        done = kbuild.install(_target(env).kernel, Path(source[0].abspath), env.get("INSTALL_MOD_PATH") or "",
+                              env.get("INSTALL_MOD_DIR") or "extra")
+        _log(f"  INSTALL {done}")
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
+        return _fail(err)
+    return 0
+
+
 def _vmtest_action(target: list[Any], source: list[Any], env: Any) -> int:
     """`scons vmtest`: boot the kernel each module was built for and load it (rustko.vm)."""
     from . import vm
@@ -163,6 +176,9 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
     booted = env.Alias(f"vmtest-{name}", ko, SCons.Action.Action(_vmtest_action, f"  VMTEST  {name}.ko"))
     env.AlwaysBuild(booted)
     env.Alias("vmtest", booted)
+    installed = env.Alias(f"install-{name}", ko, SCons.Action.Action(_install_action, None))
+    env.AlwaysBuild(installed)
+    env.Alias("install", installed)
 
     if not _reading_only(env):
         tgt = _target(env)
