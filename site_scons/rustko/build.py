@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from . import flags as flagset
 from . import kbuild, project, sysroot, toolchain
 from .errors import RustkoError
-from .kernel import KernelInfo, normalize_arch, probe
+from .kernel import KernelInfo, host_arch, normalize_arch, probe
 
 Log = Callable[[str], None]
 
@@ -66,7 +66,6 @@ class Target:
             return "ld.lld"
         cross = self.options.cross_compile
         if cross is None:
-            from .kernel import host_arch
             cross = "" if self.kernel.arch in (host_arch(), "um") else kbuild.CROSS_COMPILE.get(self.kernel.arch, "")
         return f"{cross}ld"
 
@@ -141,6 +140,18 @@ def with_rustflags(target: Target, extra: list[str]) -> Target:
     return replace(target, flags=[*target.flags, *shared], _sysroot=None) if shared else target
 
 
+def _rustc(target: Target, cmd: list[str], cwd: Path, what: str, log: Log | None) -> None:
+    """Run rustc, its messages going straight to the user (they are already cargo-style)."""
+    if log and target.options.verbose:
+        log(" ".join(cmd))
+    result = subprocess.run(cmd, cwd=cwd, env={**os.environ, "RUSTC_BOOTSTRAP": "1"},
+                            stderr=subprocess.PIPE, text=True)
+    if result.stderr:
+        print(result.stderr, end="", file=sys.stderr)
+    if result.returncode != 0:
+        raise RustkoError(f"{what} does not compile", "rustc's messages above say where and why", exit_code=1)
+
+
 def compile_dependencies(target: Target, deps: Sequence[project.Dependency], out_dir: Path,
                          extra: list[str], log: Log | None = None) -> list[str]:
     """Each path dependency as an rlib (with bitcode, so the module's fat LTO keeps only what it
@@ -163,15 +174,7 @@ def compile_dependencies(target: Target, deps: Sequence[project.Dependency], out
                f"-Ldependency={out_dir}", f"--remap-path-prefix={dep.folder}={dep.crate}",
                f"--remap-path-prefix={sysroot.path}=/sysroot", f"--out-dir={out_dir}",
                f"--emit=link={rlib},dep-info={out_dir / dep.crate}.d", os.path.relpath(dep.root, dep.folder)]
-        if log and target.options.verbose:
-            log(" ".join(cmd))
-        result = subprocess.run(cmd, cwd=dep.folder, env={**os.environ, "RUSTC_BOOTSTRAP": "1"},
-                                stderr=subprocess.PIPE, text=True)
-        if result.stderr:
-            print(result.stderr, end="", file=sys.stderr)
-        if result.returncode != 0:
-            raise RustkoError(f"dependency `{dep.extern}` ({dep.root}) does not compile",
-                              "rustc's messages above say where and why", exit_code=1)
+        _rustc(target, cmd, dep.folder, f"dependency `{dep.extern}` ({dep.root})", log)
         built[dep.root] = rlib
         return rlib
 
@@ -188,15 +191,7 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
     with tempfile.TemporaryDirectory(prefix=".rustko-", dir=obj.parent) as tmp:
         archive = Path(tmp) / f"lib{name}.a"
         cmd = crate_command(target, name, source, project_dir, archive, dep_file, edition, extra or [])
-        if log and target.options.verbose:
-            log(" ".join(cmd))
-        env = {**os.environ, "RUSTC_BOOTSTRAP": "1"}
-        result = subprocess.run(cmd, cwd=project_dir, env=env, stderr=subprocess.PIPE, text=True)
-        if result.stderr:
-            print(result.stderr, end="", file=sys.stderr)
-        if result.returncode != 0:
-            raise RustkoError(f"the crate of module {name} ({source}) does not compile",
-                              "rustc's messages above say where and why", exit_code=1)
+        _rustc(target, cmd, project_dir, f"the crate of module {name} ({source})", log)
         # Pull from the archive only what rust_init needs: the crate's object, plus the
         # compiler_builtins object when (and only when) it is referenced.
         link = [target.linker, "-r", "-u", "rust_init", "-o", str(obj), str(archive)]
