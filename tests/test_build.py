@@ -309,3 +309,13 @@ def test_install_like_modules_install(tmp_path: Path, kdir61: Path) -> None:
     found = subprocess.run(["modinfo", "-b", str(stage), "-k", release, "-F", "filename", "hello"],
                            capture_output=True, text=True)
     assert found.returncode == 0 and found.stdout.strip() == str(installed), found.stderr
+
+
+def test_llvm_builds_and_loads(tmp_path: Path, kdir61: Path) -> None:
+    """LLVM=1: ld.lld links the Rust object and Kbuild gets LLVM=1 (Debian's gcc-built headers
+    still pin CC=gcc-12 in their .kernelvariables, so the shim stays gcc-compiled there)."""
+    project = copy_example(tmp_path / "hello")
+    output = build_ok(project, kdir61, "LLVM=1", "V=1")
+    assert "ld.lld -m elf_x86_64 -r" in output and "LLVM=1" in output
+    result = vm.vmtest(project / "build" / "hello.ko")
+    assert result.ok and any("hello from Rust" in line for line in result.module_log)

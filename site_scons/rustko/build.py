@@ -94,6 +94,15 @@ def resolve(options: Options) -> Target:
     return target
 
 
+# The linker emulation Kbuild links with (KBUILD_LDFLAGS; 6.1 and 6.12): ld.lld needs it to `ld -r`
+# a lone archive, GNU ld takes it as a check.
+LD_EMULATION: dict[str, str] = {
+    "x86_64": "elf_x86_64",    # arch/x86/Makefile: KBUILD_LDFLAGS += -m elf_$(UTS_MACHINE)
+    "um": "elf_x86_64",        # arch/x86/Makefile.um via arch/um/Makefile: the same x86_64 objects
+    "arm64": "aarch64linux",   # arch/arm64/Makefile: -EL $(call ld-option, -maarch64elf, -maarch64linux)
+    "riscv64": "elf64lriscv",  # arch/riscv/Makefile: KBUILD_LDFLAGS += -melf64lriscv
+}
+
 # The programs Kbuild runs with LLVM=1 (Documentation/kbuild/llvm.rst), from Debian's clang, lld, llvm.
 LLVM_TOOLS: tuple[str, ...] = ("clang", "ld.lld", "llvm-ar", "llvm-nm", "llvm-objcopy", "llvm-readelf", "llvm-strip")
 # The Debian package with the GNU cross toolchain for each CROSS_COMPILE default (kbuild.CROSS_COMPILE).
@@ -194,7 +203,8 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
         _rustc(target, cmd, project_dir, f"the crate of module {name} ({source})", log)
         # Pull from the archive only what rust_init needs: the crate's object, plus the
         # compiler_builtins object when (and only when) it is referenced.
-        link = [target.linker, "-r", "-u", "rust_init", "-o", str(obj), str(archive)]
+        link = [target.linker, "-m", LD_EMULATION[target.kernel.arch], "-r", "-u", "rust_init", "-o", str(obj),
+                str(archive)]
         if log and target.options.verbose:
             log(" ".join(link))
         try:
