@@ -1,7 +1,8 @@
 """The SCons tool: thin glue from SCons nodes to `rustko.build`.
 
-`env = Environment(tools=["default", "rustko"])` adds `env.RustKernelModule()` and the Kbuild-style
-command-line variables (KDIR, ARCH, CROSS_COMPILE, LLVM, RUSTC, RUST_LIB_SRC, V).
+`env = Environment(tools=["default", "rustko"])` adds `env.RustKernelModule()`, the Kbuild-style
+command-line variables (`VARIABLES`, plus LLVM and V; `scons -h` lists them) and the `vmtest` and
+`install` aliases.
 """
 
 from __future__ import annotations
@@ -182,17 +183,8 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
 
     if not _reading_only(env):
         tgt = _target(env)
-        dep_file = Path(nodes[2].abspath)
-        sources = build.dep_files(dep_file, project_dir) or build.mod_files(Path(env.File(source).abspath))
-        try:
-            crates = _all_dependencies(project.path_dependencies(
-                project.read_manifest(Path(manifest_node.abspath)), project_dir))
-        except RustkoError as err:
-            _stop(err)
-        for dep in crates:
-            sources += build.dep_files(Path(work.abspath) / "deps" / f"{dep.crate}.d", dep.folder) or \
-                build.mod_files(dep.root)
-            sources.append(dep.folder / "Cargo.toml")
+        sources = _rust_sources(Path(env.File(source).abspath), Path(nodes[2].abspath), project_dir,
+                                Path(manifest_node.abspath), Path(work.abspath))
         env.Depends(nodes, [env.File(str(p)) for p in sources if p.is_file()])
         env.Depends(nodes, env.Value(_signature(tgt, list(rustflags or ()))))
         env.Depends(nodes, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
@@ -200,6 +192,20 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
         env.Depends(nodes, [env.File(path) for path in (tgt.options.sign_key, tgt.options.sign_cert) if path])
         env.Depends(nodes, [env.File(str(part)) for part in sorted(kbuild.RUNTIME_DIR.glob("*.c"))])
     return ko
+
+
+def _rust_sources(root: Path, dep_file: Path, project_dir: Path, manifest: Path, work: Path) -> list[Path]:
+    """Every file the Rust side reads: rustc's dep-info from the last build (or, before the first,
+    the `mod` declarations), the same for each path dependency, and their Cargo.toml files."""
+    sources = build.dep_files(dep_file, project_dir) or build.mod_files(root)
+    try:
+        crates = _all_dependencies(project.path_dependencies(project.read_manifest(manifest), project_dir))
+    except RustkoError as err:
+        _stop(err)
+    for dep in crates:
+        sources += build.dep_files(work / "deps" / f"{dep.crate}.d", dep.folder) or build.mod_files(dep.root)
+        sources.append(dep.folder / "Cargo.toml")
+    return sources
 
 
 def _all_dependencies(deps: tuple[project.Dependency, ...]) -> list[project.Dependency]:
