@@ -196,6 +196,11 @@ def test_cli_check_accepts_the_built_module(tmp_path: Path, kdir61: Path) -> Non
     build_ok(project, kdir61)
     result = rustko("check", "--kdir", str(kdir61), str(project / "build" / "hello.ko"))
     assert result.returncode == 0, result.stdout + result.stderr
+    # seeds/002: the same module's calls are R_X86_64_PLT32, which loaders before v4.16 refuse.
+    old = rustko("check", "--arch", "x86_64", "--kernel-version", "4.15", str(project / "build" / "hello.ko"))
+    assert old.returncode == 1 and "module: hello: Unknown rela relocation: 4" in old.stdout, old.stdout
+    new = rustko("check", "--arch", "x86_64", "--kernel-version", "4.16", str(project / "build" / "hello.ko"))
+    assert new.returncode == 0, new.stdout
 
 
 def test_doctor_explains_every_flag(kdir61: Path) -> None:
