@@ -1,13 +1,10 @@
 //! A Rust module reading a global variable defined in C (src/answer.c): directly through an
 //! `extern "C"` static, and through the C accessor `cglobal_answer_ptr()`. Both must see the
-//! same storage, so a write through one is visible through the other.
+//! same storage, so a write through one is visible through the other. It logs (and panics)
+//! through rustko's support crate.
 #![no_std]
 
-use core::fmt::Write;
-
-mod log;
-
-use log::KernelLog;
+use rustko::pr_info;
 
 unsafe extern "C" {
     /// `int cglobal_answer` in src/answer.c.
@@ -28,18 +25,6 @@ pub extern "C" fn rust_init() -> i32 {
         *ptr += 1;
         (direct, via, cglobal_answer)
     };
-    let mut line = KernelLog::info();
-    let _ = write!(line, "C global read from Rust: direct {direct}, via accessor {via}, after +1 {after}");
-    line.flush();
-    if direct == via && after == via + 1 { 0 } else { -22 }
-}
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    let mut line = KernelLog::error();
-    let _ = write!(line, "panic: {}", info.message());
-    line.flush();
-    loop {
-        core::hint::spin_loop();
-    }
+    pr_info!("C global read from Rust: direct {direct}, via accessor {via}, after +1 {after}");
+    if direct == via && after == via + 1 { 0 } else { rustko::code::EINVAL.to_errno() }
 }
