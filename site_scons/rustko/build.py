@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import flags as flagset
+from . import arch as arches
 from . import kbuild, project, sysroot, toolchain
 from .errors import RustkoError
-from .kernel import KernelInfo, host_arch, normalize_arch, probe
+from .kernel import KernelInfo, normalize_arch, probe
 
 Log = Callable[[str], None]
 
@@ -66,7 +67,7 @@ class Target:
             return "ld.lld"
         cross = self.options.cross_compile
         if cross is None:
-            cross = "" if self.kernel.arch in (host_arch(), "um") else kbuild.CROSS_COMPILE.get(self.kernel.arch, "")
+            cross = arches.default_cross_compile(self.kernel.arch)
         return f"{cross}ld"
 
 
@@ -94,19 +95,9 @@ def resolve(options: Options) -> Target:
     return target
 
 
-# The linker emulation Kbuild links with (KBUILD_LDFLAGS; 6.1 and 6.12): ld.lld needs it to `ld -r`
-# a lone archive, GNU ld takes it as a check.
-LD_EMULATION: dict[str, str] = {
-    "x86_64": "elf_x86_64",    # arch/x86/Makefile: KBUILD_LDFLAGS += -m elf_$(UTS_MACHINE)
-    "um": "elf_x86_64",        # arch/x86/Makefile.um via arch/um/Makefile: the same x86_64 objects
-    "arm64": "aarch64linux",   # arch/arm64/Makefile: -EL $(call ld-option, -maarch64elf, -maarch64linux)
-    "riscv64": "elf64lriscv",  # arch/riscv/Makefile: KBUILD_LDFLAGS += -melf64lriscv
-}
 
 # The programs Kbuild runs with LLVM=1 (Documentation/kbuild/llvm.rst), from Debian's clang, lld, llvm.
 LLVM_TOOLS: tuple[str, ...] = ("clang", "ld.lld", "llvm-ar", "llvm-nm", "llvm-objcopy", "llvm-readelf", "llvm-strip")
-# The Debian package with the GNU cross toolchain for each CROSS_COMPILE default (kbuild.CROSS_COMPILE).
-CROSS_PACKAGES: dict[str, str] = {"arm64": "gcc-aarch64-linux-gnu", "riscv64": "gcc-riscv64-linux-gnu"}
 
 
 def _require_c_tools(target: Target) -> None:
@@ -117,7 +108,7 @@ def _require_c_tools(target: Target) -> None:
             raise RustkoError(f"LLVM=1 needs {', '.join(missing)}, not installed on this machine",
                               "apt-get install clang lld llvm, or drop LLVM=1 to use the GNU toolchain")
     elif shutil.which(target.linker) is None:
-        package = CROSS_PACKAGES.get(target.kernel.arch, "binutils gcc")
+        package = arches.toolchain_package(target.kernel.arch)
         raise RustkoError(f"the {target.kernel.arch} linker {target.linker} is not installed",
                           f"apt-get install {package}, set CROSS_COMPILE= to the prefix of your "
                           "toolchain, or use LLVM=1")
@@ -203,7 +194,7 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
         _rustc(target, cmd, project_dir, f"the crate of module {name} ({source})", log)
         # Pull from the archive only what rust_init needs: the crate's object, plus the
         # compiler_builtins object when (and only when) it is referenced.
-        link = [target.linker, "-m", LD_EMULATION[target.kernel.arch], "-r", "-u", "rust_init", "-o", str(obj),
+        link = [target.linker, "-m", arches.resolve(target.kernel.arch).ld_emulation, "-r", "-u", "rust_init", "-o", str(obj),
                 str(archive)]
         if log and target.options.verbose:
             log(" ".join(link))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from . import build, flags, kbuild, sysroot
+from . import arch, build, flags, sysroot
 from .errors import RustkoError
-from .kernel import host_arch, normalize_arch
+from .kernel import normalize_arch
 
 # (step, program, Debian package): the programs each step runs.
 TOOLS: tuple[tuple[str, str, str], ...] = (
@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     print(_line(True, "rustc", f"{tools.rustc} {tools.version}, library sources {tools.lib_src}"))
     entry = sysroot.cache.cache_root() / "sysroot" / target.sysroot_key
     print(_line(True, "sysroot", f"{entry} ({'cached' if entry.is_dir() else 'built on the first build, ~30 s'})"))
-    cross = kbuild.CROSS_COMPILE.get(kernel.arch, "") if kernel.arch != host_arch() else ""
+    cross = arch.default_cross_compile(kernel.arch)
     for step, program, package in (*TOOLS, ("link", target.linker, "binutils"),
-                                   ("kbuild", f"{cross}gcc", f"gcc{'-' + cross.rstrip('-') if cross else ''}")):
+                                   ("kbuild", f"{cross}gcc", arch.toolchain_package(kernel.arch))):
         found = shutil.which(program)
         problems += found is None and step != "vmtest"
         print(_line(found is not None, program, f"{found or f'not found (apt-get install {package})'}  [{step}]"))

@@ -10,28 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from . import arch
 from .kernel import KernelInfo
-
-
-@dataclass(frozen=True)
-class ArchTarget:
-    """The builtin rustc target the kernel uses (or whose spec matches its target.json)."""
-
-    target: str
-    source: str
-
-
-ARCH_TARGETS: dict[str, ArchTarget] = {
-    "x86_64": ArchTarget("x86_64-unknown-none",
-                         "arch/x86/Makefile: KBUILD_RUSTFLAGS_OPTION_CHKS += --target=x86_64-unknown-none "
-                         "(target.json from scripts/generate_rust_target.rs has the same soft-float ABI)"),
-    "um": ArchTarget("x86_64-unknown-none",
-                     "arch/x86/Makefile.um: target.json from scripts/generate_rust_target.rs (x86_64, no SSE)"),
-    "arm64": ArchTarget("aarch64-unknown-none-softfloat",
-                        "arch/arm64/Makefile: KBUILD_RUSTFLAGS += --target=aarch64-unknown-none-softfloat"),
-    "riscv64": ArchTarget("riscv64imac-unknown-none-elf",
-                          "arch/riscv/Makefile: --target=riscv64imac-unknown-none-elf"),
-}
 
 
 @dataclass(frozen=True)
@@ -161,7 +141,7 @@ def _expand(flag: str, kernel: KernelInfo) -> str:
 
 
 def target(kernel: KernelInfo) -> str:
-    return ARCH_TARGETS[kernel.arch].target
+    return arch.resolve(kernel.arch).rust_target
 
 
 def codegen_flags(kernel: KernelInfo) -> list[str]:
@@ -179,7 +159,7 @@ def codegen_flags(kernel: KernelInfo) -> list[str]:
 
 def explain(kernel: KernelInfo) -> list[tuple[str, str]]:
     """(flag, kernel Makefile line it mirrors) for every flag chosen: `rustko doctor` shows this."""
-    rows = [(f"--target {target(kernel)}", ARCH_TARGETS[kernel.arch].source)]
+    rows = [(f"--target {target(kernel)}", arch.resolve(kernel.arch).rust_target_source)]
     for rule in FLAG_RULES:
         if _applies(rule, kernel):
             rows.extend((_expand(flag, kernel), rule.source) for flag in rule.flags)

@@ -21,10 +21,10 @@ from typing import Sequence
 
 from . import cache
 from .errors import RustkoError
-from .kernel import KBUILD_ARCH, KernelInfo
+from . import arch as arches
+from . import roots
+from .kernel import KernelInfo
 
-# Default CROSS_COMPILE when building for another architecture than the host's.
-CROSS_COMPILE: dict[str, str] = {"arm64": "aarch64-linux-gnu-", "riscv64": "riscv64-linux-gnu-"}
 
 RUNTIME_DIR = Path(__file__).parent / "c"
 
@@ -230,9 +230,9 @@ class KbuildJob:
     def make_command(self) -> list[str]:
         arch = self.kernel.arch
         cmd = ["make", "-C", str(self.kernel.kdir), f"M={self.build_dir}",
-               f"ARCH={KBUILD_ARCH[arch]}"]
-        cross = self.cross_compile if self.cross_compile is not None else CROSS_COMPILE.get(arch, "")
-        if cross and arch != _host():
+               f"ARCH={arches.resolve(arch).kbuild}"]
+        cross = self.cross_compile if self.cross_compile is not None else arches.default_cross_compile(arch)
+        if cross and not arches.runs_natively(arches.resolve(arch)):
             cmd.append(f"CROSS_COMPILE={cross}")
         if self.llvm:
             cmd.append("LLVM=1")
@@ -241,12 +241,7 @@ class KbuildJob:
         cmd.append(f"V={1 if self.verbose else 0}")
         cmd.extend(self.extra_make_args)
         cmd.append("modules")
-        return cmd
-
-
-def _host() -> str:
-    from .kernel import host_arch
-    return host_arch()
+        return roots.kbuild_command(cmd, self.kernel.kdir, self.build_dir)
 
 
 # Characters that make cannot carry in M= or in a target name, even quoted.

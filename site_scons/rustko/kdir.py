@@ -19,12 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import arch, debian
 from .cache import cache_root, cached_dir
 from .errors import RustkoError
-from .kernel import normalize_arch
-
-# rustko's architecture -> Debian's name for it (`pkg:arch`, .deb file names).
-DEBIAN_ARCH: dict[str, str] = {"x86_64": "amd64", "arm64": "arm64"}
 
 # The kernel series whose newest headers `rustko kdir` picks when no --release is given.
 DEFAULT_SERIES = "6.1"
@@ -40,23 +37,16 @@ def _say(line: str) -> None:
     print(f"  {line}", file=sys.stderr, flush=True)
 
 
-def _debian_arch(arch: str) -> str:
-    name = normalize_arch(arch)
-    if name not in DEBIAN_ARCH:
-        raise RustkoError(f"Debian has no kernel headers for ARCH={arch} in this release",
-                          f"use one of: {', '.join(DEBIAN_ARCH)}")
-    return DEBIAN_ARCH[name]
+# Architectures Debian builds kernel headers for, in rustko's names.
+HEADER_ARCHES: tuple[str, ...] = ("x86_64", "arm64")
 
 
-def _run(cmd: list[str], hint: str, cwd: Path | None = None) -> str:
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    except OSError as err:
-        raise RustkoError(f"cannot run {cmd[0]}: {err.strerror}", hint) from None
-    if proc.returncode != 0:
-        detail = [line for line in proc.stderr.strip().splitlines() if not line.startswith("W: ")]
-        raise RustkoError(f"`{' '.join(cmd)}` failed: {detail[-1] if detail else f'exit {proc.returncode}'}", hint)
-    return proc.stdout
+def _debian_arch(name: str) -> str:
+    found = arch.resolve(name)
+    if found.name not in HEADER_ARCHES:
+        raise RustkoError(f"Debian has no kernel headers for ARCH={name} in this release",
+                          f"use one of: {', '.join(HEADER_ARCHES)}")
+    return found.debian
 
 
 def _foreign_hint(debian_arch: str) -> str:
@@ -69,10 +59,10 @@ def _foreign_hint(debian_arch: str) -> str:
             "knows (run `apt-get update` first if the one you want is missing)")
 
 
-def newest_release(arch: str, series: str = DEFAULT_SERIES) -> str:
+def newest_release(arch_name: str, series: str = DEFAULT_SERIES) -> str:
     """The newest plain-flavour release Debian offers for `series` (e.g. 6.1.0-56-arm64), via apt-cache."""
-    debian_arch = _debian_arch(arch)
-    names = _run(["apt-cache", "pkgnames", f"linux-headers-{series}."], _foreign_hint(debian_arch)).split()
+    debian_arch = _debian_arch(arch_name)
+    names = debian.pkgnames(f"linux-headers-{series}.")
     pattern = re.compile("linux-headers-(" + RELEASE_RE.format(series=re.escape(series), arch=debian_arch) + ")")
     releases = [m.group(1) for m in map(pattern.fullmatch, names) if m]
     if not releases:
@@ -80,45 +70,18 @@ def newest_release(arch: str, series: str = DEFAULT_SERIES) -> str:
     return max(releases, key=lambda r: [int(n) for n in re.findall(r"\d+", r)])
 
 
-def _download(package: str, debian_arch: str, dest: Path) -> Path:
-    """`apt-get download package:arch` into `dest`; the .deb it produced."""
-    _run(["apt-get", "download", f"{package}:{debian_arch}"], _foreign_hint(debian_arch), cwd=dest)
-    debs = sorted(dest.glob(f"{package}_*_{debian_arch}.deb"))
-    if not debs:
-        raise RustkoError(f"apt-get download {package}:{debian_arch} produced no .deb", _foreign_hint(debian_arch))
-    return debs[-1]
-
-
-def _depends(deb: Path) -> dict[str, str]:
-    """The package's Depends: name -> required version ('' when unversioned)."""
-    field = _run(["dpkg-deb", "-f", str(deb), "Depends"], "apt-get install dpkg")
-    found: dict[str, str] = {}
-    for item in field.split(","):
-        match = re.match(r"\s*([^\s(]+)(?:\s*\([<>=]+\s*([^)\s]+)\))?", item)
-        if match:
-            found[match.group(1)] = match.group(2) or ""
-    return found
-
-
-def _installed_version(package: str) -> str | None:
-    proc = subprocess.run(["dpkg-query", "-W", "-f=${Status} ${Version}", package], capture_output=True, text=True)
-    status, _, version = proc.stdout.rpartition(" ")
-    return version if proc.returncode == 0 and status.endswith("installed") and not status.startswith("deinstall") else None
-
-
 def _ensure_kbuild(package: str, minimum: str) -> None:
     """The host's linux-kbuild-<series> (its programs run Kbuild for every architecture), new enough."""
-    installed = _installed_version(package)
-    if installed and (not minimum or subprocess.run(
-            ["dpkg", "--compare-versions", installed, "ge", minimum]).returncode == 0):
+    installed = debian.installed(package)
+    if installed and (not minimum or debian.version_ge(installed, minimum)):
         return
     want = f"{package} (>= {minimum})" if minimum else package
     if os.geteuid() != 0:
         raise RustkoError(f"the host's {want} is needed to run Kbuild for these headers "
                           f"(installed: {installed or 'none'})", f"as root: apt-get install {package}")
     _say(f"apt-get install {package}")
-    _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", package],
-         f"as root: apt-get update && apt-get install {package}")
+    debian.apt(None, ["apt-get", "install", "-y", "-q", "--no-install-recommends", package],
+               f"as root: apt-get update && apt-get install {package}")
 
 
 def _kbuild_package(headers: Path) -> str:
@@ -146,32 +109,73 @@ def _mend(src: Path, release: str, common: str, kbuild: str) -> None:
     makefile.write_text(text.replace(absolute, f"../{common}/Makefile"))
 
 
-def prepare(arch: str, release: str | None = None) -> Path:
-    """The KDIR for Debian's `release` headers of `arch`, unpacked into the cache once."""
-    if normalize_arch(arch) == "um":  # no headers package: prepared from source (rustko/uml.py)
-        from .uml import prepare_uml_kdir
+def release_arch(release: str) -> str:
+    """Debian's architecture named by a kernel release's suffix (`...-amd64`, `...-cloud-arm64`)."""
+    suffix = release.rsplit("-", 1)[-1]
+    if not any(a.debian == suffix for a in arch.ALL if a.name in HEADER_ARCHES):
+        raise RustkoError(f"kernel release {release!r} does not end in an architecture Debian builds "
+                          f"headers for ({', '.join(sorted({arch.resolve(a).debian for a in HEADER_ARCHES}))})",
+                          "e.g. --release 6.1.0-56-amd64 or --release 7.3.4+deb13-arm64")
+    return suffix
+
+
+def _cached(package: str, debian_arch: str, release: str) -> Path | None:
+    """A KDIR prepared before for `release`: in the cache (host release) or in a root."""
+    found = [cache_root() / "kdir" / debian_arch / release / "usr" / "src" / package]
+    found += [root / "usr" / "src" / package for root in sorted((cache_root() / "roots").glob("*"))]
+    return next((kdir for kdir in found if (kdir / ".config").is_file() and (kdir / "Makefile").is_file()), None)
+
+
+def prepare(arch_name: str | None, release: str | None = None) -> Path:
+    """The KDIR for Debian's `release` headers (of `arch_name`, or the release's own suffix):
+    unpacked into the cache when the host's release has them, else inside a root of the
+    release that has them (rustko/roots.py); once, reused afterwards."""
+    if arch_name is None and release is None:
+        raise RustkoError("rustko kdir needs --release or --arch",
+                          "e.g. rustko kdir --release 7.3.4+deb13-amd64, or --arch arm64 for the newest "
+                          f"{DEFAULT_SERIES} headers")
+    if arch_name is not None and arch.resolve(arch_name).name == "um":
+        from .uml import prepare_uml_kdir  # no headers package: prepared from source
         return prepare_uml_kdir()
-    debian_arch = _debian_arch(arch)
-    release = release or newest_release(arch)
-    if not re.fullmatch(r"[0-9][A-Za-z0-9.+~_-]*", release):
+    if release is not None and not re.fullmatch(r"[0-9][A-Za-z0-9.+~_-]*", release):
         raise RustkoError(f"{release!r} is not a kernel release", "e.g. --release 6.1.0-56-arm64")
+    debian_arch = _debian_arch(arch_name) if arch_name else release_arch(release or "")
+    release = release or newest_release(arch_name or "")
+    if release.rsplit("-", 1)[-1] in {arch.resolve(a).debian for a in HEADER_ARCHES} and \
+            release_arch(release) != debian_arch:
+        raise RustkoError(f"--release {release} is for {release_arch(release)}, but --arch {arch_name} "
+                          f"asks for {debian_arch}", "drop --arch: the release's suffix decides")
     package = f"linux-headers-{release}"
+    cached = _cached(package, debian_arch, release)
+    if cached is not None:
+        return cached
+    plus = re.search(r"\+deb(\d+)", release)
+    hinted = debian.DEB_NUMBER.get(plus.group(1)) if plus else None
+    suite = debian.host_release()
+    if not debian.has(package, debian_arch, None):
+        try:
+            suite = debian.find(package, debian_arch, hinted)
+        except RustkoError:
+            suite = debian.host_release()  # the download below names the package apt does not know
+    if suite != debian.host_release():
+        from . import roots
+        return roots.headers(suite, release, debian_arch)
     entry = cache_root() / "kdir" / debian_arch / release
     kdir = entry / "usr" / "src" / package
 
     def fill(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
             _say(f"apt-get download {package}:{debian_arch}")
-            deb = _download(package, debian_arch, Path(download))
-            depends = _depends(deb)
+            deb = debian.download(package, debian_arch, Path(download), hint=_foreign_hint(debian_arch))
+            depends = debian.depends(deb)
             common = next((name for name in depends if re.fullmatch(r"linux-headers-.*-common", name)), None)
             if common is None:
                 raise RustkoError(f"{package} depends on no linux-headers-*-common package",
                                   "pass the --release of a Debian kernel flavour, e.g. 6.1.0-56-arm64")
             _say(f"apt-get download {common}:all")
-            common_deb = _download(common, "all", Path(download))
+            common_deb = debian.download(common, "all", Path(download), hint=_foreign_hint(debian_arch))
             for each in (deb, common_deb):
-                _run(["dpkg-deb", "-x", str(each), str(tmp)], "apt-get install dpkg")
+                debian.extract(each, tmp)
         src = tmp / "usr" / "src"
         kbuild = _kbuild_package(src / package)
         _ensure_kbuild(kbuild, depends.get(kbuild, ""))
@@ -193,15 +197,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `rustko kdir`."""
     parser = subparsers.add_parser(
         "kdir",
-        help="prepare a KDIR for another architecture from Debian's headers packages",
+        help="prepare a KDIR for any Debian kernel release (amd64, arm64) or for UML",
         description=(
-            "Download Debian's linux-headers-RELEASE (for --arch) and its -common headers, unpack "
-            "them into rustko's cache with the host's Kbuild programs, and print the KDIR path, "
-            "so that `scons ARCH=arm64 KDIR=$(rustko kdir --arch arm64)` cross-builds. "
-            "The second call is instant and prints the same path."
+            "Print a KDIR for Debian's linux-headers-RELEASE, from whichever Debian release has it "
+            "(bullseye, bookworm, trixie and their backports, sid). Headers of the host's own "
+            "release are unpacked into rustko's cache with the host's Kbuild programs; others are "
+            "installed into a minimal root of their release (debootstrap, once; needs root), where "
+            "Kbuild then runs with the kernel's own compiler. `scons KDIR=$(rustko kdir --release "
+            "7.3.4+deb13-amd64)` builds for it. The second call is instant and prints the same path."
         ),
     )
-    parser.add_argument("--arch", required=True, help=f"target architecture: {', '.join(DEBIAN_ARCH)} (or aarch64), or um "
+    parser.add_argument("--arch", help=f"target architecture: {', '.join(HEADER_ARCHES)} (or aarch64), or um "
                         "(User-Mode Linux: matches the installed user-mode-linux package)")
-    parser.add_argument("--release", help=f"e.g. 6.1.0-56-arm64 (default: the newest {DEFAULT_SERIES} Debian offers)")
+    parser.add_argument("--release", help="e.g. 5.10.0-32-amd64, 6.1.0-56-arm64, 7.3.4+deb13-amd64 (the suffix "
+                        f"says the architecture; default with --arch: the newest {DEFAULT_SERIES} Debian offers)")
     parser.set_defaults(run=_main)

@@ -9,42 +9,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import arch
 from .errors import RustkoError
-
-# Kbuild's ARCH names and their aliases (the usual spellings users type).
-ARCH_ALIASES: dict[str, str] = {
-    "x86_64": "x86_64", "x86": "x86_64", "amd64": "x86_64",
-    "arm64": "arm64", "aarch64": "arm64",
-    "um": "um",
-    "riscv": "riscv64", "riscv64": "riscv64",
-}
-
-# The .config symbol that identifies each architecture's tree (arch/*/Kconfig).  UML is tested
-# first: a UML kernel on x86_64 also sets CONFIG_X86_64.
-ARCH_CONFIG: tuple[tuple[str, str], ...] = (
-    ("CONFIG_UML", "um"),
-    ("CONFIG_X86_64", "x86_64"),
-    ("CONFIG_ARM64", "arm64"),
-    ("CONFIG_RISCV", "riscv64"),
-)
-
-# The directory under KDIR/arch/ and the `make ARCH=` value for each architecture.
-KBUILD_ARCH: dict[str, str] = {"x86_64": "x86", "arm64": "arm64", "um": "um", "riscv64": "riscv"}
-
 
 def normalize_arch(name: str) -> str:
     """Map a user's ARCH spelling to rustko's name, or fail with the accepted spellings."""
-    try:
-        return ARCH_ALIASES[name.lower()]
-    except KeyError:
-        raise RustkoError(
-            f"unknown ARCH '{name}'",
-            f"use one of: {', '.join(sorted(ARCH_ALIASES))}",
-        ) from None
+    return arch.resolve(name).name
 
 
 def host_arch() -> str:
-    return ARCH_ALIASES.get(platform.machine().lower(), platform.machine().lower())
+    found = arch.host()
+    return found.name if found else platform.machine().lower()
 
 
 @dataclass(frozen=True)
@@ -147,15 +122,15 @@ def probe(kdir: str | os.PathLike[str] | None = None) -> KernelInfo:
     if config.get("CONFIG_MODULES") != "y":
         raise RustkoError(f"the kernel configured in {path} has no module support (CONFIG_MODULES is not set)",
                           "build for a kernel with CONFIG_MODULES=y")
-    arch = next((name for symbol, name in ARCH_CONFIG if config.get(symbol) == "y"), None)
-    if arch is None:
+    found = arch.from_config(config)
+    if found is None:
         raise RustkoError(f"{path}/.config is for an architecture rustko does not support",
-                          f"supported: {', '.join(KBUILD_ARCH)}")
+                          f"supported: {', '.join(a.name for a in arch.ALL)}")
     return KernelInfo(
         kdir=path.resolve(),
         release=_read_release(path),
         version=_read_version(path),
-        arch=arch,
+        arch=found.name,
         config=config,
         compiler=config.get("CONFIG_CC_VERSION_TEXT", '""').strip('"'),
     )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import arch as arches
+
 Version = tuple[int, ...]
 LATEST: Version = (99, 0)
 
@@ -86,8 +88,7 @@ class ArchRules:
     branch_partition: tuple[int, ...] = ()
 
     def name(self, rtype: int) -> str:
-        prefix = {"x86_64": "R_X86_64_", "um": "R_X86_64_", "arm64": "R_AARCH64_",
-                  "riscv64": "R_RISCV_"}[self.arch]
+        prefix = arches.resolve(self.arch).reloc_prefix
         return prefix + self.names.get(rtype, f"UNKNOWN_{rtype}")
 
     def accepts(self, rtype: int, version: Version) -> bool:
@@ -156,7 +157,7 @@ X86_NONZERO = Versioned((
 X86_SIZES: dict[int, int] = {1: 8, 10: 4, 11: 4, 2: 4, 4: 4, 24: 8}
 
 X86_64 = ArchRules(
-    arch="x86_64", e_machine=62, loader=X86_LOADER, names=X86_NAMES, accepted=X86_ACCEPTED,
+    arch="x86_64", e_machine=arches.X86_64.elf_machine, loader=X86_LOADER, names=X86_NAMES, accepted=X86_ACCEPTED,
     unknown=X86_UNKNOWN, hints=X86_HINTS,
     default_hint="this relocation type is never produced by `-Crelocation-model=static "
                  "-Ccode-model=kernel` (C: -mcmodel=kernel, no -fPIC): rebuild with those flags",
@@ -190,7 +191,7 @@ UM_NONZERO = Versioned(tuple((since, text.replace("module: ", "subarch: ", 1))
                              for since, text in X86_NONZERO.texts))
 
 UM = ArchRules(
-    arch="um", e_machine=62, loader=X86_LOADER + " via arch/x86/um/Makefile "
+    arch="um", e_machine=arches.UM.elf_machine, loader=X86_LOADER + " via arch/x86/um/Makefile "
     "(subarch-$(CONFIG_MODULES) += ../kernel/module.o)", names=X86_NAMES, accepted=X86_ACCEPTED,
     unknown=UM_UNKNOWN, hints=X86_HINTS,
     default_hint="this relocation type is never produced by `-Crelocation-model=static "
@@ -250,7 +251,7 @@ ARM64_GOT_HINT = (
     "`extern \"C\" { static ... }`"
 )
 ARM64 = ArchRules(
-    arch="arm64", e_machine=183, loader="arch/arm64/kernel/module.c apply_relocate_add",
+    arch="arm64", e_machine=arches.ARM64.elf_machine, loader="arch/arm64/kernel/module.c apply_relocate_add",
     names=ARM64_NAMES, accepted=ARM64_ACCEPTED,
     unknown=Versioned((
         ((0,), "module {name}: unsupported RELA relocation: {type}"),
@@ -283,7 +284,7 @@ _RISCV_SRC = "arch/riscv/kernel/module.c reloc_handlers_rela (6.1.192)"
 _RISCV_NEW = ("arch/riscv/kernel/module.c reloc_handlers (6.12.117); commit 8fd6c5142395 "
               "'riscv: Add remaining module relocations' (v6.8)")
 RISCV64 = ArchRules(
-    arch="riscv64", e_machine=243, loader="arch/riscv/kernel/module.c apply_relocate_add",
+    arch="riscv64", e_machine=arches.RISCV64.elf_machine, loader="arch/riscv/kernel/module.c apply_relocate_add",
     names=RISCV_NAMES,
     accepted={
         **{t: Accepted(source=_RISCV_SRC)
@@ -300,11 +301,8 @@ RISCV64 = ArchRules(
 )
 
 BY_ARCH: dict[str, ArchRules] = {r.arch: r for r in (X86_64, UM, ARM64, RISCV64)}
-BY_MACHINE: dict[int, str] = {62: "x86_64", 183: "arm64", 243: "riscv64"}
-ARCH_ALIASES: dict[str, str] = {
-    "x86_64": "x86_64", "x86": "x86_64", "amd64": "x86_64", "um": "um", "arm64": "arm64",
-    "aarch64": "arm64", "riscv": "riscv64", "riscv64": "riscv64",
-}
+BY_MACHINE: dict[int, str] = arches.BY_MACHINE
+ARCH_ALIASES: dict[str, str] = arches.ALIASES
 
 
 def rules_for(arch: str) -> ArchRules:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import cache
+from . import cache, debian
 from .errors import RustkoError
 
 PACKAGE = "user-mode-linux"
@@ -34,7 +34,6 @@ INSTALL_HINT = f"apt-get install {PACKAGE}   (Debian's UML kernel, its modules a
 KERNEL = Path("/usr/bin/linux.uml")
 MODULES = Path("/usr/lib/uml/modules")
 CONFIG = Path("/usr/share/doc/user-mode-linux/config.gz")
-DEB_DIRS: tuple[Path, ...] = (Path("/var/cache/apt/archives"),)
 
 # Bumped when the preparation recipe changes what lands in the cached KDIR.
 RECIPE_VERSION = "1"
@@ -91,14 +90,10 @@ def uml_releases() -> set[str]:
 
 
 def _dpkg_field(pkg: str, name: str) -> str:
-    try:
-        out = subprocess.run(["dpkg-query", "-W", f"-f=${{{name}}}", pkg], capture_output=True, text=True)
-    except OSError:
-        raise RustkoError("dpkg-query is not available: UML KDIR preparation needs a Debian system",
-                          "pass KDIR= a prepared UML kernel tree instead") from None
-    if out.returncode != 0:
+    value = debian.installed(pkg, name)
+    if value is None:
         raise RustkoError(f"{pkg} is not installed", INSTALL_HINT)
-    return out.stdout.strip()
+    return value
 
 
 def kdir_path(pkg: UmlPackage) -> Path:
@@ -149,34 +144,14 @@ def _source_tarball(pkg: UmlPackage, download: Path) -> Path:
     """`linux-source-SERIES.tar.xz` of exactly the version that built the packaged kernel."""
     name = f"linux-source-{pkg.series}"
     installed = Path("/usr/src") / f"{name}.tar.xz"
-    if installed.is_file() and _installed_version(name) == pkg.source_version:
+    if installed.is_file() and debian.installed(name) == pkg.source_version:
         return installed
-    deb_name = f"{name}_{pkg.source_version}_all.deb"
-    deb = next((folder / deb_name for folder in (cache.cache_root() / "debs", *DEB_DIRS)
-                if (folder / deb_name).is_file()), None)
-    if deb is None:
-        proc = subprocess.run(["apt-get", "download", f"{name}={pkg.source_version}"], cwd=download,
-                              capture_output=True, text=True)
-        deb = download / deb_name
-        if proc.returncode != 0 or not deb.is_file():
-            detail = (proc.stderr.strip().splitlines() or ["no .deb produced"])[-1]
-            raise RustkoError(f"apt-get download {name}={pkg.source_version} failed: {detail}",
-                              "run `apt-get update`; the UML kernel's exact source version must be "
-                              "in the archive (or pass KDIR= a prepared UML tree)")
-    member = f"./usr/src/{name}.tar.xz"
+    hint = ("run `apt-get update`; the UML kernel's exact source version must be in the archive "
+            "(or pass KDIR= a prepared UML tree)")
+    deb = debian.download(name, "all", download, hint=hint, version=pkg.source_version)
     out = download / f"{name}.tar.xz"
-    with open(out, "wb") as sink:
-        deb_proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-        tar = subprocess.run(["tar", "-xO", member], stdin=deb_proc.stdout, stdout=sink, stderr=subprocess.PIPE)
-        deb_proc.wait()
-    if deb_proc.returncode != 0 or tar.returncode != 0:
-        raise RustkoError(f"cannot unpack {member} from {deb}: {tar.stderr.decode(errors='replace').strip()}")
+    debian.extract_file(deb, f"./usr/src/{name}.tar.xz", out)
     return out
-
-
-def _installed_version(pkg: str) -> str | None:
-    out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _untar(tarball: Path, dest: Path) -> None:

@@ -15,7 +15,6 @@ import gzip
 import hashlib
 import io
 import os
-import platform
 import re
 import secrets
 import shlex
@@ -30,63 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from . import arch as arches
+from . import debian
+from .arch import Arch
 from .cache import cache_root, cached_dir
 from .errors import RustkoError
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How to boot one architecture: every per-arch fact the VM runner needs, as data."""
-
-    name: str
-    debian_arch: str  # Debian's name, for `pkg:arch` and .deb file names
-    elf_machine: str  # pyelftools' e_machine of modules built for it
-    host_machines: tuple[str, ...]  # `platform.machine()` values that can run its busybox natively
-    qemu: tuple[str, ...]  # QEMU binary and machine arguments; UML: the kernel's own arguments
-    qemu_package: str  # the Debian package that provides the QEMU binary (UML: the kernel)
-    console: str
-    uml: bool = False  # the kernel is a host program (User-Mode Linux), not a QEMU guest
-
-
-ARCHES: dict[str, ArchSpec] = {
-    "x86_64": ArchSpec(
-        name="x86_64",
-        debian_arch="amd64",
-        elf_machine="EM_X86_64",
-        host_machines=("x86_64", "amd64"),
-        qemu=("qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "512"),
-        qemu_package="qemu-system-x86",
-        console="ttyS0",
-    ),
-    "arm64": ArchSpec(
-        name="arm64",
-        debian_arch="arm64",
-        elf_machine="EM_AARCH64",
-        host_machines=("aarch64", "arm64"),
-        qemu=("qemu-system-aarch64", "-M", "virt", "-accel", "tcg", "-cpu", "max", "-m", "1024"),
-        qemu_package="qemu-system-arm",
-        console="ttyAMA0",
-    ),
-    # mem=3G: physical memory starts at 0x60000000 (where linux.uml is linked) and modules are
-    # vmalloc'ed above it (arch/um/include/asm/pgtable.h), so they land above 4 GiB, where a
-    # module built without -mcmodel=large overflows as it would on any big UML guest.
-    # con0=fd:0,fd:1 con=null: the console on stdio, no xterms for the other consoles.
-    "um": ArchSpec(
-        name="um",
-        debian_arch="amd64",
-        elf_machine="EM_X86_64",
-        host_machines=("x86_64", "amd64"),
-        qemu=("mem=3G", "con=null", "con0=fd:0,fd:1"),
-        qemu_package="user-mode-linux",
-        console="tty0",
-        uml=True,
-    ),
-}
-
-ARCH_ALIASES: dict[str, str] = {"x86": "x86_64", "amd64": "x86_64", "aarch64": "arm64"}
-
-# Where a Debian .deb may already sit, so a fetch can reuse it instead of downloading again.
-DEB_DIRS: tuple[Path, ...] = (Path("/var/cache/apt/archives"),)
 
 # Lines the kernel's module loader prints when it refuses a module (kernel/module/main.c,
 # arch/x86/kernel/module.c, arch/arm64/kernel/module.c, kernel/params.c in 6.1 and 6.12).
@@ -153,15 +101,13 @@ class VmResult:
         )
 
 
-def resolve_arch(arch: str) -> ArchSpec:
-    """Accept the names Kbuild users type (`x86`, `amd64`, `aarch64`) as well as ours."""
-    name = ARCH_ALIASES.get(arch, arch)
-    if name not in ARCHES:
-        raise RustkoError(
-            f"vmtest does not support architecture {arch!r}",
-            hint=f"use one of: {', '.join(ARCHES)}",
-        )
-    return ARCHES[name]
+def resolve_arch(name: str) -> Arch:
+    """The architecture record for any accepted spelling, if vmtest can boot it."""
+    found = arches.resolve(name) if name.lower() in arches.ALIASES else None
+    if found is None or found.vm is None:
+        raise RustkoError(f"vmtest does not support architecture {name!r}",
+                          hint=f"use one of: {', '.join(_bootable())}")
+    return found
 
 
 # --- the module --------------------------------------------------------------------------------
@@ -220,74 +166,44 @@ def _require_tool(tool: str, package: str) -> str:
     return found
 
 
-def _fetch_deb(package: str, debian_arch: str, dest: Path) -> Path:
-    """A .deb of `package`: one already in the cache or apt's archive, else `apt-get download`."""
-    pattern = f"{package}_*_{debian_arch}.deb"
-    for folder in (cache_root() / "debs", *DEB_DIRS):
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found[-1]
-    _require_tool("apt-get", "apt")
-    spec = package if debian_arch == _host_debian_arch() else f"{package}:{debian_arch}"
-    proc = subprocess.run(
-        ["apt-get", "download", spec], cwd=dest, capture_output=True, text=True
-    )
-    debs = sorted(dest.glob(pattern))
-    if proc.returncode != 0 or not debs:
-        detail = proc.stderr.strip().splitlines()
-        hint = "run `apt-get update`, or pass --kernel VMLINUZ"
-        if debian_arch != _host_debian_arch():
-            hint = f"run `dpkg --add-architecture {debian_arch} && apt-get update`, or pass --kernel"
-        raise RustkoError(
-            f"apt-get download {spec} failed: {detail[-1] if detail else 'no .deb produced'}",
-            hint=hint,
-        )
-    return debs[-1]
-
-
-def _host_debian_arch() -> str:
-    for spec in ARCHES.values():
-        if platform.machine() in spec.host_machines:
-            return spec.debian_arch
-    return platform.machine()
-
-
-def _extract(deb: Path, members: Sequence[str], dest: Path) -> None:
-    """Unpack only `members` (tar wildcards) of a .deb: the kernel image, not its 400 MB of modules."""
-    _require_tool("dpkg-deb", "dpkg")
-    deb_proc = subprocess.Popen(
-        ["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    tar = subprocess.run(
-        ["tar", "-x", "-C", str(dest), "--wildcards", *members],
-        stdin=deb_proc.stdout,
-        stderr=subprocess.PIPE,
-    )
-    _, deb_err = deb_proc.communicate()
-    if deb_proc.returncode != 0 or tar.returncode != 0:
-        message = (deb_err or tar.stderr).decode(errors="replace").strip()
-        raise RustkoError(f"cannot unpack {deb}: {message}")
-
-
-def _image_package(release: str) -> str:
-    """Debian's `linux-image-RELEASE-unsigned`: the same kernel and modules without the Secure Boot
-    signature, never installed, only unpacked, so no boot hooks run on this machine."""
+def image_packages(release: str) -> tuple[str, ...]:
+    """Debian's packages holding the kernel `release` without the Secure Boot signature, in the
+    order tried: `linux-image-RELEASE-unsigned` (up to 6.x), `linux-binary-unsigned-RELEASE` (7.x).
+    Never installed, only unpacked, so no boot hooks run on this machine."""
     if not re.fullmatch(r"[0-9][A-Za-z0-9.+~_-]*", release):
         raise RustkoError(f"{release!r} is not a kernel release")
-    return f"linux-image-{release}-unsigned"
+    return (f"linux-image-{release}-unsigned", f"linux-binary-unsigned-{release}")
+
+
+def _image_deb(release: str, debian_arch: str, download: Path) -> Path:
+    """The unsigned image .deb of `release`, from the host's apt or the release that has it."""
+    hint = "run `apt-get update`, or pass --kernel VMLINUZ"
+    names = image_packages(release)
+    for name in names:
+        found = sorted((cache_root() / "debs").glob(f"{name}_*_{debian_arch}.deb"))
+        if found:
+            return found[-1]
+    plus = re.search(r"\+deb(\d+)", release)
+    hinted = debian.DEB_NUMBER.get(plus.group(1)) if plus else None
+    for name in names:
+        try:
+            suite = debian.find(name, debian_arch, hinted)
+        except RustkoError:
+            continue
+        own = None if suite == debian.host_release() else suite
+        return debian.download(name, debian_arch, download, own, hint)
+    raise RustkoError(f"no Debian release has {' or '.join(f'{n}:{debian_arch}' for n in names)}", hint)
 
 
 def _unpacked_image(release: str, arch: str, what: str, members: Sequence[str]) -> Path:
     """`members` of the image package of `release`, fetched and unpacked once into cache/WHAT."""
     spec = resolve_arch(arch)
-    package = _image_package(release)
 
     def fill(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
-            deb = _fetch_deb(package, spec.debian_arch, Path(download))
-            _extract(deb, members, tmp)
+            debian.extract(_image_deb(release, spec.debian, Path(download)), tmp, members)
 
-    return cached_dir(cache_root() / what / spec.debian_arch / release, fill)
+    return cached_dir(cache_root() / what / spec.debian / release, fill)
 
 
 def debian_kernel(release: str, arch: str = "x86_64") -> Path:
@@ -295,7 +211,7 @@ def debian_kernel(release: str, arch: str = "x86_64") -> Path:
     folder = _unpacked_image(release, arch, "kernels", ["./boot/*"])
     vmlinuz = folder / "boot" / f"vmlinuz-{release}"
     if not vmlinuz.is_file():
-        raise RustkoError(f"{_image_package(release)} has no boot/vmlinuz-{release}; "
+        raise RustkoError(f"{image_packages(release)[0]} has no boot/vmlinuz-{release}; "
                           f"the cache at {folder} is stale")
     return vmlinuz
 
@@ -309,7 +225,7 @@ def debian_modules(release: str, arch: str = "x86_64") -> Path:
     folder = _unpacked_image(release, arch, "modules", ["./lib/modules"])
     tree = folder / "lib" / "modules" / release
     if not tree.is_dir():
-        raise RustkoError(f"{_image_package(release)} has no lib/modules/{release}; "
+        raise RustkoError(f"{image_packages(release)[0]} has no lib/modules/{release}; "
                           f"the cache at {folder} is stale")
     return tree
 
@@ -353,9 +269,9 @@ class Cpio:
         return gzip.compress(self.buffer.getvalue(), compresslevel=6, mtime=0)
 
 
-def _busybox(spec: ArchSpec) -> bytes:
+def _busybox(spec: Arch) -> bytes:
     """A static busybox for the guest: the host's when it runs natively, else Debian's package."""
-    if platform.machine() in spec.host_machines:
+    if arches.runs_natively(spec):
         host = Path("/bin/busybox")
         if not host.is_file():
             raise RustkoError("busybox is not installed", hint="apt-get install busybox-static")
@@ -363,14 +279,15 @@ def _busybox(spec: ArchSpec) -> bytes:
 
     def fill(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
-            deb = _fetch_deb("busybox-static", spec.debian_arch, Path(download))
-            _extract(deb, ["./bin/busybox"], tmp)
+            hint = f"run `dpkg --add-architecture {spec.debian} && apt-get update`, or pass --kernel"
+            deb = debian.download("busybox-static", spec.debian, Path(download), hint=hint)
+            debian.extract(deb, tmp, ["./bin/busybox"])
 
-    folder = cached_dir(cache_root() / "busybox" / spec.debian_arch, fill)
+    folder = cached_dir(cache_root() / "busybox" / spec.debian, fill)
     return (folder / "bin" / "busybox").read_bytes()
 
 
-def base_initramfs(spec: ArchSpec) -> Path:
+def base_initramfs(spec: Arch) -> Path:
     """The busybox part of every guest, built once per busybox binary and reused."""
     busybox = _busybox(spec)
     key = hashlib.sha256(busybox).hexdigest()[:16]
@@ -384,7 +301,7 @@ def base_initramfs(spec: ArchSpec) -> Path:
         archive.symlink("bin/sh", "busybox")
         (tmp / "base.cpio.gz").write_bytes(archive.gzipped())
 
-    return cached_dir(cache_root() / "initramfs" / f"{spec.debian_arch}-{key}", fill) / "base.cpio.gz"
+    return cached_dir(cache_root() / "initramfs" / f"{spec.debian}-{key}", fill) / "base.cpio.gz"
 
 
 def kmsg_marker(token: str) -> str:
@@ -507,35 +424,37 @@ def vmtest(
     """Boot `kernel` (default: Debian's image for the module's vermagic) and load the module in it,
     with module parameters `params` (`NAME=VALUE`, as insmod takes them)."""
     spec = resolve_arch(arch)
+    boot = spec.vm
+    assert boot is not None  # resolve_arch refuses architectures without one
     info = read_module(Path(module))
-    if info.elf_machine != spec.elf_machine:
+    if info.elf_machine != spec.elf_machine_name:
         raise RustkoError(
             f"{info.path} is built for {info.elf_machine}, not for {spec.name}",
-            hint=f"pass the matching --arch ({', '.join(ARCHES)})",
+            hint=f"pass the matching --arch ({', '.join(_bootable())})",
         )
     if kernel is None:
         if not info.release:
             raise RustkoError(
                 f"{info.path} has no vermagic, so its kernel is unknown", hint="pass --kernel VMLINUZ"
             )
-        vmlinuz = _uml_kernel(info) if spec.uml else debian_kernel(info.release, spec.name)
+        vmlinuz = _uml_kernel(info) if boot.uml else debian_kernel(info.release, spec.name)
     else:
         vmlinuz = Path(kernel)
         if not vmlinuz.is_file() or not os.access(vmlinuz, os.R_OK):
             raise RustkoError(f"kernel image {vmlinuz} does not exist or is not readable")
-    qemu = "" if spec.uml else _require_tool(spec.qemu[0], spec.qemu_package)
+    qemu = "" if boot.uml else _require_tool(boot.command[0], boot.package)
     base = base_initramfs(spec)
     token = secrets.token_hex(6)
     result = VmResult(module=info.name, kernel=vmlinuz, arch=spec.name)
     with tempfile.TemporaryDirectory(prefix="rustko-vm-") as tmp:
         initrd = Path(tmp) / "initrd.gz"
         initrd.write_bytes(base.read_bytes() + run_initramfs(token, info, run, params))
-        if spec.uml:
-            argv = [str(vmlinuz), *spec.qemu, f"initrd={initrd}", "loglevel=4"]
+        if boot.uml:
+            argv = [str(vmlinuz), *boot.command, f"initrd={initrd}", "loglevel=4"]
         else:
             argv = [
                 qemu,
-                *spec.qemu[1:],
+                *boot.command[1:],
                 "-nographic",
                 "-no-reboot",
                 "-nic",
@@ -545,27 +464,27 @@ def vmtest(
                 "-initrd",
                 str(initrd),
                 "-append",
-                f"console={spec.console} panic=-1 loglevel=4",
+                f"console={boot.console} panic=-1 loglevel=4",
             ]
         # UML keeps its memory in a file under $TMPDIR and may dump core into its working
         # folder on a panic: both go to the run's own folder. Its helper processes share its
         # process group, so a timeout kills them all.
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                cwd=tmp, env={**os.environ, "TMPDIR": tmp}, start_new_session=spec.uml)
+                                cwd=tmp, env={**os.environ, "TMPDIR": tmp}, start_new_session=boot.uml)
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            if spec.uml:
+            if boot.uml:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.kill()
             output, _ = proc.communicate()
-            result.failure = f"timed out after {timeout:g} s; {'UML' if spec.uml else 'QEMU'} was killed"
+            result.failure = f"timed out after {timeout:g} s; {'UML' if boot.uml else 'QEMU'} was killed"
         result.seconds = time.monotonic() - started
     result.console = output.decode("utf-8", "replace")
     if proc.returncode not in (0, None) and result.failure is None and "@@" + token not in result.console:
         raise RustkoError(
-            f"{vmlinuz if spec.uml else spec.qemu[0]} failed (exit {proc.returncode}): {result.console.strip()[-500:]}",
+            f"{vmlinuz if boot.uml else boot.command[0]} failed (exit {proc.returncode}): {result.console.strip()[-500:]}",
             hint="check the kernel image path and that it is for this architecture",
         )
     parse_console(result.console, token, result, run)
@@ -630,12 +549,16 @@ def arch_of(module: Path | str) -> str:
 
     info = read_module(Path(module))
     machine = info.elf_machine
-    if machine == ARCHES["um"].elf_machine and info.release in uml_releases():
+    if machine == arches.UM.elf_machine_name and info.release in uml_releases():
         return "um"
-    for spec in ARCHES.values():
-        if spec.elf_machine == machine:
+    for spec in arches.ALL:
+        if spec.vm and not spec.vm.uml and spec.elf_machine_name == machine:
             return spec.name
-    raise RustkoError(f"vmtest cannot boot {machine} modules", hint=f"supported: {', '.join(ARCHES)}")
+    raise RustkoError(f"vmtest cannot boot {machine} modules", hint=f"supported: {', '.join(_bootable())}")
+
+
+def _bootable() -> list[str]:
+    return [a.name for a in arches.ALL if a.vm]
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -665,7 +588,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="kernel image to boot (default: Debian's linux-image for the module's vermagic; "
         "for um, /usr/bin/linux.uml)",
     )
-    parser.add_argument("--arch", help=f"guest architecture: {', '.join(ARCHES)} (default: the module's)")
+    parser.add_argument("--arch", help=f"guest architecture: {', '.join(_bootable())} (default: the module's)")
     parser.add_argument(
         "--run",
         dest="commands",
