@@ -22,6 +22,10 @@ from SCons.Script import BoolVariable, Variables
 from . import build, cache, kbuild, project
 from .errors import RustkoError, internal_error
 
+# The library package itself: a site_scons copy of the tool (site_tools/rustko) is imported by
+# SCons under the library's name, and puts this back in its place (see that tool's __init__).
+LIBRARY = sys.modules[__package__]
+
 VARIABLES: tuple[tuple[str, str], ...] = (
     ("KDIR", "kernel build directory (default: /lib/modules/$(uname -r)/build)"),
     ("ARCH", "target architecture: x86_64, arm64, um (aliases x86, amd64, aarch64); must match KDIR"),
