@@ -436,8 +436,7 @@ def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj:
 def kbuild_job(target: Target, spec: ModuleSpec) -> kbuild.KbuildJob:
     return kbuild.KbuildJob(kernel=target.kernel, build_dir=spec.kbuild_dir,
                             cross_compile=target.options.cross_compile, llvm=target.options.llvm,
-                            verbose=target.options.verbose, extra_symbols=spec.extra_symbols,
-                            source_dirs=[spec.project_dir])
+                            verbose=target.options.verbose, extra_symbols=spec.extra_symbols)
 
 
 def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None = None) -> CrateOutput:

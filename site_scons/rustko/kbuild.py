@@ -249,7 +249,6 @@ class KbuildJob:
     llvm: bool = False
     verbose: int = 0             # Kbuild's V: 1 command lines, 2 also why each target is rebuilt
     extra_symbols: Sequence[Path] = ()   # other modules' Module.symvers (KBUILD_EXTRA_SYMBOLS)
-    source_dirs: Sequence[Path] = ()     # the project, mapped away like the build directory
     extra_make_args: list[str] = field(default_factory=list)
 
     def make_command(self) -> list[str]:
@@ -264,8 +263,7 @@ class KbuildJob:
         if self.extra_symbols:
             cmd.append("KBUILD_EXTRA_SYMBOLS=" + " ".join(str(path) for path in self.extra_symbols))
         # Reproducible: the build directory's absolute path must not reach the object files.
-        cmd.append("KCFLAGS=" + " ".join(f"-ffile-prefix-map={folder}/=" for folder in
-                                         [self.build_dir, *self.source_dirs]))
+        cmd.append(f"KCFLAGS=-ffile-prefix-map={self.build_dir}/=")
         cmd.append(f"V={int(self.verbose)}")
         cmd.extend(self.extra_make_args)
         cmd.append("modules")

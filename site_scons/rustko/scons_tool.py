@@ -412,6 +412,7 @@ def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: 
     what its exported functions need), ready for a C Kbuild module to link (as `X.o_shipped`)."""
     obj = env.File(target)
     name = crate_name or obj.name.split(".")[0].replace("-", "_")
+    tgt = None if _reading_only(env) else _target(env)
     spec, out_dir, work, sources = _crate(env, name, source, manifest, str(obj.dir.abspath), rustflags,
                                           {"license": "GPL"}, None, None, [])
     spec = dataclasses.replace(spec, work=Path(obj.dir.abspath) / f".{obj.name}.rustko")
@@ -419,8 +420,7 @@ def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: 
     overrides: dict[str, Any] = {"RUSTKO_SPEC": spec, "RUSTKO_PLAN": None, "RUSTKO_SIGNATURE": "",
                                  "RUSTKO_DEPFILE": str(spec.dep_file), "RUSTKO_PROJECT": str(spec.project_dir),
                                  "RUSTKO_WORK": str(spec.work)}
-    if not _reading_only(env):
-        tgt = _target(env)
+    if tgt is not None:
         plan = _user(build.plan, tgt, spec, None, Path(obj.abspath))
         overrides.update(RUSTKO_PLAN=plan, RUSTKO_SIGNATURE=_signature(
             *(shlex.join(cmd) for _dep, cmd in plan.dependencies), shlex.join(plan.rustc), shlex.join(plan.link)))
@@ -459,6 +459,7 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     meta = {"license": license, "author": author, "description": description, "version": version,
             "params": params or {}}
     extra, waits = _symvers(env, extra_symbols)
+    tgt = None if _reading_only(env) else _target(env)
     spec, out_dir, work, sources = _crate(env, name, source, manifest, build_dir, rustflags, meta,
                                           c_sources, ccflags, extra)
     _database(env, out_dir)
@@ -469,14 +470,13 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
         "RUSTKO_DEPFILE": str(spec.dep_file), "RUSTKO_PROJECT": str(spec.project_dir), "RUSTKO_WORK": work.abspath,
         "CPPPATH": [n.dir for n in sources[1:]] + [env.Dir(str(spec.project_dir / f[2:]))
                                                    for f in spec.ccflags if f.startswith("-I") and "$" not in f]}
-    if not _reading_only(env):
-        tgt = _target(env)
+    if tgt is not None:
         plan = _user(build.plan, tgt, spec)
         overrides.update(RUSTKO_PLAN=plan, RUSTKO_SIGNATURE=_signature(
             *(_command_text(cmd) for cmd in plan.commands()), _digest(plan.kbuild_text), _digest(plan.shim_text)))
     nodes = MODULE(env, [unchecked, work.File(f"{name}_rust.o")], sources, **overrides)
-    if not _reading_only(env):
-        env.Depends(nodes, [*_kernel_files(env, _target(env)), *waits])
+    if tgt is not None:
+        env.Depends(nodes, [*_kernel_files(env, tgt), *waits])
     _SYMVERS[published] = spec.kbuild_dir / "Module.symvers"
     ko = RustkoCheck(env, published, nodes[0])
     env.Clean(ko, work)
