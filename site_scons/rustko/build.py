@@ -264,7 +264,8 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
 
 def _extract_member(archive: Path, crate: str, out: Path) -> None:
     """The crate's own object out of rustc's staticlib (a GNU `ar` archive: after fat LTO, one
-    member named `<crate>-<hash>.<crate>.<hash>-cgu.0.rcgu.o` beside compiler_builtins')."""
+    member named `<crate>.<crate>.<hash>-cgu.0.rcgu.o` beside `libcompiler_builtins.*`, seen
+    with rustc 1.96)."""
     data = archive.read_bytes()
     names = b""
     offset = 8  # b"!<arch>\n"
@@ -279,7 +280,7 @@ def _extract_member(archive: Path, crate: str, out: Path) -> None:
             name = names[start:names.index(b"\n", start)].decode().rstrip("/")
         else:
             name = name.rstrip("/")
-        if name.startswith(f"{crate}-") and name.endswith(".o"):
+        if name.split(".")[0] == crate and name.endswith(".o"):
             out.write_bytes(body)
             return
         offset += 60 + size + (size & 1)
@@ -461,11 +462,18 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
     return crate
 
 
-def check(target: Target, ko: Path) -> None:
-    """Fail the build, with the checker's report, when the target kernel would refuse `ko`."""
-    from .check import check_module, format_report
+def check(target: Target, ko: Path, extra_symbols: Sequence[Path] = ()) -> None:
+    """Fail the build, with the checker's report, when the target kernel would refuse `ko`;
+    `extra_symbols` (KBUILD_EXTRA_SYMBOLS) are exports of modules loaded before it."""
+    from .check import check_module, format_report, kernel_view, read_symvers
 
-    findings = check_module(ko, kernel=target.kernel)
+    view = kernel_view(str(target.kernel.kdir))
+    if extra_symbols and view.exports is not None:
+        exports = dict(view.exports)
+        for symvers in extra_symbols:
+            exports.update(read_symvers(Path(symvers)))
+        view = replace(view, exports=exports)
+    findings = check_module(ko, kernel=view)
     if findings:
         print(format_report(findings, ko).rstrip(), file=sys.stderr)
         raise RustkoError(f"{ko.name} would be refused by kernel {target.kernel.release}: "

@@ -233,11 +233,14 @@ def _object_action(target: list[Any], source: list[Any], env: Any) -> int:
     spec: build.ModuleSpec = env["RUSTKO_SPEC"]
     try:
         tgt = build.with_rustflags(_target(env), list(spec.rustflags))
+        spec.work.mkdir(parents=True, exist_ok=True)
         tgt.sysroot(log=lambda crate, cmd: _say(env, f"  SYSROOT {crate} (once per rustc and flag set)"))
         linked = (build.compile_dependencies(tgt, spec.deps, spec.work / "deps", list(spec.rustflags))
                   if spec.deps else [])
         build.compile_crate(tgt, spec.name, spec.source, Path(target[0].abspath), spec.dep_file,
                             spec.project_dir, spec.edition, [*spec.rustflags, *linked], entry=None)
+        for companion in target[1:]:  # Kbuild's .X.o.cmd: empty, so modpost asks nothing more
+            Path(companion.abspath).write_text("")
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         return _fail(err)
     return 0
@@ -259,7 +262,7 @@ OBJECT = SCons.Builder.Builder(
 def _check_action(target: list[Any], source: list[Any], env: Any) -> int:
     """Check the built .ko; only a module the kernel would load reaches the target path."""
     try:
-        build.check(_target(env), Path(source[0].abspath))
+        build.check(_target(env), Path(source[0].abspath), env.get("RUSTKO_EXTRA_SYMBOLS") or ())
         shutil.copyfile(source[0].abspath, target[0].abspath)
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         return _fail(err)
@@ -313,6 +316,7 @@ def KbuildModule(env: Any, target: str, source: list[Any] | str, extra_symbols: 
 
 # --- the pseudo-builders a user calls ------------------------------------------------------------
 
+_PUBLISHED: dict[str, set[str]] = {}  # build folder -> the modules published there
 _SYMVERS: dict[Any, Path] = {}   # a RustKernelModule's .ko node -> the Module.symvers Kbuild writes
 
 
@@ -409,7 +413,9 @@ def _tidy_after_clean() -> None:
 def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: list[str] | None = None,
                manifest: str = "Cargo.toml", crate_name: str | None = None) -> Any:
     """The crate compiled to one relocatable object with the target kernel's flags (fat LTO: only
-    what its exported functions need), ready for a C Kbuild module to link (as `X.o_shipped`)."""
+    what its exported functions need), ready for a C Kbuild module to link: name the target
+    `X.o_shipped` in the module's folder and list `X.o` in its Kbuild file (the empty `.X.o.cmd`
+    Kbuild's modpost wants comes with it)."""
     obj = env.File(target)
     name = crate_name or obj.name.split(".")[0].replace("-", "_")
     tgt = None if _reading_only(env) else _target(env)
@@ -424,20 +430,23 @@ def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: 
         plan = _user(build.plan, tgt, spec, None, Path(obj.abspath))
         overrides.update(RUSTKO_PLAN=plan, RUSTKO_SIGNATURE=_signature(
             *(shlex.join(cmd) for _dep, cmd in plan.dependencies), shlex.join(plan.rustc), shlex.join(plan.link)))
-    nodes = OBJECT(env, obj, sources, **overrides)
+    # Kbuild takes a prebuilt object as X.o_shipped, with an (empty) .X.o.cmd beside it.
+    companions = [obj.dir.File(f".{obj.name[:-len('_shipped')]}.cmd")] if obj.name.endswith(".o_shipped") else []
+    nodes = OBJECT(env, [obj, *companions], sources, **overrides)
     env.Clean(nodes, env.Dir(str(spec.work)))
     return nodes[0]
 
 
-def RustkoCheck(env: Any, target: str, source: Any) -> Any:
+def RustkoCheck(env: Any, target: str, source: Any, extra_symbols: list[Any] | None = None) -> Any:
     """The loadability check of any .ko for this environment's kernel; the target is the module
-    itself, copied only when the kernel would load it."""
-    overrides = {"RUSTKO_CHECKER": ""}
+    itself, copied only when the kernel would load it. `extra_symbols`: as for Kbuild."""
+    extra, waits = _symvers(env, extra_symbols)
+    overrides: dict[str, Any] = {"RUSTKO_CHECKER": "", "RUSTKO_EXTRA_SYMBOLS": tuple(extra)}
     ko = env.File(target)
     if not _reading_only(env):
         tgt = _target(env)
-        overrides["RUSTKO_CHECKER"] = _signature(tgt.kernel.release, str(tgt.kernel.kdir))
-        env.Depends(ko, _kernel_files(env, tgt))
+        overrides["RUSTKO_CHECKER"] = _signature(tgt.kernel.release, str(tgt.kernel.kdir), *map(str, extra))
+        env.Depends(ko, [*_kernel_files(env, tgt), *waits])
     return CHECK(env, ko, source, **overrides)[0]
 
 
@@ -456,6 +465,12 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     `build_dir` is relative to the SConscript (so a variant_dir build writes under the variant).
     """
     _user(project.check_name, name)
+    if f"{name}.ko" in _PUBLISHED.get(env.Dir(build_dir).abspath, ()):
+        raise SCons.Errors.UserError(
+            f"error: {env.Dir(build_dir).File(name + '.ko').get_path()} would be built twice (two "
+            "environments, e.g. two Clone(KDIR=...), or two calls)\n  help: give each its own "
+            'build_dir=, e.g. build_dir=f"build/{tag}"')
+    _PUBLISHED.setdefault(env.Dir(build_dir).abspath, set()).add(f"{name}.ko")
     meta = {"license": license, "author": author, "description": description, "version": version,
             "params": params or {}}
     extra, waits = _symvers(env, extra_symbols)
@@ -478,7 +493,7 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     if tgt is not None:
         env.Depends(nodes, [*_kernel_files(env, tgt), *waits])
     _SYMVERS[published] = spec.kbuild_dir / "Module.symvers"
-    ko = RustkoCheck(env, published, nodes[0])
+    ko = RustkoCheck(env, published, nodes[0], extra_symbols)
     env.Clean(ko, work)
     booted = env.Alias(f"vmtest-{name}", ko, SCons.Action.Action(_vmtest_action, f"  VMTEST  {name}.ko"))
     env.AlwaysBuild(booted)
