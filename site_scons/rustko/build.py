@@ -12,14 +12,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from . import flags as flagset
 from . import arch as arches
-from . import kbuild, project, sysroot, toolchain
+from . import cache, kbuild, project, sysroot, toolchain
 from .errors import RustkoError
 from .kernel import KernelInfo, normalize_arch, probe
 
@@ -36,7 +35,7 @@ class Options:
     llvm: bool = False
     rustc: str | None = None
     rust_lib_src: str | None = None
-    verbose: bool = False
+    verbose: int = 0               # V=1: command lines; V=2: Kbuild also says why it rebuilds
     sign_key: str | None = None    # PEM private key: sign the .ko the way Kbuild's modules_sign does
     sign_cert: str | None = None   # its X.509 certificate (PEM or DER)
 
@@ -120,17 +119,39 @@ class CrateOutput:
     dep_file: Path
 
 
-def crate_command(target: Target, name: str, source: Path, project_dir: Path, archive: Path,
+def planned_sysroot(target: Target) -> sysroot.Sysroot:
+    """Where `target.sysroot()` puts the sysroot: known before it is built, so that the rustc
+    command line (part of each object's SCons signature) can be written down first."""
+    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=flagset.target(target.kernel))
+
+
+def scratch_dir(obj: Path) -> Path:
+    """rustc's own output folder for `obj` (the archive and its intermediates), beside it."""
+    return obj.parent / f".{obj.name}.rustc"
+
+
+def crate_command(target: Target, name: str, source: Path, project_dir: Path, obj: Path,
                   dep_file: Path, edition: str, extra: list[str]) -> list[str]:
-    sysroot = target.sysroot()
-    root = sysroot.path
+    """The rustc command that compiles the crate for `obj`: the same string before and after the
+    sysroot exists, so it can stand in SCons's signature of `obj` (Kbuild's if_changed)."""
+    root = planned_sysroot(target)
+    scratch = scratch_dir(obj)
     return [str(target.toolchain.rustc), *target.flags, *extra,
             f"--edition={edition}", "--crate-type=staticlib", f"--crate-name={name}",
-            "-Clto=fat", f"--sysroot={root}", f"--extern=rustko={sysroot.support_crate}",
-            f"--remap-path-prefix={project_dir}={name}", f"--remap-path-prefix={root}=/sysroot",
+            "-Clto=fat", f"--sysroot={root.path}", f"--extern=rustko={root.support_crate}",
+            f"--remap-path-prefix={project_dir}={name}", f"--remap-path-prefix={root.path}=/sysroot",
             # --out-dir: rustc's intermediate objects go there, not into the project (its cwd).
-            f"--out-dir={archive.parent}", f"--emit=link={archive},dep-info={dep_file}",
+            f"--out-dir={scratch}", f"--emit=link={scratch / f'lib{name}.a'},dep-info={dep_file}",
             os.path.relpath(source, project_dir)]
+
+
+def link_command(target: Target, name: str, obj: Path, entry: str | None) -> list[str]:
+    """`ld -r` of the crate's archive into `obj`: with `entry`, only what that symbol needs (the
+    module's rust_init); without, the crate's whole object (RustObject, linked by a C module)."""
+    scratch = scratch_dir(obj)
+    root = ["-u", entry] if entry else [str(scratch / f"{name}.o")]
+    return [target.linker, "-m", arches.resolve(target.kernel.arch).ld_emulation, "-r", *root, "-o", str(obj),
+            str(scratch / f"lib{name}.a")]
 
 
 def with_rustflags(target: Target, extra: list[str]) -> Target:
@@ -152,50 +173,66 @@ def _rustc(target: Target, cmd: list[str], cwd: Path, what: str, log: Log | None
         raise RustkoError(f"{what} does not compile", "rustc's messages above say where and why", exit_code=1)
 
 
-def compile_dependencies(target: Target, deps: Sequence[project.Dependency], out_dir: Path,
-                         extra: list[str], log: Log | None = None) -> list[str]:
-    """Each path dependency as an rlib (with bitcode, so the module's fat LTO keeps only what it
-    uses), dependencies first; returns the rustc arguments that make them visible."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sysroot = target.sysroot()
+def dependency_commands(target: Target, deps: Sequence[project.Dependency], out_dir: Path,
+                        extra: list[str]) -> tuple[list[tuple[project.Dependency, list[str]]], list[str]]:
+    """Each path dependency's rustc command (an rlib with bitcode, so the module's fat LTO keeps
+    only what it uses), dependencies first; and the rustc arguments that make them visible."""
+    sysroot = planned_sysroot(target)
     built: dict[Path, Path] = {}
+    commands: list[tuple[project.Dependency, list[str]]] = []
 
-    def build_one(dep: project.Dependency) -> Path:
+    def plan_one(dep: project.Dependency) -> Path:
         if dep.root in built:
             return built[dep.root]
-        externs = [f"--extern={sub.extern}={build_one(sub)}" for sub in dep.deps]
+        externs = [f"--extern={sub.extern}={plan_one(sub)}" for sub in dep.deps]
         rlib = out_dir / f"lib{dep.crate}.rlib"
         if rlib in built.values():
             raise RustkoError(f"two dependencies are both named `{dep.crate}`",
                               "rename one of the crates ([package] name in its Cargo.toml)")
-        cmd = [str(target.toolchain.rustc), *target.flags, *extra, f"--edition={dep.edition}",
-               "--crate-type=rlib", f"--crate-name={dep.crate}", "-Cembed-bitcode=yes",
-               f"--sysroot={sysroot.path}", f"--extern=rustko={sysroot.support_crate}", *externs,
-               f"-Ldependency={out_dir}", f"--remap-path-prefix={dep.folder}={dep.crate}",
-               f"--remap-path-prefix={sysroot.path}=/sysroot", f"--out-dir={out_dir}",
-               f"--emit=link={rlib},dep-info={out_dir / dep.crate}.d", os.path.relpath(dep.root, dep.folder)]
-        _rustc(target, cmd, dep.folder, f"dependency `{dep.extern}` ({dep.root})", log)
+        commands.append((dep, [
+            str(target.toolchain.rustc), *target.flags, *extra, f"--edition={dep.edition}",
+            "--crate-type=rlib", f"--crate-name={dep.crate}", "-Cembed-bitcode=yes",
+            f"--sysroot={sysroot.path}", f"--extern=rustko={sysroot.support_crate}", *externs,
+            f"-Ldependency={out_dir}", f"--remap-path-prefix={dep.folder}={dep.crate}",
+            f"--remap-path-prefix={sysroot.path}=/sysroot", f"--out-dir={out_dir}",
+            f"--emit=link={rlib},dep-info={out_dir / dep.crate}.d", os.path.relpath(dep.root, dep.folder)]))
         built[dep.root] = rlib
         return rlib
 
-    return [f"-Ldependency={out_dir}", *(f"--extern={dep.extern}={build_one(dep)}" for dep in deps)]
+    externs = [f"--extern={dep.extern}={plan_one(dep)}" for dep in deps]
+    return commands, ([f"-Ldependency={out_dir}", *externs] if deps else [])
+
+
+def compile_dependencies(target: Target, deps: Sequence[project.Dependency], out_dir: Path,
+                         extra: list[str], log: Log | None = None) -> list[str]:
+    """Run `dependency_commands`; returns the rustc arguments that make the dependencies visible."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target.sysroot()
+    commands, linked = dependency_commands(target, deps, out_dir, extra)
+    for dep, cmd in commands:
+        _rustc(target, cmd, dep.folder, f"dependency `{dep.extern}` ({dep.root})", log)
+    return linked
 
 
 def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: Path,
                   project_dir: Path, edition: str = "2021", extra: list[str] | None = None,
-                  log: Log | None = None) -> CrateOutput:
+                  log: Log | None = None, entry: str | None = "rust_init") -> CrateOutput:
     """rustc (fat LTO, one codegen unit) then `ld -r`: one object with only the code it uses.
     `target` must already carry the sysroot flags `extra` needs (`with_rustflags`); `extra`
-    also carries the dependencies' --extern arguments."""
+    also carries the dependencies' --extern arguments. `entry`: see `link_command`."""
     obj.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".rustko-", dir=obj.parent) as tmp:
-        archive = Path(tmp) / f"lib{name}.a"
-        cmd = crate_command(target, name, source, project_dir, archive, dep_file, edition, extra or [])
+    scratch = scratch_dir(obj)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        target.sysroot()
+        cmd = crate_command(target, name, source, project_dir, obj, dep_file, edition, extra or [])
         _rustc(target, cmd, project_dir, f"the crate of module {name} ({source})", log)
-        # Pull from the archive only what rust_init needs: the crate's object, plus the
+        if entry is None:
+            _extract_member(scratch / f"lib{name}.a", name, scratch / f"{name}.o")
+        # Pull from the archive only what is needed: the crate's object, plus the
         # compiler_builtins object when (and only when) it is referenced.
-        link = [target.linker, "-m", arches.resolve(target.kernel.arch).ld_emulation, "-r", "-u", "rust_init", "-o", str(obj),
-                str(archive)]
+        link = link_command(target, name, obj, entry)
         if log and target.options.verbose:
             log(" ".join(link))
         try:
@@ -205,13 +242,40 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
                               "install binutils for the target (CROSS_COMPILE), or set LLVM=1") from None
         if linked.returncode != 0:
             raise RustkoError(f"`{' '.join(link)}` failed: {linked.stderr.strip()}", exit_code=1)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     symbols, undefined = object_symbols(obj)
     _refuse_runtime_gaps(name, undefined)
-    if "rust_init" not in symbols:
-        raise RustkoError(f"the crate of module {name} defines no `rust_init`",
+    if entry and entry not in symbols:
+        raise RustkoError(f"the crate of module {name} defines no `{entry}`",
                           'add `#[unsafe(no_mangle)] pub extern "C" fn rust_init() -> i32` '
                           "(return 0 or a negative errno)", exit_code=1)
     return CrateOutput(obj=obj, dep_file=dep_file)
+
+
+def _extract_member(archive: Path, crate: str, out: Path) -> None:
+    """The crate's own object out of rustc's staticlib (a GNU `ar` archive: after fat LTO, one
+    member named `<crate>.<crate>.<hash>-cgu.0.rcgu.o` beside `libcompiler_builtins.*`, seen
+    with rustc 1.96)."""
+    data = archive.read_bytes()
+    names = b""
+    offset = 8  # b"!<arch>\n"
+    while offset + 60 <= len(data):
+        header = data[offset:offset + 60]
+        name, size = header[:16].decode().rstrip(), int(header[48:58].decode())
+        body = data[offset + 60:offset + 60 + size]
+        if name == "//":
+            names = body
+        elif name.startswith("/") and name[1:].isdigit():
+            start = int(name[1:])
+            name = names[start:names.index(b"\n", start)].decode().rstrip("/")
+        else:
+            name = name.rstrip("/")
+        if name.split(".")[0] == crate and name.endswith(".o"):
+            out.write_bytes(body)
+            return
+        offset += 60 + size + (size & 1)
+    raise RustkoError(f"rustc's archive {archive} holds no object of crate {crate}", exit_code=1)
 
 
 def object_symbols(obj: Path) -> tuple[set[str], set[str]]:
@@ -265,10 +329,14 @@ MOD_RE = re.compile(r'^[ \t]*(?:#\[path\s*=\s*"([^"]+)"\]\s*)?(?:pub(?:\([^)]*\)
                     re.MULTILINE)
 
 
+INCLUDE_RE = re.compile(r'\binclude_(?:str|bytes)!\s*\(\s*"([^"]+)"\s*\)')
+
+
 def mod_files(root: Path) -> list[Path]:
-    """Before the first build there is no dep-info: follow `mod name;` declarations instead,
-    with rustc's rules (`name.rs` or `name/mod.rs`, beside a mod.rs/lib.rs or in a folder named
-    after a non-mod.rs file; `#[path]` relative to the declaring file's folder)."""
+    """The files a crate reads, found before rustc runs (so SCons knows a new `mod x;` at once,
+    not one build late): `mod name;` declarations with rustc's rules (`name.rs` or `name/mod.rs`,
+    beside a mod.rs/lib.rs or in a folder named after a non-mod.rs file; `#[path]` relative to
+    the declaring file's folder), and `include_str!`/`include_bytes!` relative to the file."""
     found: set[Path] = set()
     todo = [root]
     while todo:
@@ -279,6 +347,8 @@ def mod_files(root: Path) -> list[Path]:
         text = re.sub(r"//[^\n]*", "", current.read_text(errors="replace"))
         owns_dir = current.name in ("mod.rs", "lib.rs", "main.rs") or current == root
         base = current.parent if owns_dir else current.parent / current.stem
+        found.update(current.parent / path for path in INCLUDE_RE.findall(text)
+                     if (current.parent / path).is_file())
         for path_attr, _raw, name in MOD_RE.findall(text):
             if path_attr:
                 todo.append(current.parent / path_attr)
@@ -287,37 +357,114 @@ def mod_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def build_module(target: Target, info: kbuild.ModuleInfo, source: Path, project_dir: Path, work: Path,
-                 out_ko: Path, edition: str = "2021", extra: list[str] | None = None,
-                 c_sources: Sequence[Path] = (), log: Log | None = None,
-                 deps: Sequence[project.Dependency] = ()) -> CrateOutput:
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One module to build: the crate, its metadata and its C side."""
+
+    info: kbuild.ModuleInfo
+    source: Path                          # the crate root (src/lib.rs)
+    project_dir: Path                     # the crate's folder (its Cargo.toml's)
+    work: Path                            # rustko's own folder for this module: build/.rustko/NAME
+    edition: str = "2021"
+    rustflags: tuple[str, ...] = ()
+    c_sources: tuple[Path, ...] = ()      # the project's .c files and the headers they include
+    deps: tuple[project.Dependency, ...] = ()
+    ccflags: tuple[str, ...] = ()         # ccflags-y for the C files
+    extra_symbols: tuple[Path, ...] = ()  # other modules' Module.symvers (KBUILD_EXTRA_SYMBOLS)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def obj(self) -> Path:
+        return self.work / f"{self.name}_rust.o"
+
+    @property
+    def dep_file(self) -> Path:
+        return self.work / f"{self.name}_rust.d"
+
+    @property
+    def kbuild_dir(self) -> Path:
+        return kbuild.safe_dir(self.work.absolute() / "kbuild")
+
+    @property
+    def layout(self) -> dict[str, Path]:
+        return kbuild.c_layout(self.name, self.c_sources, self.project_dir)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every command a module build runs and every text it writes, decided before anything runs:
+    SCons keeps them in each target's signature, as Kbuild's if_changed keeps command lines."""
+
+    target: Target                        # with the module's own sysroot flags (with_rustflags)
+    dependencies: list[tuple[project.Dependency, list[str]]]
+    rustc: list[str]
+    link: list[str]
+    kbuild_text: str
+    shim_text: str
+    make: list[str]
+
+    def commands(self) -> list[list[str]]:
+        return [*(cmd for _dep, cmd in self.dependencies), self.rustc, self.link, self.make]
+
+
+def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj: Path | None = None) -> Plan:
+    """`obj`: where the Rust object goes (default: the module's work folder)."""
+    target = with_rustflags(target, list(spec.rustflags))
+    obj = obj or spec.obj
+    deps, linked = dependency_commands(target, spec.deps, spec.work / "deps", list(spec.rustflags))
+    rustc = crate_command(target, spec.name, spec.source, spec.project_dir, obj, spec.dep_file,
+                          spec.edition, [*spec.rustflags, *linked])
+    objects = kbuild.c_objects(spec.layout)
+    job = kbuild_job(target, spec)
+    return Plan(target=target, dependencies=deps, rustc=rustc, link=link_command(target, spec.name, obj, entry),
+                kbuild_text=kbuild.kbuild_file(spec.name, objects,
+                                               kbuild.ccflags_for_kbuild(spec.ccflags, spec.project_dir)),
+                shim_text=kbuild.shim_source(spec.info), make=job.make_command())
+
+
+def kbuild_job(target: Target, spec: ModuleSpec) -> kbuild.KbuildJob:
+    return kbuild.KbuildJob(kernel=target.kernel, build_dir=spec.kbuild_dir,
+                            cross_compile=target.options.cross_compile, llvm=target.options.llvm,
+                            verbose=target.options.verbose, extra_symbols=spec.extra_symbols)
+
+
+def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None = None) -> CrateOutput:
     """The crate and Kbuild, run side by side: make's own start-up (half a second) and the shim's
     compilation overlap rustc; Kbuild links the Rust object in as soon as it exists."""
     log = log or (lambda line: None)
-    target = with_rustflags(target, extra or [])
+    planned = plan(target, spec)
+    target = planned.target
     target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"))
-    kbuild_dir = kbuild.safe_dir((work / "kbuild").resolve())
-    kbuild.prepare(kbuild_dir, info, c_sources)
-    job = kbuild.KbuildJob(kernel=target.kernel, build_dir=kbuild_dir,
-                           cross_compile=target.options.cross_compile, llvm=target.options.llvm,
-                           verbose=target.options.verbose)
-    with kbuild.Kbuild(job, info.name) as running:
-        linked = compile_dependencies(target, deps, work / "deps", extra or [], log) if deps else []
-        crate = compile_crate(target, info.name, source, work / f"{info.name}_rust.o",
-                              work / f"{info.name}_rust.d", project_dir, edition, [*(extra or []), *linked], log)
-        log(f"  KBUILD  {info.name}.ko")
+    kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text)
+    with kbuild.Kbuild(kbuild_job(target, spec), spec.name) as running:
+        linked = (compile_dependencies(target, spec.deps, spec.work / "deps", list(spec.rustflags), log)
+                  if spec.deps else [])
+        crate = compile_crate(target, spec.name, spec.source, spec.obj, spec.dep_file, spec.project_dir,
+                              spec.edition, [*spec.rustflags, *linked], log)
+        log(f"  KBUILD  {spec.name}.ko")
+        out_ko.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(running.deliver(crate.obj), out_ko)
     if target.options.sign_key and target.options.sign_cert:
-        log(f"  SIGN    {info.name}.ko")
+        log(f"  SIGN    {spec.name}.ko")
         kbuild.sign(target.kernel, out_ko, Path(target.options.sign_key), Path(target.options.sign_cert))
     return crate
 
 
-def check(target: Target, ko: Path) -> None:
-    """Fail the build, with the checker's report, when the target kernel would refuse `ko`."""
-    from .check import check_module, format_report
+def check(target: Target, ko: Path, extra_symbols: Sequence[Path] = ()) -> None:
+    """Fail the build, with the checker's report, when the target kernel would refuse `ko`;
+    `extra_symbols` (KBUILD_EXTRA_SYMBOLS) are exports of modules loaded before it."""
+    from .check import check_module, format_report, kernel_view, read_symvers
 
-    findings = check_module(ko, kernel=target.kernel)
+    view = kernel_view(str(target.kernel.kdir))
+    if extra_symbols and view.exports is not None:
+        exports = dict(view.exports)
+        for symvers in extra_symbols:
+            exports.update(read_symvers(Path(symvers)))
+        view = replace(view, exports=exports)
+    findings = check_module(ko, kernel=view)
     if findings:
         print(format_report(findings, ko).rstrip(), file=sys.stderr)
         raise RustkoError(f"{ko.name} would be refused by kernel {target.kernel.release}: "

@@ -1,55 +1,109 @@
-"""The SCons tool: thin glue from SCons nodes to `rustko.build`.
+"""The SCons tool: Builders over `rustko.build`, the Kbuild-style variables, the aliases.
 
-`env = Environment(tools=["default", "rustko"])` adds `env.RustKernelModule()`, the Kbuild-style
-command-line variables (`VARIABLES`, plus LLVM and V; `scons -h` lists them) and the `vmtest` and
-`install` aliases.
+`env = Environment(tools=["default", "rustko"])` adds:
+  env.RustObject(target, source)     the crate compiled to one relocatable object with the kernel's
+                                     flags, for a project's own C Kbuild module to link
+  env.KbuildModule(target, sources)  `make -C KDIR M=<target's folder> modules` for such a module
+  env.RustkoCheck(target, source)    the loadability check; the target (a copy of the source .ko)
+                                     exists only when the target kernel would load it
+  env.RustKernelModule(name, source) the composition: the crate and the generated shim + Kbuild
+                                     (run side by side), then RustkoCheck; returns build/NAME.ko
+Each Builder's action is a function whose signature holds the commands it runs and the texts it
+writes (as Kbuild's if_changed): a changed flag, shim or runtime C rebuilds, nothing else does;
+`scons -n` prints them, `-s` silences them. Implicit dependencies come from a scanner (crate
+files, path dependencies, C headers). `scons -h` lists the variables and targets.
 """
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import hashlib
 import importlib
-import json
+import os
+import shlex
+import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable
 
 import SCons.Action
+import SCons.Builder
+import SCons.Errors
+import SCons.Node.FS
+import SCons.Scanner
+import SCons.Scanner.C
 import SCons.Script
-from SCons.Script import BoolVariable, Variables
+import SCons.SConsign
 
-from . import build, cache, kbuild, project
+from . import __version__, build, kbuild, project
 from .errors import RustkoError, internal_error
+from .kernel import default_kdir
 
-VARIABLES: tuple[tuple[str, str], ...] = (
-    ("KDIR", "kernel build directory (default: /lib/modules/$(uname -r)/build)"),
-    ("ARCH", "target architecture: x86_64, arm64, um (aliases x86, amd64, aarch64); must match KDIR"),
-    ("CROSS_COMPILE", "prefix of the C toolchain for Kbuild (default per ARCH, e.g. aarch64-linux-gnu-)"),
-    ("RUSTC", "rustc to use (default: the first rustc whose library sources exist)"),
-    ("RUST_LIB_SRC", "the `library` folder of that rustc's sources (default: from its sysroot)"),
-    ("SIGN_KEY", "private key (PEM) to sign modules with, as Kbuild's modules_sign does"),
-    ("SIGN_CERT", "the signing key's X.509 certificate (PEM or DER)"),
-    ("INSTALL_MOD_PATH", "`scons install`: root to install under (default /), as for make modules_install"),
-    ("INSTALL_MOD_DIR", "`scons install`: folder under /lib/modules/RELEASE (default extra)"),
+# The library package itself: a site_scons copy of the tool (site_tools/rustko) is imported by
+# SCons under the library's name, and puts this back in its place (see that tool's __init__).
+LIBRARY = sys.modules[__package__]
+
+# (name, what it is, its default): `scons NAME=VALUE`, as Kbuild users expect.
+VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("KDIR", "kernel build directory", str(default_kdir())),
+    ("ARCH", "target architecture: x86_64, arm64, um (aliases x86, amd64, aarch64); must match KDIR",
+     "KDIR's own"),
+    ("CROSS_COMPILE", "prefix of the C toolchain for Kbuild", "none for the host's arch; "
+     + ", ".join(f"{prefix} for {arch}" for arch, prefix in kbuild.CROSS_COMPILE.items())),
+    ("LLVM", "1: build the C side with clang/ld.lld", "0"),
+    ("RUSTC", "rustc to use", "the first rustc whose library sources exist (Debian's /usr/bin/rustc)"),
+    ("RUST_LIB_SRC", "the `library` folder of that rustc's sources", "from its sysroot"),
+    ("SIGN_KEY", "private key (PEM) to sign modules with, as Kbuild's modules_sign does", "unsigned"),
+    ("SIGN_CERT", "the signing key's X.509 certificate (PEM or DER)", "unsigned"),
+    ("V", "1: full command lines; 2: also Kbuild's reasons for rebuilding", "0"),
+    ("INSTALL_MOD_PATH", "`scons install`: root to install under, as for make modules_install", "/"),
+    ("INSTALL_MOD_DIR", "`scons install`: folder under /lib/modules/RELEASE",
+     "KDIR's scripts/Makefile.modinst: extra (6.1), updates (6.12)"),
+    ("INSTALL_MOD_STRIP", "`scons install`: 1 strips debug info (--strip-debug), else the strip options",
+     "not stripped"),
 )
 
+_HELP_GIVEN = False
 
-def _variables(env: Any) -> None:
-    variables = Variables(None, SCons.Script.ARGUMENTS)
-    for name, help_text in VARIABLES:
-        variables.Add(name, help_text, None)
-    variables.Add(BoolVariable("LLVM", "build the C side with clang/ld.lld (LLVM=1)", False))
-    variables.Add(BoolVariable("V", "show full command lines (V=1)", False))
-    variables.Update(env)
-    SCons.Script.Help(variables.GenerateHelpText(env), append=True)
+
+def _help() -> None:
+    """The variables once per run (a second Environment adds nothing), the targets as they come."""
+    global _HELP_GIVEN
+    if _HELP_GIVEN:
+        return
+    _HELP_GIVEN = True
+    lines = ["Variables (scons NAME=VALUE; the command line beats Environment(NAME=...)):"]
+    for name, text, default in VARIABLES:
+        lines += [f"{name}: {text}", f"    default: {default}"]
+    lines += ["", "Targets:", "  install        install every module, as make modules_install",
+              "  vmtest         boot each module's kernel in QEMU, load and unload the module"]
+    SCons.Script.Help("\n".join(lines) + "\n", append=True)
+
+
+def _setting(env: Any, name: str) -> Any:
+    """A variable's value: the command line first, as in make, then the SConstruct's."""
+    value = SCons.Script.ARGUMENTS.get(name)
+    return env.get(name) if value is None else value
+
+
+def _flag(value: Any) -> int:
+    if isinstance(value, str):
+        return {"": 0, "n": 0, "no": 0, "false": 0, "y": 1, "yes": 1, "true": 1}.get(
+            value.lower(), int(value) if value.isdigit() else 1)
+    return int(bool(value)) if isinstance(value, bool) or value is None else int(value)
 
 
 def _options(env: Any) -> build.Options:
-    return build.Options(kdir=env.get("KDIR"), arch=env.get("ARCH"), cross_compile=env.get("CROSS_COMPILE"),
-                         llvm=bool(env.get("LLVM")), rustc=env.get("RUSTC"),
-                         rust_lib_src=env.get("RUST_LIB_SRC"), verbose=bool(env.get("V")),
-                         sign_key=env.get("SIGN_KEY"), sign_cert=env.get("SIGN_CERT"))
+    def text(name: str) -> str | None:
+        value = _setting(env, name)
+        return None if value in (None, "") else str(value)
+
+    return build.Options(kdir=text("KDIR"), arch=text("ARCH"), cross_compile=text("CROSS_COMPILE"),
+                         llvm=bool(_flag(_setting(env, "LLVM"))), rustc=text("RUSTC"),
+                         rust_lib_src=text("RUST_LIB_SRC"), verbose=_flag(_setting(env, "V")),
+                         sign_key=text("SIGN_KEY"), sign_cert=text("SIGN_CERT"))
 
 
 # One resolved target per distinct set of options: environments cloned with another KDIR or
@@ -61,17 +115,16 @@ def _target(env: Any) -> build.Target:
     """Resolve the kernel and compiler once per set of options; a bad KDIR stops SCons cleanly."""
     options = _options(env)
     if options not in _TARGETS:
-        try:
-            _TARGETS[options] = build.resolve(options)
-        except RustkoError as err:
-            _stop(err)
+        _TARGETS[options] = _user(build.resolve, options)
     return _TARGETS[options]
 
 
-def _stop(err: RustkoError) -> NoReturn:
-    """A problem found while reading the SConstruct: the message alone, cargo-style, exit 2."""
-    print(str(err), file=sys.stderr, flush=True)
-    sys.exit(2)
+def _user(call: Callable[..., Any], *args: Any) -> Any:
+    """A problem found while reading the SConstruct: SCons's user error, the message cargo-style."""
+    try:
+        return call(*args)
+    except RustkoError as err:
+        raise SCons.Errors.UserError(str(err)) from None
 
 
 def _reading_only(env: Any) -> bool:
@@ -79,8 +132,9 @@ def _reading_only(env: Any) -> bool:
     return bool(env.GetOption("clean") or env.GetOption("help"))
 
 
-def _log(line: str) -> None:
-    print(line, flush=True)
+def _say(env: Any, line: str) -> None:
+    if not env.GetOption("silent"):
+        print(line, flush=True)
 
 
 def _fail(err: BaseException) -> int:
@@ -89,38 +143,380 @@ def _fail(err: BaseException) -> int:
     return 1
 
 
-def _meta(env: Any) -> dict[str, Any]:
-    license, author, description, version, params = env["RUSTKO_META"]
-    return {"license": license, "author": author, "description": description, "version": version,
-            "params": json.loads(params)}
+def _signature(*parts: str) -> str:
+    """Text for an action's varlist: SCons substitutes it, so `$` is escaped."""
+    return "\n".join([f"rustko {__version__}", *parts]).replace("$", "$$")
 
 
-def _build_action(target: list[Any], source: list[Any], env: Any) -> int:
-    tgt = _target(env)
+def _command_text(cmd: list[str]) -> str:
+    """A command as its target's signature holds it: Kbuild's V= changes what is shown, not what
+    is built."""
+    return shlex.join(arg for arg in cmd if not arg.startswith("V="))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _quiet_or_full(env: Any, quiet: list[str], commands: list[list[str]]) -> str:
+    """Kbuild's quiet_cmd_* lines, or under V=1 the full command lines (cmd_*)."""
+    if _flag(_setting(env, "V")):
+        return "\n".join(shlex.join(cmd) for cmd in commands)
+    return "\n".join(quiet)
+
+
+# --- the crate's implicit dependencies ---------------------------------------------------------
+
+def _scan(node: Any, env: Any, path: tuple[Any, ...]) -> list[Any]:
+    """What a source reads: a crate root its `mod` files and includes (and what rustc's dep-info
+    named last time), Cargo.toml its path dependencies' files, a C file its headers."""
+    name = node.name
+    if name.endswith((".c", ".h")):
+        return _C_SCANNER(node, env, path)
+    if name.endswith(".rs") and env.get("RUSTKO_DEPFILE"):
+        root = Path(node.srcnode().abspath)
+        found = set(build.mod_files(root))
+        found.update(build.dep_files(Path(env["RUSTKO_DEPFILE"]), Path(env["RUSTKO_PROJECT"])))
+        found.discard(root)
+        return [env.File(str(p)) for p in sorted(found) if p.is_file()]
+    if name == "Cargo.toml" and env.get("RUSTKO_PLAN") is not None:
+        found = set()
+        for dep, _cmd in env["RUSTKO_PLAN"].dependencies:
+            found.update(build.mod_files(dep.root))
+            found.update(build.dep_files(Path(env["RUSTKO_WORK"]) / "deps" / f"{dep.crate}.d", dep.folder))
+            found.add(dep.folder / "Cargo.toml")
+        return [env.File(str(p)) for p in sorted(found) if p.is_file()]
+    return []
+
+
+_C_SCANNER = SCons.Scanner.C.CScanner()
+SCANNER = SCons.Scanner.ScannerBase(
+    _scan, name="rustko", path_function=SCons.Scanner.FindPathDirs("CPPPATH"),
+    recursive=lambda nodes: [n for n in nodes if n.name.endswith((".c", ".h"))])
+
+
+# --- the composed module: crate + Kbuild side by side ------------------------------------------
+
+def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
+    spec: build.ModuleSpec = env["RUSTKO_SPEC"]
     # The checker (and numpy) loads while rustc and Kbuild run: the build needs it right after.
     threading.Thread(target=importlib.import_module, args=("rustko.check",), daemon=True).start()
+    headers = [Path(n.srcnode().abspath) for n in target[0].implicit or () if n.name.endswith(".h")]
+    spec = dataclasses.replace(spec, c_sources=tuple(dict.fromkeys([*spec.c_sources, *headers])))
     try:
-        manifest = project.read_manifest(Path(source[1].abspath))
-        info = project.module_info(env["RUSTKO_MODULE"], manifest, _meta(env))
-        ko = Path(target[0].abspath)
-        project_dir = Path(env["RUSTKO_PROJECT"])
-        build.build_module(tgt, info, Path(source[0].abspath), project_dir,
-                           Path(env["RUSTKO_WORK"]), ko, project.edition(manifest),
-                           list(env["RUSTKO_RUSTFLAGS"]), [Path(node.abspath) for node in source[2:]], _log,
-                           project.path_dependencies(manifest, project_dir))
-        _log(f"  CHECK   {ko.name}")
-        build.check(tgt, ko)
+        build.build_module(_target(env), spec, Path(target[0].abspath),
+                           lambda line: _say(env, line) if line.startswith("  SYSROOT") else None)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
+        # A failed build leaves no module behind: not even the last one that was checked.
+        Path(env["RUSTKO_PUBLISHED"]).unlink(missing_ok=True)
+        return _fail(err)
+    return 0
+
+
+def _module_string(target: list[Any], source: list[Any], env: Any) -> str:
+    plan: build.Plan | None = env.get("RUSTKO_PLAN")
+    name = env["RUSTKO_SPEC"].name
+    quiet = [f"  RUSTC   {name}", f"  KBUILD  {name}.ko"]
+    if _setting(env, "SIGN_KEY"):
+        quiet.append(f"  SIGN    {name}.ko")
+    return _quiet_or_full(env, quiet, plan.commands() if plan else [])
+
+
+MODULE = SCons.Builder.Builder(
+    action=SCons.Action.Action(_module_action, _module_string, varlist=["RUSTKO_SIGNATURE"]),
+    source_scanner=SCANNER)
+
+
+# --- RustObject --------------------------------------------------------------------------------
+
+def _object_action(target: list[Any], source: list[Any], env: Any) -> int:
+    spec: build.ModuleSpec = env["RUSTKO_SPEC"]
+    try:
+        tgt = build.with_rustflags(_target(env), list(spec.rustflags))
+        spec.work.mkdir(parents=True, exist_ok=True)
+        tgt.sysroot(log=lambda crate, cmd: _say(env, f"  SYSROOT {crate} (once per rustc and flag set)"))
+        linked = (build.compile_dependencies(tgt, spec.deps, spec.work / "deps", list(spec.rustflags))
+                  if spec.deps else [])
+        build.compile_crate(tgt, spec.name, spec.source, Path(target[0].abspath), spec.dep_file,
+                            spec.project_dir, spec.edition, [*spec.rustflags, *linked], entry=None)
+        for companion in target[1:]:  # Kbuild's .X.o.cmd: empty, so modpost asks nothing more
+            Path(companion.abspath).write_text("")
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         return _fail(err)
     return 0
 
 
-def _install_action(target: list[Any], source: list[Any], env: Any) -> int:
-    """`scons install`: modules_install for each module (kbuild.install)."""
+def _object_string(target: list[Any], source: list[Any], env: Any) -> str:
+    plan: build.Plan | None = env.get("RUSTKO_PLAN")
+    commands = [*(cmd for _dep, cmd in plan.dependencies), plan.rustc, plan.link] if plan else []
+    return _quiet_or_full(env, [f"  RUSTC   {target[0].name}"], commands)
+
+
+OBJECT = SCons.Builder.Builder(
+    action=SCons.Action.Action(_object_action, _object_string, varlist=["RUSTKO_SIGNATURE"]),
+    source_scanner=SCANNER)
+
+
+# --- RustkoCheck ---------------------------------------------------------------------------------
+
+def _check_action(target: list[Any], source: list[Any], env: Any) -> int:
+    """Check the built .ko; only a module the kernel would load reaches the target path."""
     try:
-        done = kbuild.install(_target(env).kernel, Path(source[0].abspath), env.get("INSTALL_MOD_PATH") or "",
-                              env.get("INSTALL_MOD_DIR") or "extra")
-        _log(f"  INSTALL {done}")
+        build.check(_target(env), Path(source[0].abspath), env.get("RUSTKO_EXTRA_SYMBOLS") or ())
+        shutil.copyfile(source[0].abspath, target[0].abspath)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
+        return _fail(err)
+    return 0
+
+
+CHECK = SCons.Builder.Builder(
+    action=SCons.Action.Action(_check_action, "  CHECK   ${TARGET.file}", varlist=["RUSTKO_CHECKER"]))
+
+
+# --- KbuildModule --------------------------------------------------------------------------------
+
+def _kbuild_action(target: list[Any], source: list[Any], env: Any) -> int:
+    """`make -C KDIR M=<folder> modules` for a project's own Kbuild module."""
+    import subprocess
+
+    cmd = env["RUSTKO_MAKE"]
+    result = subprocess.run(cmd, capture_output=not _flag(_setting(env, "V")), text=True,
+                            env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")})
+    if result.returncode != 0:
+        tail = "\n".join(((result.stdout or "") + (result.stderr or "")).strip().splitlines()[-25:])
+        return _fail(RustkoError(f"Kbuild failed for {target[0].name} (`{shlex.join(cmd)}`):\n{tail}",
+                                 "the last lines above are Kbuild's; V=1 shows everything", exit_code=1))
+    return 0
+
+
+def _kbuild_string(target: list[Any], source: list[Any], env: Any) -> str:
+    return _quiet_or_full(env, [f"  KBUILD  {target[0].name}"], [env["RUSTKO_MAKE"]] if env.get("RUSTKO_MAKE") else [])
+
+
+KBUILD = SCons.Builder.Builder(
+    action=SCons.Action.Action(_kbuild_action, _kbuild_string, varlist=["RUSTKO_SIGNATURE"]))
+
+
+def KbuildModule(env: Any, target: str, source: list[Any] | str, extra_symbols: list[Any] | None = None) -> Any:
+    """Build a project's own Kbuild module (its Kbuild file and sources in the target's folder,
+    e.g. a C module linking a RustObject) with the KDIR's Kbuild; returns the .ko node."""
+    ko = env.File(target)
+    extra, waits = _symvers(env, extra_symbols)
+    overrides: dict[str, Any] = {"RUSTKO_SIGNATURE": "", "RUSTKO_MAKE": None}
+    if not _reading_only(env):
+        tgt = _target(env)
+        job = kbuild.KbuildJob(kernel=tgt.kernel, build_dir=Path(ko.dir.abspath),
+                               cross_compile=tgt.options.cross_compile, llvm=tgt.options.llvm,
+                               verbose=tgt.options.verbose, extra_symbols=extra)
+        overrides = {"RUSTKO_SIGNATURE": _signature(_command_text(job.make_command())),
+                     "RUSTKO_MAKE": job.make_command()}
+        env.Depends(ko, [*_kernel_files(env, tgt), *waits])
+    return KBUILD(env, ko, source, **overrides)[0]
+
+
+# --- the pseudo-builders a user calls ------------------------------------------------------------
+
+_PUBLISHED: dict[str, set[str]] = {}  # build folder -> the modules published there
+_SYMVERS: dict[Any, Path] = {}   # a RustKernelModule's .ko node -> the Module.symvers Kbuild writes
+
+
+def _symvers(env: Any, entries: list[Any] | str | None) -> tuple[list[Path], list[Any]]:
+    """KBUILD_EXTRA_SYMBOLS: a module built here (its .ko node) or any Module.symvers file;
+    returns the files and the nodes to wait for."""
+    if isinstance(entries, (str, SCons.Node.FS.Base)):
+        entries = [entries]
+    paths, nodes = [], []
+    for entry in entries or ():
+        node = entry[0] if isinstance(entry, list) and entry else entry
+        node = env.File(node)
+        paths.append(_SYMVERS.get(node) or Path(node.abspath))
+        nodes.append(node)
+    return paths, nodes
+
+
+def _kernel_files(env: Any, tgt: build.Target) -> list[Any]:
+    """KDIR's files a module is made from besides the headers: a changed CRC or config rebuilds."""
+    files = [tgt.kernel.symvers, tgt.kernel.kdir / ".config"]
+    files += [Path(path) for path in (tgt.options.sign_key, tgt.options.sign_cert) if path]
+    return [env.File(str(path)) for path in files if path.is_file()]
+
+
+def _one_source(name: str, source: Any) -> Any:
+    if isinstance(source, (list, tuple)):
+        if len(source) != 1:
+            raise SCons.Errors.UserError(
+                f"error: module {name}: source must be the crate root, one file (got {len(source)})\n"
+                "  help: pass e.g. \"src/lib.rs\"; the files it declares with `mod` are found from it")
+        source = source[0]
+    return source
+
+
+def _crate(env: Any, name: str, source: Any, manifest: str, build_dir: str, rustflags: list[str] | None,
+           meta: dict[str, Any], c_sources: list[Any] | str | None, ccflags: list[str] | str | None,
+           extra_symbols: list[Path]) -> tuple[build.ModuleSpec, Any, Any, list[Any]]:
+    """The module spec (crate, metadata, C side), and the nodes it is made from."""
+    root = env.File(_one_source(name, source)).srcnode()
+    manifest_node = env.File(manifest).srcnode()
+    project_dir = Path(manifest_node.dir.abspath)
+    if isinstance(c_sources, (str, SCons.Node.FS.Base)):
+        c_sources = [c_sources]
+    if isinstance(ccflags, str):
+        ccflags = ccflags.split()
+    c_nodes = [env.File(path).srcnode() for path in c_sources or ()]
+    out_dir = env.Dir(build_dir)
+    work = out_dir.Dir(f".rustko/{name}")
+    manifest_data = _user(project.read_manifest, Path(manifest_node.abspath))
+    spec = build.ModuleSpec(
+        info=_user(project.module_info, name, manifest_data, meta), source=Path(root.abspath),
+        project_dir=project_dir, work=Path(work.abspath), edition=project.edition(manifest_data),
+        rustflags=tuple(rustflags or ()), c_sources=tuple(Path(n.abspath) for n in c_nodes),
+        deps=_user(project.path_dependencies, manifest_data, project_dir), ccflags=tuple(ccflags or ()),
+        extra_symbols=tuple(extra_symbols))
+    _user(lambda: spec.layout)
+    sources = [root, *([manifest_node] if manifest_node.exists() else []), *c_nodes]
+    return spec, out_dir, work, sources
+
+
+_CLEANED: set[Path] = set()
+
+
+def _database(env: Any, out_dir: Any) -> None:
+    """SCons's database in the (first) build folder unless the SConstruct chose a place: `sudo
+    scons install` after a user's build finds it (as `sudo make modules_install` finds Kbuild's
+    .cmd files). `scons -c` leaves no folder of rustko's that it emptied, database included."""
+    folder = Path(out_dir.abspath)
+    if SCons.SConsign.DB_Name is None:
+        SCons.SConsign.File(str(folder / ".sconsign"))  # not env.SConsignFile: it substitutes `$`
+        if not (env.GetOption("clean") or env.GetOption("no_exec") or env.GetOption("help")):
+            folder.mkdir(parents=True, exist_ok=True)
+    if env.GetOption("clean") and not _CLEANED:
+        atexit.register(_tidy_after_clean)
+    if env.GetOption("clean"):
+        _CLEANED.add(folder)
+
+
+def _tidy_after_clean() -> None:
+    """After `scons -c`, once SCons has written its database: the database goes when nothing
+    else is left beside it, then the empty folders rustko made (never a folder holding anything)."""
+    database = Path(str(SCons.SConsign.DB_Name) + ".dblite")
+    for out_dir in sorted(_CLEANED, reverse=True):
+        for folder in (out_dir / ".rustko", out_dir):
+            if folder.is_dir() and not [p for p in folder.iterdir() if p != database]:
+                if database.parent == folder:
+                    database.unlink(missing_ok=True)
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+
+
+def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: list[str] | None = None,
+               manifest: str = "Cargo.toml", crate_name: str | None = None) -> Any:
+    """The crate compiled to one relocatable object with the target kernel's flags (fat LTO: only
+    what its exported functions need), ready for a C Kbuild module to link: name the target
+    `X.o_shipped` in the module's folder and list `X.o` in its Kbuild file (the empty `.X.o.cmd`
+    Kbuild's modpost wants comes with it)."""
+    obj = env.File(target)
+    name = crate_name or obj.name.split(".")[0].replace("-", "_")
+    tgt = None if _reading_only(env) else _target(env)
+    spec, out_dir, work, sources = _crate(env, name, source, manifest, str(obj.dir.abspath), rustflags,
+                                          {"license": "GPL"}, None, None, [])
+    spec = dataclasses.replace(spec, work=Path(obj.dir.abspath) / f".{obj.name}.rustko")
+    _database(env, obj.dir)
+    overrides: dict[str, Any] = {"RUSTKO_SPEC": spec, "RUSTKO_PLAN": None, "RUSTKO_SIGNATURE": "",
+                                 "RUSTKO_DEPFILE": str(spec.dep_file), "RUSTKO_PROJECT": str(spec.project_dir),
+                                 "RUSTKO_WORK": str(spec.work)}
+    if tgt is not None:
+        plan = _user(build.plan, tgt, spec, None, Path(obj.abspath))
+        overrides.update(RUSTKO_PLAN=plan, RUSTKO_SIGNATURE=_signature(
+            *(shlex.join(cmd) for _dep, cmd in plan.dependencies), shlex.join(plan.rustc), shlex.join(plan.link)))
+    # Kbuild takes a prebuilt object as X.o_shipped, with an (empty) .X.o.cmd beside it.
+    companions = [obj.dir.File(f".{obj.name[:-len('_shipped')]}.cmd")] if obj.name.endswith(".o_shipped") else []
+    nodes = OBJECT(env, [obj, *companions], sources, **overrides)
+    env.Clean(nodes, env.Dir(str(spec.work)))
+    return nodes[0]
+
+
+def RustkoCheck(env: Any, target: str, source: Any, extra_symbols: list[Any] | None = None) -> Any:
+    """The loadability check of any .ko for this environment's kernel; the target is the module
+    itself, copied only when the kernel would load it. `extra_symbols`: as for Kbuild."""
+    extra, waits = _symvers(env, extra_symbols)
+    overrides: dict[str, Any] = {"RUSTKO_CHECKER": "", "RUSTKO_EXTRA_SYMBOLS": tuple(extra)}
+    ko = env.File(target)
+    if not _reading_only(env):
+        tgt = _target(env)
+        overrides["RUSTKO_CHECKER"] = _signature(tgt.kernel.release, str(tgt.kernel.kdir), *map(str, extra))
+        env.Depends(ko, [*_kernel_files(env, tgt), *waits])
+    return CHECK(env, ko, source, **overrides)[0]
+
+
+def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license: str = "",
+                     author: str = "", description: str = "", version: str = "",
+                     params: dict[str, dict[str, Any]] | None = None,
+                     rustflags: list[str] | None = None, build_dir: str = "build",
+                     manifest: str = "Cargo.toml", c_sources: list[Any] | str | None = None,
+                     ccflags: list[str] | str | None = None, extra_symbols: list[Any] | None = None) -> Any:
+    """Build `name`.ko from the crate rooted at `source`; returns the checked `.ko` node.
+
+    Keyword metadata (and `params`, shaped like `[package.metadata.kernel.params]`) win over
+    Cargo.toml's. `c_sources`: the project's own C files (headers they include are found),
+    compiled by Kbuild against the kernel's headers with `ccflags` (ccflags-y: -I, -D, ...).
+    `extra_symbols`: modules (their nodes) or Module.symvers files whose exports this one uses.
+    `build_dir` is relative to the SConscript (so a variant_dir build writes under the variant).
+    """
+    _user(project.check_name, name)
+    if f"{name}.ko" in _PUBLISHED.get(env.Dir(build_dir).abspath, ()):
+        raise SCons.Errors.UserError(
+            f"error: {env.Dir(build_dir).File(name + '.ko').get_path()} would be built twice (two "
+            "environments, e.g. two Clone(KDIR=...), or two calls)\n  help: give each its own "
+            'build_dir=, e.g. build_dir=f"build/{tag}"')
+    _PUBLISHED.setdefault(env.Dir(build_dir).abspath, set()).add(f"{name}.ko")
+    meta = {"license": license, "author": author, "description": description, "version": version,
+            "params": params or {}}
+    extra, waits = _symvers(env, extra_symbols)
+    tgt = None if _reading_only(env) else _target(env)
+    spec, out_dir, work, sources = _crate(env, name, source, manifest, build_dir, rustflags, meta,
+                                          c_sources, ccflags, extra)
+    _database(env, out_dir)
+    published = out_dir.File(f"{name}.ko")
+    unchecked = work.File(f"{name}.ko")
+    overrides: dict[str, Any] = {
+        "RUSTKO_SPEC": spec, "RUSTKO_PLAN": None, "RUSTKO_SIGNATURE": "", "RUSTKO_PUBLISHED": published.abspath,
+        "RUSTKO_DEPFILE": str(spec.dep_file), "RUSTKO_PROJECT": str(spec.project_dir), "RUSTKO_WORK": work.abspath,
+        "CPPPATH": [n.dir for n in sources[1:]] + [env.Dir(str(spec.project_dir / f[2:]))
+                                                   for f in spec.ccflags if f.startswith("-I") and "$" not in f]}
+    if tgt is not None:
+        plan = _user(build.plan, tgt, spec)
+        overrides.update(RUSTKO_PLAN=plan, RUSTKO_SIGNATURE=_signature(
+            *(_command_text(cmd) for cmd in plan.commands()), _digest(plan.kbuild_text), _digest(plan.shim_text)))
+    nodes = MODULE(env, [unchecked, work.File(f"{name}_rust.o")], sources, **overrides)
+    if tgt is not None:
+        env.Depends(nodes, [*_kernel_files(env, tgt), *waits])
+    _SYMVERS[published] = spec.kbuild_dir / "Module.symvers"
+    ko = RustkoCheck(env, published, nodes[0], extra_symbols)
+    env.Clean(ko, work)
+    booted = env.Alias(f"vmtest-{name}", ko, SCons.Action.Action(_vmtest_action, f"  VMTEST  {name}.ko"))
+    env.AlwaysBuild(booted)
+    env.Alias("vmtest", booted)
+    installed = env.Alias(f"install-{name}", ko, SCons.Action.Action(_install_action, None))
+    env.AlwaysBuild(installed)
+    env.Alias("install", installed)
+    SCons.Script.Help(f"  {published.get_path():<14} module {name} (also vmtest-{name}, install-{name})\n",
+                      append=True)
+    return ko
+
+
+def _install_action(target: list[Any], source: list[Any], env: Any) -> int:
+    """`scons install`: what make modules_install does for each module (kbuild.install)."""
+    try:
+        tgt = _target(env)
+        strip_tool = "llvm-strip" if tgt.options.llvm else tgt.linker[:-2] + "strip"
+        signer = ((Path(tgt.options.sign_key), Path(tgt.options.sign_cert))
+                  if tgt.options.sign_key and tgt.options.sign_cert else None)
+        done = kbuild.install(tgt.kernel, Path(source[0].abspath), _setting(env, "INSTALL_MOD_PATH") or "",
+                              _setting(env, "INSTALL_MOD_DIR") or None, str(_setting(env, "INSTALL_MOD_STRIP") or ""),
+                              strip_tool, signer)
+        _say(env, f"  INSTALL {done}")
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         return _fail(err)
     return 0
@@ -139,101 +535,12 @@ def _vmtest_action(target: list[Any], source: list[Any], env: Any) -> int:
     return 0 if result.ok else 1
 
 
-BUILD = SCons.Action.Action(_build_action, "  RUSTC   $RUSTKO_MODULE",
-                            varlist=["RUSTKO_MODULE", "RUSTKO_RUSTFLAGS", "RUSTKO_PROJECT", "RUSTKO_META",
-                                     "RUSTKO_WORK"])
-
-
-def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license: str = "",
-                     author: str = "", description: str = "", version: str = "",
-                     params: dict[str, dict[str, Any]] | None = None,
-                     rustflags: list[str] | None = None, build_dir: str = "#build",
-                     manifest: str = "Cargo.toml", c_sources: list[str] | None = None) -> Any:
-    """Build `name`.ko from the crate rooted at `source`; returns the checked `.ko` node.
-
-    Keyword metadata (and `params`, shaped like `[package.metadata.kernel.params]`) win over
-    Cargo.toml's. `c_sources`: the project's own C files (and the headers they include),
-    compiled by Kbuild into the module against the kernel's headers.
-    """
-    c_nodes = [env.File(path) for path in c_sources or ()]
-    try:
-        project.check_name(name)
-        kbuild.c_objects(name, [Path(node.abspath) for node in c_nodes])
-    except RustkoError as err:
-        _stop(err)
-    project_dir = Path(env.Dir("#").abspath)
-    out_dir = env.Dir(build_dir)
-    work = out_dir.Dir(f".rustko/{name}")
-    manifest_node = env.File(manifest)
-    overrides = dict(RUSTKO_MODULE=name, RUSTKO_RUSTFLAGS=tuple(rustflags or ()),
-                     RUSTKO_PROJECT=str(project_dir), RUSTKO_WORK=work.abspath,
-                     RUSTKO_META=(license, author, description, version,
-                                  json.dumps(params or {}, sort_keys=True)))
-    # One action for the crate and Kbuild, which run side by side (build.build_module).
-    nodes = env.Command([out_dir.File(f"{name}.ko"), work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d")],
-                        [env.File(source), manifest_node, *c_nodes], BUILD, **overrides)
-    ko = nodes[0]
-    env.Clean(ko, out_dir)
-    booted = env.Alias(f"vmtest-{name}", ko, SCons.Action.Action(_vmtest_action, f"  VMTEST  {name}.ko"))
-    env.AlwaysBuild(booted)
-    env.Alias("vmtest", booted)
-    installed = env.Alias(f"install-{name}", ko, SCons.Action.Action(_install_action, None))
-    env.AlwaysBuild(installed)
-    env.Alias("install", installed)
-
-    if not _reading_only(env):
-        tgt = _target(env)
-        sources = _rust_sources(Path(env.File(source).abspath), Path(nodes[2].abspath), project_dir,
-                                Path(manifest_node.abspath), Path(work.abspath))
-        env.Depends(nodes, [env.File(str(p)) for p in sources if p.is_file()])
-        env.Depends(nodes, env.Value(_signature(tgt, list(rustflags or ()))))
-        env.Depends(nodes, env.Value(f"{tgt.kernel.kdir}|{tgt.kernel.release}|"
-                                     f"{tgt.options.cross_compile}|{tgt.options.llvm}"))
-        env.Depends(nodes, [env.File(path) for path in (tgt.options.sign_key, tgt.options.sign_cert) if path])
-        env.Depends(nodes, [env.File(str(part)) for part in sorted(kbuild.RUNTIME_DIR.glob("*.c"))])
-    return ko
-
-
-def _rust_sources(root: Path, dep_file: Path, project_dir: Path, manifest: Path, work: Path) -> list[Path]:
-    """Every file the Rust side reads: rustc's dep-info from the last build (or, before the first,
-    the `mod` declarations), the same for each path dependency, and their Cargo.toml files."""
-    sources = build.dep_files(dep_file, project_dir) or build.mod_files(root)
-    try:
-        crates = _all_dependencies(project.path_dependencies(project.read_manifest(manifest), project_dir))
-    except RustkoError as err:
-        _stop(err)
-    for dep in crates:
-        sources += build.dep_files(work / "deps" / f"{dep.crate}.d", dep.folder) or build.mod_files(dep.root)
-        sources.append(dep.folder / "Cargo.toml")
-    return sources
-
-
-def _all_dependencies(deps: tuple[project.Dependency, ...]) -> list[project.Dependency]:
-    """Every path dependency, transitively: their sources are the module's sources too."""
-    found: list[project.Dependency] = []
-    for dep in deps:
-        found += [dep, *_all_dependencies(dep.deps)]
-    return found
-
-
-def _signature(tgt: build.Target, extra: list[str]) -> str:
-    """What makes the Rust object differ besides its sources: compiler, sysroot, flags."""
-    digest = hashlib.sha256("\0".join([tgt.sysroot_key, str(tgt.toolchain.rustc), *extra]).encode())
-    return digest.hexdigest()
-
-
-def _sconsign(env: Any) -> None:
-    """Keep SCons's database out of the project, so that `scons -c` leaves the folder as it was."""
-    project_dir = env.Dir("#").abspath
-    folder = cache.cache_root() / "sconsign"
-    folder.mkdir(parents=True, exist_ok=True)
-    SCons.Script.SConsignFile(str(folder / hashlib.sha256(project_dir.encode()).hexdigest()[:16]))
-
-
 def generate(env: Any) -> None:
-    _variables(env)
-    _sconsign(env)
+    _help()
     env.AddMethod(RustKernelModule, "RustKernelModule")
+    env.AddMethod(RustObject, "RustObject")
+    env.AddMethod(RustkoCheck, "RustkoCheck")
+    env.AddMethod(KbuildModule, "KbuildModule")
 
 
 def exists(env: Any) -> bool:
