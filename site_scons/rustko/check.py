@@ -93,7 +93,7 @@ def _finding(path: str, stage: str, kind: str, version: Version, hint: str, **fi
     rule = RULES[kind]
     own = {k: v for k, v in fields.items() if k in Finding.__dataclass_fields__}
     return Finding(path, stage, kind, rule.text(version, **fields), hint, severity=rule.severity,
-                   insmod=rule.insmod, **own)
+                   errno=rule.errno, **own)
 
 
 def _module_name(modinfo: dict[str, list[str]], path: str) -> str:
@@ -183,7 +183,7 @@ def _check_module_layout(versions: dict[str, int] | None, name: str, view: Kerne
             return []
         return [Finding(path, "vermagic", "module-layout", [], "the module has no __versions "
                         "table and this kernel has CONFIG_MODVERSIONS: build it with Kbuild "
-                        "(modpost writes the CRCs)", insmod=RULES["module-layout"].insmod,
+                        "(modpost writes the CRCs)", errno=RULES["module-layout"].errno,
                         symbol="module_layout")]
     if versions.get("module_layout") == export.crc:
         return []
@@ -607,7 +607,7 @@ def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kin
     fields = {"name": name, "type": rtype, "val": val, "loc": "<loc>", "sec": where[0],
               "idx": where[1]}
     common = {"symbol": symbol, "section": section, "offset": offset, "reloc_type": rtype,
-              "reloc_name": rname, "insmod": RULES["relocation"].insmod}
+              "reloc_name": rname, "errno": RULES["relocation"].errno}
     if kind == "unknown":
         return Finding(path, "relocation", "unsupported-relocation",
                        [rules.unknown.at(version).format(**fields)], rules.hint(rtype), **common)

@@ -5,7 +5,7 @@ that fails; relocation types live in `rustko.relocs`. Each `Rule` names the func
 versions it holds for (read in Debian's 6.1.192 and 6.12.117 sources unless a commit is cited) and
 the lines the kernel prints. `order` is the rule's place in `load_module`, so findings sort into the
 order the kernel would meet them and the first one is the line a real `insmod` leaves in the log.
-`insmod` is the strerror the loader's return value shows as (busybox/kmod print it).
+`errno` is the error the loader returns to insmod (which prints its own words for it).
 
 Message templates use `str.format` fields: `{name}` module name, `{symbol}`, `{ns}`, `{have}`,
 `{want}`, `{err}`, `{size}`, `{align}`, `{license}`.
@@ -22,13 +22,13 @@ ENOENT, EINVAL = 2, 22
 
 @dataclass(frozen=True)
 class Rule:
-    """One loader check: where it is, when it holds, what it prints, what insmod says."""
+    """One loader check: where it is, when it holds, what it prints, what it returns."""
 
     kind: str
     order: int
     source: str
     lines: Versioned
-    insmod: str
+    errno: str
     since: Version = (0,)
     severity: str = "error"
 
@@ -48,12 +48,12 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     # kernel/module_signature.c): a trailer that cannot be parsed is fatal even when signatures
     # are not enforced; only -ENODATA/-ENOPKG/-ENOKEY are forgiven.
     Rule("signature-truncated", 10, "kernel/module/signing.c mod_verify_sig, "
-         "kernel/module_signature.c mod_check_sig", _v(((0,), "")), "Bad message"),
+         "kernel/module_signature.c mod_check_sig", _v(((0,), "")), "EBADMSG"),
     Rule("signature-params", 10, "kernel/module_signature.c mod_check_sig",
-         _v(((0,), "module: PKCS#7 signature info has unexpected non-zero params")), "Bad message"),
+         _v(((0,), "module: PKCS#7 signature info has unexpected non-zero params")), "EBADMSG"),
     Rule("signature-pkcs7", 10, "kernel/module/signing.c mod_verify_sig -> "
          "verify_pkcs7_signature (crypto/asymmetric_keys/pkcs7_parser.c): unparsable PKCS#7",
-         _v(((0,), "")), "Bad message"),
+         _v(((0,), "")), "EBADMSG"),
     Rule("signature-not-pkcs7", 10, "kernel/module_signature.c mod_check_sig (-ENOPKG: taints "
          "unless CONFIG_MODULE_SIG_FORCE)",
          _v(((0,), "module: not signed with expected PKCS#7 message")), "", severity="warning"),
@@ -61,16 +61,16 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("this-module-size", 20, f"{_MAIN} elf_validity_cache_index_mod (6.12.117; not in 6.1.192)",
          _v(((0,), "module {name}: .gnu.linkonce.this_module section size must match the "
                    "kernel's built struct module size at run time")),
-         "Exec format error", since=(6, 12)),
+         "ENOEXEC", since=(6, 12)),
     # check_modstruct_version (kernel/module/version.c, 6.1 and 6.12): the CRC of module_layout
     # is the first one checked, before vermagic.
     Rule("module-layout", 30, "kernel/module/version.c check_modstruct_version -> check_version",
-         _v(((0,), "{name}: {first} module_layout")), "Exec format error"),
+         _v(((0,), "{name}: {first} module_layout")), "ENOEXEC"),
     Rule("vermagic", 40, f"{_MAIN} check_modinfo",
-         _v(((0,), "{name}: version magic '{have}' should be '{want}'")), "Exec format error"),
+         _v(((0,), "{name}: version magic '{have}' should be '{want}'")), "ENOEXEC"),
     Rule("no-vermagic", 40, f"{_MAIN} check_modinfo -> try_to_force_load (no vermagic, no "
          "CONFIG_MODULE_FORCE_LOAD: -ENOEXEC, nothing printed)", _v(((0,), "")),
-         "Exec format error"),
+         "ENOEXEC"),
     Rule("license-taint", 41, f"{_MAIN} check_modinfo -> module_license_taint_check; "
          "include/linux/license.h license_is_gpl_compatible",
          _v(((0,), "{name}: module license '{license}' taints kernel.")), "",
@@ -80,32 +80,32 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     # reserved chunk (PERCPU_MODULE_RESERVE) simply does not fit.
     Rule("percpu-illegal", 60, "mm/percpu.c pcpu_alloc, kernel/module/main.c percpu_modalloc",
          _v(((0,), "illegal size ({size}) or align ({align}) for percpu allocation\n"
-                   "{name}: Could not allocate {raw} bytes percpu data")), "Cannot allocate memory"),
+                   "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),
     Rule("percpu-reserve", 60, "kernel/module/main.c percpu_modalloc; include/linux/percpu.h "
          "PERCPU_MODULE_RESERVE",
-         _v(((0,), "{name}: Could not allocate {raw} bytes percpu data")), "Cannot allocate memory"),
+         _v(((0,), "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),
     # simplify_symbols -> resolve_symbol_wait -> resolve_symbol (main.c), check_version
     # (version.c), verify_namespace_is_imported (main.c).
     Rule("common", 70, f"{_MAIN} simplify_symbols (SHN_COMMON)",
-         _v(((0,), "{name}: please compile with -fno-common")), "Exec format error"),
+         _v(((0,), "{name}: please compile with -fno-common")), "ENOEXEC"),
     Rule("unknown-symbol", 70, f"{_MAIN} simplify_symbols (not found, not weak)",
-         _v(((0,), "{name}: Unknown symbol {symbol} (err {err})")), "Unknown symbol in module"),
+         _v(((0,), "{name}: Unknown symbol {symbol} (err {err})")), "ENOENT"),
     Rule("gpl-only", 70, f"{_MAIN} find_symbol (gplok false: a GPL-only export is not found)",
-         _v(((0,), "{name}: Unknown symbol {symbol} (err {err})")), "Unknown symbol in module"),
+         _v(((0,), "{name}: Unknown symbol {symbol} (err {err})")), "ENOENT"),
     Rule("symbol-version", 70, "kernel/module/version.c check_version via resolve_symbol",
          _v(((0,), "{name}: {first} {symbol}\n{name}: Unknown symbol {symbol} (err {err})")),
-         "Invalid argument"),
+         "EINVAL"),
     Rule("namespace", 70, f"{_MAIN} verify_namespace_is_imported",
          _v(((0,), "{name}: module uses symbol ({symbol}) from namespace {ns}, but does not "
-                   "import it.\n{name}: Unknown symbol {symbol} (err {err})")), "Invalid argument"),
+                   "import it.\n{name}: Unknown symbol {symbol} (err {err})")), "EINVAL"),
     # apply_relocations: the per-arch lines are in rustko.relocs; this row orders them.
-    Rule("relocation", 80, f"{_MAIN} apply_relocations", _v(((0,), "")), "Exec format error"),
+    Rule("relocation", 80, f"{_MAIN} apply_relocations", _v(((0,), "")), "ENOEXEC"),
     Rule("rel-section", 80, "include/linux/moduleloader.h apply_relocate (weak default)",
-         _v(((0,), "module {name}: REL relocation unsupported")), "Exec format error"),
+         _v(((0,), "module {name}: REL relocation unsupported")), "ENOEXEC"),
     # complete_formation -> verify_exported_symbols (main.c, 6.1 and 6.12).
     Rule("duplicate-export", 90, f"{_MAIN} verify_exported_symbols",
          _v(((0,), "{name}: exports duplicate symbol {symbol} (owned by {owner})")),
-         "Exec format error"),
+         "ENOEXEC"),
 )}
 
 RELOCATION_ORDER = RULES["relocation"].order

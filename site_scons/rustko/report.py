@@ -26,8 +26,8 @@ class Finding:
     function: str = ""
     source: str = ""
     severity: str = "error"
-    # What insmod reports (strerror of the loader's return value), e.g. "Exec format error".
-    insmod: str = ""
+    # The error the loader returns (insmod shows it in its own words), e.g. "ENOEXEC".
+    errno: str = ""
 
     def kernel_regex(self) -> re.Pattern[str]:
         """A pattern matching the kernel's real lines (values the checker cannot know wildcarded)."""
@@ -60,8 +60,8 @@ def format_report(findings: list[Finding], path: str | Path) -> str:
             lines.append(f"  --> {f.kind}")
         for text in f.kernel:
             lines.append(f"  = kernel: {text}")
-        if f.insmod and not f.kernel:
-            lines.append(f"  = insmod: {f.insmod} (the kernel prints no line)")
+        if f.errno and not f.kernel:
+            lines.append(f"  = kernel: (no line; the load fails with {f.errno})")
         if f.explanation:
             lines.append(f"  = note: {f.explanation}")
         if f.hint:
