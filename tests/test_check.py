@@ -296,6 +296,10 @@ def test_cli_exit_codes_and_json(c_modules, kdir61, tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["refused"] == 1 and report["modules"][0]["findings"][0]["reloc_type"] == 10
     assert main(["check", str(tmp_path / "nope.ko")]) == 2
+    capsys.readouterr()
+    assert main(["check", "--json", str(tmp_path / "nope.ko")]) == 2  # still JSON on stdout
+    missing = json.loads(capsys.readouterr().out)
+    assert missing["unreadable"] == 1 and "no such file" in missing["modules"][0]["error"]
     junk = tmp_path / "junk.ko"
     junk.write_bytes(b"\x7fELF" + b"\0" * 10)
     capsys.readouterr()

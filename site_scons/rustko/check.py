@@ -852,7 +852,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for p, r in results:
             if isinstance(r, str):
-                print(f"error: {r}", file=sys.stderr)
+                print(r, file=sys.stderr)
             elif r:
                 print(format_report(r, p))
         print(f"checked {len(results)} module(s): {len(refused)} would be refused"
