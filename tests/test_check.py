@@ -206,9 +206,12 @@ def test_gpl_only_symbol_needs_gpl_license(c_modules, kernel, tmp_path) -> None:
     assert check.check_module(c_modules["gplonly"], kernel) == []
     bsd = _edited(c_modules["gplonly"], tmp_path / "m.ko", b"license=GPL\0", b"license=BSD\0")
     findings = check.check_module(bsd, kernel)
-    assert kinds(findings) == ["gpl-only"]
-    assert findings[0].kernel == ["m: Unknown symbol ktime_get_mono_fast_ns (err -2)"]
-    assert "'BSD'" in findings[0].hint
+    # check_modinfo taints first (a warning), then the GPL-only export is not found.
+    assert kinds(findings) == ["license-taint", "gpl-only"]
+    assert findings[0].severity == "warning"
+    assert findings[0].kernel == ["m: module license 'BSD' taints kernel."]
+    assert findings[1].kernel == ["m: Unknown symbol ktime_get_mono_fast_ns (err -2)"]
+    assert "'BSD'" in findings[1].hint
 
 
 def other_abi(release: str) -> str:
@@ -293,6 +296,10 @@ def test_cli_exit_codes_and_json(c_modules, kdir61, tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["refused"] == 1 and report["modules"][0]["findings"][0]["reloc_type"] == 10
     assert main(["check", str(tmp_path / "nope.ko")]) == 2
+    capsys.readouterr()
+    assert main(["check", "--json", str(tmp_path / "nope.ko")]) == 2  # still JSON on stdout
+    missing = json.loads(capsys.readouterr().out)
+    assert missing["unreadable"] == 1 and "no such file" in missing["modules"][0]["error"]
     junk = tmp_path / "junk.ko"
     junk.write_bytes(b"\x7fELF" + b"\0" * 10)
     capsys.readouterr()

@@ -86,6 +86,10 @@ class ArchRules:
     # arm64: branch types that module_frob_arch_sections moves to the front of each executable
     # section's RELA table before apply_relocate_add runs, so refusals surface in that order.
     branch_partition: tuple[int, ...] = ()
+    # Types whose printed `val` is S+A-P (the place is unknowable before loading).
+    pc_relative: frozenset[int] = frozenset()
+    # Said beside every overflow finding (UML: the verdict depends on the kernel's mem=).
+    overflow_note: str = ""
 
     def name(self, rtype: int) -> str:
         prefix = arches.resolve(self.arch).reloc_prefix
@@ -143,8 +147,17 @@ X86_HINTS: dict[int, str] = {
        for t in (5, 6, 7, 8, 37, 38)},
 }
 X86_UNKNOWN = Versioned((((0,), "module: {name}: Unknown rela relocation: {type}"),))
-X86_OVERFLOW = Versioned((((0,), "module: overflow in relocation type {type} val {val}\n"
-                                 "module: `{name}' likely not compiled with -mcmodel=kernel"),))
+# Patch 'x86/module: Improve relocation error messages' (Josh Poimboeuf, with the klp-build
+# series, v6.19; the exact first release is not pinned here) adds "sec N idx N" to the overflow
+# line and "sec N, idx N" to the nonzero line, and prints loc unhashed (%lx): N are the RELA
+# section's index and the entry's index in it.
+KLP_MESSAGES: Version = (6, 19)
+X86_OVERFLOW = Versioned((
+    ((0,), "module: overflow in relocation type {type} val {val}\n"
+           "module: `{name}' likely not compiled with -mcmodel=kernel"),
+    (KLP_MESSAGES, "module: overflow in relocation type {type} val {val} sec {sec} idx {idx}\n"
+                   "module: `{name}' likely not compiled with -mcmodel=kernel"),
+))
 X86_NONZERO = Versioned((
     # commit eda9cec4c9a1 'x86/module: Detect and skip invalid relocations' (v5.8); 6.1.192 text.
     ((5, 8), "module: x86/modules: Skipping invalid relocation target, existing value is nonzero "
@@ -153,6 +166,8 @@ X86_NONZERO = Versioned((
     # 6.12.117 text.
     ((6, 3), "module: x86/modules: Invalid relocation target, existing value is nonzero "
              "for type {type}, loc {loc}, val {val}"),
+    (KLP_MESSAGES, "module: x86/modules: Invalid relocation target, existing value is nonzero "
+                   "for sec {sec}, idx {idx}, type {type}, loc {loc}, val {val}"),
 ))
 X86_SIZES: dict[int, int] = {1: 8, 10: 4, 11: 4, 2: 4, 4: 4, 24: 8}
 
@@ -162,7 +177,7 @@ X86_64 = ArchRules(
     default_hint="this relocation type is never produced by `-Crelocation-model=static "
                  "-Ccode-model=kernel` (C: -mcmodel=kernel, no -fPIC): rebuild with those flags",
     sizes=X86_SIZES, overflow_checked={10: "u32", 11: "s32"}, overflow=X86_OVERFLOW,
-    nonzero=X86_NONZERO, overflow_first_since=(6, 3),
+    nonzero=X86_NONZERO, overflow_first_since=(6, 3), pc_relative=frozenset({2, 4, 24}),
     # arch/x86/include/asm/pgtable_64_types.h: MODULES_VADDR = __START_KERNEL_map +
     # KERNEL_IMAGE_SIZE (0xffffffff80000000 + 512 MiB), MODULES_END 0xffffffffff000000.
     module_range=AddressRange(0xFFFFFFFFA0000000, 0xFFFFFFFFFF000000,
@@ -185,8 +200,8 @@ X86_64 = ArchRules(
 # pr_fmt (KBUILD_MODNAME ": ") prints "subarch: " where x86_64 prints "module: " (6.1 and 6.12;
 # seen in seeds/001 and in Debian's UML 6.1.176 kernel).
 UM_UNKNOWN = Versioned((((0,), "subarch: {name}: Unknown rela relocation: {type}"),))
-UM_OVERFLOW = Versioned((((0,), "subarch: overflow in relocation type {type} val {val}\n"
-                                "subarch: `{name}' likely not compiled with -mcmodel=kernel"),))
+UM_OVERFLOW = Versioned(tuple((since, text.replace("module: ", "subarch: "))
+                              for since, text in X86_OVERFLOW.texts))
 UM_NONZERO = Versioned(tuple((since, text.replace("module: ", "subarch: ", 1))
                              for since, text in X86_NONZERO.texts))
 
@@ -197,7 +212,7 @@ UM = ArchRules(
     default_hint="this relocation type is never produced by `-Crelocation-model=static "
                  "-Ccode-model=large` (C: -mcmodel=large, no -fPIC): rebuild with those flags",
     sizes=X86_SIZES, overflow_checked={10: "u32", 11: "s32"}, overflow=UM_OVERFLOW,
-    nonzero=UM_NONZERO, overflow_first_since=(6, 3),
+    nonzero=UM_NONZERO, overflow_first_since=(6, 3), pc_relative=frozenset({2, 4, 24}),
     # arch/um/include/asm/pgtable.h: MODULES_VADDR = VMALLOC_START = end_iomem + VMALLOC_OFFSET
     # (8 MiB, asm/page.h __va_space) rounded, MODULES_END = VMALLOC_END just below FIXADDR_START
     # (TASK_SIZE - ..., asm/fixmap.h). Physical memory starts where the binary is linked,
@@ -213,6 +228,9 @@ UM = ArchRules(
     kernel_range=AddressRange(0x60000000, 0x80000000, "arch/x86/Makefile.um START"),
     overflow_hint="UML modules live at user-space addresses: build Rust with `-Ccode-model=large` "
                   "(C: -mcmodel=large, as arch/um/Makefile does for CONFIG_64BIT)",
+    overflow_note="where a UML module lands depends on the UML kernel's memory size (mem=): "
+                  "module memory starts after it, so a 32-bit absolute relocation that fits with a "
+                  "small mem= overflows with a larger one; no mem= makes every address fit",
 )
 
 # --- arm64 ----------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""What the module loader checks besides relocations, as data, with the kernel source it came from.
+
+`load_module` (kernel/module/main.c) runs its checks in a fixed order and stops at the first one
+that fails; relocation types live in `rustko.relocs`. Each `Rule` names the function, the file, the
+versions it holds for (read in Debian's 6.1.192 and 6.12.117 sources unless a commit is cited) and
+the lines the kernel prints. `order` is the rule's place in `load_module`, so findings sort into the
+order the kernel would meet them and the first one is the line a real `insmod` leaves in the log.
+`errno` is the error the loader returns to insmod (which prints its own words for it).
+
+Message templates use `str.format` fields: `{name}` module name, `{symbol}`, `{ns}`, `{have}`,
+`{want}`, `{err}`, `{size}`, `{align}`, `{license}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .relocs import Version, Versioned
+
+ENOENT, EINVAL = 2, 22
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One loader check: where it is, when it holds, what it prints, what it returns."""
+
+    kind: str
+    order: int
+    source: str
+    lines: Versioned
+    errno: str
+    since: Version = (0,)
+    severity: str = "error"
+
+    def text(self, version: Version, **fields: object) -> list[str]:
+        """The kernel's lines for this rule at `version` (empty: the loader prints nothing)."""
+        template = self.lines.at(version)
+        return template.format(**fields).split("\n") if template else []
+
+
+def _v(*texts: tuple[Version, str]) -> Versioned:
+    return Versioned(tuple(texts))
+
+
+_MAIN = "kernel/module/main.c"
+RULES: dict[str, Rule] = {r.kind: r for r in (
+    # module_sig_check -> mod_verify_sig -> mod_check_sig (kernel/module/signing.c,
+    # kernel/module_signature.c): a trailer that cannot be parsed is fatal even when signatures
+    # are not enforced; only -ENODATA/-ENOPKG/-ENOKEY are forgiven.
+    Rule("signature-truncated", 10, "kernel/module/signing.c mod_verify_sig, "
+         "kernel/module_signature.c mod_check_sig", _v(((0,), "")), "EBADMSG"),
+    Rule("signature-params", 10, "kernel/module_signature.c mod_check_sig",
+         _v(((0,), "module: PKCS#7 signature info has unexpected non-zero params")), "EBADMSG"),
+    Rule("signature-pkcs7", 10, "kernel/module/signing.c mod_verify_sig -> "
+         "verify_pkcs7_signature (crypto/asymmetric_keys/pkcs7_parser.c): unparsable PKCS#7",
+         _v(((0,), "")), "EBADMSG"),
+    Rule("signature-not-pkcs7", 10, "kernel/module_signature.c mod_check_sig (-ENOPKG: taints "
+         "unless CONFIG_MODULE_SIG_FORCE)",
+         _v(((0,), "module: not signed with expected PKCS#7 message")), "", severity="warning"),
+    # elf_validity_cache_index_mod (6.12.117): the section modpost fills with struct module.
+    Rule("this-module-size", 20, f"{_MAIN} elf_validity_cache_index_mod (6.12.117; not in 6.1.192)",
+         _v(((0,), "module {name}: .gnu.linkonce.this_module section size must match the "
+                   "kernel's built struct module size at run time")),
+         "ENOEXEC", since=(6, 12)),
+    # check_modstruct_version (kernel/module/version.c, 6.1 and 6.12): the CRC of module_layout
+    # is the first one checked, before vermagic.
+    Rule("module-layout", 30, "kernel/module/version.c check_modstruct_version -> check_version",
+         _v(((0,), "{name}: {first} module_layout")), "ENOEXEC"),
+    Rule("vermagic", 40, f"{_MAIN} check_modinfo",
+         _v(((0,), "{name}: version magic '{have}' should be '{want}'")), "ENOEXEC"),
+    Rule("no-vermagic", 40, f"{_MAIN} check_modinfo -> try_to_force_load (no vermagic, no "
+         "CONFIG_MODULE_FORCE_LOAD: -ENOEXEC, nothing printed)", _v(((0,), "")),
+         "ENOEXEC"),
+    Rule("license-taint", 41, f"{_MAIN} check_modinfo -> module_license_taint_check; "
+         "include/linux/license.h license_is_gpl_compatible",
+         _v(((0,), "{name}: module license '{license}' taints kernel.")), "",
+         severity="warning"),
+    # percpu_modalloc -> __alloc_reserved_percpu (mm/percpu.c pcpu_alloc): larger than
+    # PCPU_MIN_UNIT_SIZE (32 KiB) is "illegal" (a WARN with a backtrace); larger than the
+    # reserved chunk (PERCPU_MODULE_RESERVE) simply does not fit.
+    Rule("percpu-illegal", 60, "mm/percpu.c pcpu_alloc, kernel/module/main.c percpu_modalloc",
+         _v(((0,), "illegal size ({size}) or align ({align}) for percpu allocation\n"
+                   "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),
+    Rule("percpu-reserve", 60, "kernel/module/main.c percpu_modalloc; include/linux/percpu.h "
+         "PERCPU_MODULE_RESERVE",
+         _v(((0,), "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),
+    # simplify_symbols -> resolve_symbol_wait -> resolve_symbol (main.c), check_version
+    # (version.c), verify_namespace_is_imported (main.c).
+    Rule("common", 70, f"{_MAIN} simplify_symbols (SHN_COMMON)",
+         _v(((0,), "{name}: please compile with -fno-common")), "ENOEXEC"),
+    Rule("unknown-symbol", 70, f"{_MAIN} simplify_symbols (not found, not weak)",
+         _v(((0,), "{name}: Unknown symbol {symbol} (err {err})")), "ENOENT"),
+    Rule("gpl-only", 70, f"{_MAIN} find_symbol (gplok false: a GPL-only export is not found)",
+         _v(((0,), "{name}: Unknown symbol {symbol} (err {err})")), "ENOENT"),
+    Rule("symbol-version", 70, "kernel/module/version.c check_version via resolve_symbol",
+         _v(((0,), "{name}: {first} {symbol}\n{name}: Unknown symbol {symbol} (err {err})")),
+         "EINVAL"),
+    Rule("namespace", 70, f"{_MAIN} verify_namespace_is_imported",
+         _v(((0,), "{name}: module uses symbol ({symbol}) from namespace {ns}, but does not "
+                   "import it.\n{name}: Unknown symbol {symbol} (err {err})")), "EINVAL"),
+    # apply_relocations: the per-arch lines are in rustko.relocs; this row orders them.
+    Rule("relocation", 80, f"{_MAIN} apply_relocations", _v(((0,), "")), "ENOEXEC"),
+    Rule("rel-section", 80, "include/linux/moduleloader.h apply_relocate (weak default)",
+         _v(((0,), "module {name}: REL relocation unsupported")), "ENOEXEC"),
+    # complete_formation -> verify_exported_symbols (main.c, 6.1 and 6.12).
+    Rule("duplicate-export", 90, f"{_MAIN} verify_exported_symbols",
+         _v(((0,), "{name}: exports duplicate symbol {symbol} (owned by {owner})")),
+         "ENOEXEC"),
+)}
+
+RELOCATION_ORDER = RULES["relocation"].order
+
+# include/linux/license.h license_is_gpl_compatible (6.1.192, 6.12.117).
+GPL_COMPATIBLE: frozenset[str] = frozenset({
+    "GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL", "Dual MIT/GPL", "Dual MPL/GPL",
+})
+
+# kernel/module/main.c ignore_undef_symbol (6.1.192, 6.12.117): unresolved names the loader
+# forgives, per e_machine (GNU as before 2.37 leaves an unreferenced _GLOBAL_OFFSET_TABLE_).
+IGNORED_UNDEFINED: dict[int, frozenset[str]] = {3: frozenset({"_GLOBAL_OFFSET_TABLE_"}),
+                                                62: frozenset({"_GLOBAL_OFFSET_TABLE_"})}
+
+# mm/percpu.c: PCPU_MIN_UNIT_SIZE (include/linux/percpu.h, PFN_ALIGN(32 << 10)) is the largest
+# allocation; sizes round up to PCPU_MIN_ALLOC_SIZE (4) and alignments below it are raised.
+PCPU_MIN_UNIT_SIZE = 32 << 10
+PCPU_MIN_ALLOC_SIZE = 4
+
+# include/linux/module_signature.h: enum pkey_id_type PKEY_ID_PKCS7.
+PKEY_ID_PKCS7 = 2
+# The DER of OID 1.2.840.113549.1.7.2 (pkcs7-signedData), which crypto/asymmetric_keys/
+# pkcs7.asn1 requires as PKCS7ContentInfo's contentType.
+PKCS7_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")

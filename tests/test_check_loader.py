@@ -1,0 +1,234 @@
+"""Differential, rule by rule: C modules made for each loader rule (Kbuild against Debian's 6.1
+headers, patched with Python where a rule needs bytes no compiler writes) are checked, then loaded
+into the real Debian 6.1 kernel in QEMU; the kernel must give the verdict the checker predicts,
+with the first line it said the kernel would print and the error insmod reports."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import require_kdir, tool
+from rustko import check
+from rustko.cache import cached_dir
+from rustko.elf import RELA64, Elf
+from rustko.kernel import KernelInfo, probe
+from rustko.vm import vmtest
+from test_check import CACHE, _key
+
+SOURCE = r"""
+#include <linux/module.h>
+#include <linux/delay.h>
+#include <linux/percpu.h>
+#ifdef WEAK
+#pragma weak msleep
+extern int rustko_weak_nowhere __attribute__((weak));
+/* A 32-bit absolute field against a weak symbol nobody exports: it resolves to 0 and fits. */
+asm(".pushsection .data\n.weak rustko_weak_nowhere\n.long rustko_weak_nowhere\n.popsection");
+#endif
+#ifdef DUP
+int rustko_dupl(void) { return 1; }
+EXPORT_SYMBOL(rustko_dupl);
+#endif
+#ifdef PERCPU
+static DEFINE_PER_CPU(struct { char bytes[PERCPU]; }, rk_big);
+#endif
+static int __init m_init(void)
+{
+#ifdef WEAK
+	msleep(1);
+	pr_info("weak %px\n", &rustko_weak_nowhere);
+#endif
+#ifdef PERCPU
+	pr_info("percpu %p\n", per_cpu_ptr(&rk_big, 0));
+#endif
+	pr_info("m loaded\n");
+	return 0;
+}
+static void __exit m_exit(void) { }
+module_init(m_init);
+module_exit(m_exit);
+MODULE_LICENSE("GPL");
+"""
+
+VARIANTS = {"plain": "", "weak": "-DWEAK", "dup": "-DDUP", "percpu": "-DPERCPU=16384"}
+
+SET_A = r"""
+#include <linux/module.h>
+int rkset_fn(int x) { return x + 1; }
+EXPORT_SYMBOL_GPL(rkset_fn);
+MODULE_LICENSE("GPL");
+"""
+SET_B = r"""
+#include <linux/module.h>
+extern int rkset_fn(int x);
+static int __init b_init(void) { pr_info("rksetb %d\n", rkset_fn(41)); return 0; }
+static void __exit b_exit(void) { }
+module_init(b_init);
+module_exit(b_exit);
+MODULE_LICENSE("GPL");
+"""
+
+
+def _make(tmp: Path, kdir: Path) -> None:
+    done = subprocess.run(["make", "-s", "-C", str(kdir), f"M={tmp}", "modules",
+                           "KBUILD_MODPOST_WARN=1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _build(variant: str) -> Path:
+    kdir = require_kdir("6.1")
+    flags = VARIANTS[variant]
+
+    def fill(tmp: Path) -> None:
+        (tmp / "m.c").write_text(SOURCE)
+        (tmp / "Kbuild").write_text(f"obj-m += m.o\nccflags-y += {flags}\n")
+        _make(tmp, kdir)
+
+    return cached_dir(CACHE / f"loader-{variant}-{_key(SOURCE, flags, str(kdir))}", fill) / "m.ko"
+
+
+def _build_set() -> Path:
+    kdir = require_kdir("6.1")
+
+    def fill(tmp: Path) -> None:
+        (tmp / "rkseta.c").write_text(SET_A)
+        (tmp / "rksetb.c").write_text(SET_B)
+        (tmp / "Kbuild").write_text("obj-m += rkseta.o rksetb.o\n")
+        _make(tmp, kdir)
+
+    return cached_dir(CACHE / f"loader-set-{_key(SET_A, SET_B, str(kdir))}", fill)
+
+
+@pytest.fixture(scope="module")
+def kernel(kdir61: Path) -> KernelInfo:
+    tool("qemu-system-x86_64")
+    return probe(kdir61)
+
+
+def _patch_crc(src: Path, dest: Path, symbol: str) -> Path:
+    """A copy whose __versions entry for `symbol` holds another CRC (a module built against
+    other headers looks like this)."""
+    data = bytearray(src.read_bytes())
+    elf = Elf(bytes(data), str(src))
+    index = elf.find("__versions")
+    start = int(elf.shdrs["offset"][index])
+    blob = elf.section_bytes(index)
+    for at in range(0, len(blob), 64):
+        if blob[at + 8:at + 64].split(b"\0", 1)[0] == symbol.encode():
+            crc = struct.unpack_from("<Q", data, start + at)[0]
+            struct.pack_into("<Q", data, start + at, crc ^ 0x1)
+            dest.write_bytes(bytes(data))
+            return dest
+    raise AssertionError(f"{symbol} not in __versions")
+
+
+# busybox's insmod words for the loader's errors (modutils/modutils.c moderror), else strerror.
+INSMOD_SAYS = {"ENOEXEC": "invalid module format", "ENOENT": "unknown symbol in module",
+               "EINVAL": "Invalid argument", "EBADMSG": "Bad message", "ENOMEM": "Cannot allocate memory"}
+
+
+def _verdict(path: Path, kernel: KernelInfo, findings=None, run=()):
+    """The checker's verdict next to the kernel's; asserts they agree and returns both."""
+    findings = check.check_module(path, kernel) if findings is None else findings
+    result = vmtest(path, arch="x86_64", run=run)
+    errors = [f for f in findings if f.severity == "error"]
+    if not errors:
+        assert result.loaded, (findings, result.insmod_error, result.console[-2000:])
+        return findings, result
+    assert not result.loaded, (findings, result.console[-2000:])
+    first = errors[0]
+    if first.kernel:
+        assert first.kernel_regex().search(result.console), (first.kernel, result.console[-2000:])
+    assert INSMOD_SAYS[first.errno] in (result.insmod_error or ""), (first, result.insmod_error)
+    return findings, result
+
+
+def test_weak_symbols(kernel, tmp_path) -> None:
+    """A weak symbol nobody exports is 0 (its 32-bit absolute field fits); a weak reference to an
+    export still has its CRC checked."""
+    good = _build("weak")
+    findings, result = _verdict(good, kernel)
+    assert findings == [] and result.ok and "weak 0000000000000000" in result.console
+    bad = _patch_crc(good, tmp_path / "m.ko", "msleep")
+    findings, _ = _verdict(bad, kernel)
+    assert [f.kind for f in findings] == ["symbol-version"]
+    assert findings[0].kernel == ["m: disagrees about version of symbol msleep",
+                                  "m: Unknown symbol msleep (err -22)"]
+
+
+def test_module_layout_is_the_first_crc(kernel, tmp_path) -> None:
+    bad = _patch_crc(_build("plain"), tmp_path / "m.ko", "module_layout")
+    findings, _ = _verdict(bad, kernel)
+    assert findings[0].kind == "module-layout"
+    assert findings[0].kernel == ["m: disagrees about version of symbol module_layout"]
+
+
+def test_duplicate_export(kernel, tmp_path) -> None:
+    """The module's export renamed to one the kernel has (same length, every occurrence)."""
+    src = _build("dup")
+    dup = tmp_path / "m.ko"
+    dup.write_bytes(src.read_bytes().replace(b"rustko_dupl", b"kernel_read"))
+    assert check.check_module(src, kernel) == []
+    findings, _ = _verdict(dup, kernel)
+    assert [f.kind for f in findings] == ["duplicate-export"]
+    assert findings[0].kernel == ["m: exports duplicate symbol kernel_read (owned by kernel)"]
+
+
+def test_relocations_write_live_memory(kernel, tmp_path) -> None:
+    """Two relocations aimed at one field: the second finds the first one's value there."""
+    src = _build("plain")
+    data = bytearray(src.read_bytes())
+    elf = Elf(bytes(data), str(src))
+    rela = elf.find(".rela.init.text")
+    rows = elf.section_array(rela, RELA64)
+    types = (rows["info"] & 0xFFFFFFFF).tolist()
+    pcs = [i for i, t in enumerate(types) if t in (2, 4)]
+    first, second = pcs[0], pcs[1]
+    base = int(elf.shdrs["offset"][rela])
+    struct.pack_into("<Q", data, base + second * RELA64.itemsize, int(rows["offset"][first]))
+    bad = tmp_path / "m.ko"
+    bad.write_bytes(bytes(data))
+    findings, _ = _verdict(bad, kernel)
+    assert findings[0].kind == "nonzero-target" and findings[0].offset == int(rows["offset"][first])
+    assert findings[0].kernel[0].startswith("module: x86/modules: Skipping invalid relocation")
+
+
+def test_percpu_larger_than_the_reserve(kernel) -> None:
+    findings, _ = _verdict(_build("percpu"), kernel)
+    assert findings[0].kind == "percpu-reserve"
+    assert findings[0].kernel[0].startswith("m: Could not allocate 16")
+
+
+def test_unparsable_signature(kernel, tmp_path) -> None:
+    """A signature trailer whose PKCS#7 data is not DER: fatal although 6.1 does not enforce
+    signatures, with no kernel line (insmod: Bad message)."""
+    junk = b"\x04\x03abc"
+    info = bytes([0, 0, 2, 0, 0, 0, 0, 0]) + struct.pack(">I", len(junk))
+    bad = tmp_path / "m.ko"
+    bad.write_bytes(_build("plain").read_bytes() + junk + info + b"~Module signature appended~\n")
+    findings, _ = _verdict(bad, kernel)
+    assert [f.kind for f in findings] == ["signature-pkcs7"] and findings[0].kernel == []
+
+
+def test_modules_checked_as_a_set(kernel, kdir61: Path, tmp_path) -> None:
+    """rksetb needs rkseta's export: refused alone, loadable once rkseta is loaded (as modprobe
+    does); `rustko check` of both says the same."""
+    folder = _build_set()
+    a, b = folder / "rkseta.ko", folder / "rksetb.ko"
+    alone = check.check_module(b, kernel)
+    assert [f.kind for f in alone] == ["unknown-symbol"]
+    _verdict(b, kernel, alone)
+    together = dict(check.check_paths([a, b], kdir=str(kdir61)))
+    assert together == {str(a): [], str(b): []}
+    subprocess.run(["strip", "--strip-debug", "-o", str(tmp_path / "b.ko"), str(b)], check=True)
+    stripped = (tmp_path / "b.ko").read_bytes()
+    load_b = ("base64 -d > /tmp/rksetb.ko <<'EOF'\n" + base64.encodebytes(stripped).decode()
+              + "EOF\ninsmod /tmp/rksetb.ko && rmmod rksetb")
+    _, result = _verdict(a, kernel, [], run=[load_b])
+    assert result.commands and result.commands[0][1] == 0, result.commands
+    assert "rksetb 42" in result.console
