@@ -157,6 +157,8 @@ def _rustc(target: Target, cmd: list[str], cwd: Path, what: str, log: Log | None
                             stderr=subprocess.PIPE, text=True)
     if result.stderr:
         print(result.stderr, end="", file=sys.stderr)
+    if toolchain.interrupted(result.returncode, result.stderr):
+        raise RustkoError(f"interrupted: rustc stopped while compiling {what} (Ctrl-C or a signal)", exit_code=130)
     if result.returncode != 0:
         raise RustkoError(f"{what} does not compile", "rustc's messages above say where and why", exit_code=1)
 
@@ -304,6 +306,7 @@ def build_module(target: Target, info: kbuild.ModuleInfo, source: Path, project_
     compilation overlap rustc; Kbuild links the Rust object in as soon as it exists."""
     log = log or (lambda line: None)
     target = with_rustflags(target, extra or [])
+    extra = [*flagset.config_cfgs(target.kernel), *(extra or [])]  # CONFIG_* as --cfg, as Kbuild does
     target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"))
     kbuild_dir = kbuild.safe_dir((work / "kbuild").resolve())
     kbuild.prepare(kbuild_dir, info, c_sources)

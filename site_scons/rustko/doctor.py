@@ -21,6 +21,16 @@ TOOLS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _vm_tools(arch: str) -> tuple[tuple[str, str, str], ...]:
+    """The emulator `rustko vmtest` boots this architecture's kernel in (vm.ARCHES); UML needs none."""
+    from .vm import ARCHES
+
+    spec = ARCHES.get(arch)
+    if spec is None or spec.uml:
+        return ()
+    return (("vmtest", spec.qemu[0], spec.qemu_package),)
+
+
 def _line(ok: bool, label: str, detail: str) -> str:
     return f"  [{'ok' if ok else '!!'}] {label:<16} {detail}"
 
@@ -47,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     entry = sysroot.cache.cache_root() / "sysroot" / target.sysroot_key
     print(_line(True, "sysroot", f"{entry} ({'cached' if entry.is_dir() else 'built on the first build, ~30 s'})"))
     cross = kbuild.CROSS_COMPILE.get(kernel.arch, "") if kernel.arch != host_arch() else ""
-    for step, program, package in (*TOOLS, ("link", target.linker, "binutils"),
+    for step, program, package in (*TOOLS, *_vm_tools(kernel.arch), ("link", target.linker, "binutils"),
                                    ("kbuild", f"{cross}gcc", f"gcc{'-' + cross.rstrip('-') if cross else ''}")):
         found = shutil.which(program)
         problems += found is None and step != "vmtest"
@@ -55,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     print("flags (each mirrors the kernel Makefile line after it):")
     for flag, source in flags.explain(kernel):
         print(f"  {flag:<48} {source}")
+    for flag in flags.config_cfgs(kernel):
+        print(f"  {flag:<48} scripts/Makefile.lib: rust_flags = ... @$(objtree)/include/generated/rustc_cfg "
+              "(the module's crates: #[cfg(CONFIG_...)])")
     return 1 if problems else 0
 
 
