@@ -112,10 +112,11 @@ def from_spdx(expression: str) -> str | None:
 
 
 def module_license(value: str | None, where: str) -> str:
-    """What goes into MODULE_LICENSE for a crate licensed `value` (from `where`)."""
+    """What goes into MODULE_LICENSE for a crate licensed `value` (`where` says where it was set)."""
     if value is None or not value.strip():
         raise RustkoError(
-            f"the module has no licence ({where})",
+            "the module has no licence: no `license` in Cargo.toml ([package] or "
+            "[package.metadata.kernel]) and no license= argument",
             'add `license = "GPL-2.0-only"` under [package] in Cargo.toml (an SPDX expression, '
             'mapped to MODULE_LICENSE("GPL")), or pass license= to RustKernelModule; the kernel '
             "treats a module without one as proprietary")
