@@ -90,7 +90,7 @@ def arm64_boot(root: Path) -> tuple[str, subprocess.CompletedProcess[str]]:
     assert made.returncode == 0, made.stderr
     kdir = Path(made.stdout.strip())
     module = build(root, "arm64", ["hello"], kdir, "ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-")["hello"]
-    return probe(kdir).release, cli(str(module), "--run", "uname -m", INITSTATE)
+    return probe(kdir).release, cli(str(module), "--run", "uname -m", "--run", INITSTATE)
 
 
 def with_gotpcrel(module: Path, out: Path) -> Path:

@@ -169,6 +169,8 @@ def _rustc(target: Target, cmd: list[str], cwd: Path, what: str, log: Log | None
                             stderr=subprocess.PIPE, text=True)
     if result.stderr:
         print(result.stderr, end="", file=sys.stderr)
+    if toolchain.interrupted(result.returncode, result.stderr):
+        raise RustkoError(f"interrupted: rustc stopped while compiling {what} (Ctrl-C or a signal)", exit_code=130)
     if result.returncode != 0:
         raise RustkoError(f"{what} does not compile", "rustc's messages above say where and why", exit_code=1)
 
@@ -410,13 +412,19 @@ class Plan:
         return [*(cmd for _dep, cmd in self.dependencies), self.rustc, self.link, self.make]
 
 
+def crate_flags(target: Target, spec: ModuleSpec) -> list[str]:
+    """What the module's own crates get beyond the kernel's flags: the kernel's CONFIG_* as
+    `--cfg` (as Kbuild gives in-tree Rust), then the module's rustflags."""
+    return [*flagset.config_cfgs(target.kernel), *spec.rustflags]
+
+
 def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj: Path | None = None) -> Plan:
     """`obj`: where the Rust object goes (default: the module's work folder)."""
     target = with_rustflags(target, list(spec.rustflags))
     obj = obj or spec.obj
-    deps, linked = dependency_commands(target, spec.deps, spec.work / "deps", list(spec.rustflags))
+    deps, linked = dependency_commands(target, spec.deps, spec.work / "deps", crate_flags(target, spec))
     rustc = crate_command(target, spec.name, spec.source, spec.project_dir, obj, spec.dep_file,
-                          spec.edition, [*spec.rustflags, *linked])
+                          spec.edition, [*crate_flags(target, spec), *linked])
     objects = kbuild.c_objects(spec.layout)
     job = kbuild_job(target, spec)
     return Plan(target=target, dependencies=deps, rustc=rustc, link=link_command(target, spec.name, obj, entry),
@@ -440,10 +448,10 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
     target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"))
     kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text)
     with kbuild.Kbuild(kbuild_job(target, spec), spec.name) as running:
-        linked = (compile_dependencies(target, spec.deps, spec.work / "deps", list(spec.rustflags), log)
+        linked = (compile_dependencies(target, spec.deps, spec.work / "deps", crate_flags(target, spec), log)
                   if spec.deps else [])
         crate = compile_crate(target, spec.name, spec.source, spec.obj, spec.dep_file, spec.project_dir,
-                              spec.edition, [*spec.rustflags, *linked], log)
+                              spec.edition, [*crate_flags(target, spec), *linked], log)
         log(f"  KBUILD  {spec.name}.ko")
         out_ko.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(running.deliver(crate.obj), out_ko)

@@ -67,7 +67,8 @@ UNDEFINED_EXPLAINED: tuple[tuple[str, str, str], ...] = (
      r"(s|d|t|x|h)?(f|i|s|d|t)?[a-z0-9]*$|^(sqrt|fmod|floor|ceil|round|trunc|exp|log|pow|sin|cos)f?$",
      "floating point used in kernel code: the kernel has no soft-float helpers and must not touch "
      "FPU registers outside kernel_fpu_begin/end",
-     "remove f32/f64 arithmetic (use fixed point), and build core with `--cfg no_fp_fmt_parse`"),
+     "remove the f32/f64 arithmetic (use integers or fixed point); formatting a float with `{}` "
+     "needs these helpers too"),
     (r"^_ZN4core|^_RNv.*4core|^_ZN5alloc|^_RN.*5alloc|^_ZN17compiler_builtins|^_RN.*17compiler_builtins",
      "a function from core/alloc/compiler_builtins is referenced but not linked into the object",
      "link the crate with core into one object: build it as a staticlib with `-Clto=fat` (core "

@@ -7,6 +7,7 @@ import signal
 import sys
 from typing import Callable
 
+from . import __version__
 from .errors import RustkoError, internal_error
 
 # Subcommand name -> "module:function" registering its parser; imported lazily so that
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rustko",
         description="Build Linux kernel modules in Rust and prove them loadable.",
     )
+    parser.add_argument("--version", action="version", version=f"rustko {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, target in SUBCOMMANDS.items():

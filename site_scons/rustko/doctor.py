@@ -21,6 +21,14 @@ TOOLS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _vm_tools(name: str) -> tuple[tuple[str, str, str], ...]:
+    """The emulator `rustko vmtest` boots this architecture's kernel in; UML needs none."""
+    vm = arch.resolve(name).vm
+    if vm is None or vm.uml:
+        return ()
+    return (("vmtest", vm.command[0], vm.package),)
+
+
 def _line(ok: bool, label: str, detail: str) -> str:
     return f"  [{'ok' if ok else '!!'}] {label:<16} {detail}"
 
@@ -47,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     entry = sysroot.cache.cache_root() / "sysroot" / target.sysroot_key
     print(_line(True, "sysroot", f"{entry} ({'cached' if entry.is_dir() else 'built on the first build, ~30 s'})"))
     cross = arch.default_cross_compile(kernel.arch)
-    for step, program, package in (*TOOLS, ("link", target.linker, "binutils"),
+    for step, program, package in (*TOOLS, *_vm_tools(kernel.arch), ("link", target.linker, "binutils"),
                                    ("kbuild", f"{cross}gcc", arch.toolchain_package(kernel.arch))):
         found = shutil.which(program)
         problems += found is None and step != "vmtest"
@@ -55,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     print("flags (each mirrors the kernel Makefile line after it):")
     for flag, source in flags.explain(kernel):
         print(f"  {flag:<48} {source}")
+    for flag in flags.config_cfgs(kernel):
+        print(f"  {flag:<48} scripts/Makefile.lib: rust_flags = ... @$(objtree)/include/generated/rustc_cfg "
+              "(the module's crates: #[cfg(CONFIG_...)])")
     return 1 if problems else 0
 
 

@@ -7,10 +7,11 @@ headers have no CONFIG_RUST, the rows still apply: they describe the kernel's AB
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
-from . import arch
+from . import arch, cache
 from .kernel import KernelInfo
 
 
@@ -42,9 +43,10 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              when=("DEBUG_INFO",), unless=("DEBUG_INFO_REDUCED",)),
     FlagRule(("-Cdebuginfo=1",), "scripts/Makefile.debug: ifdef CONFIG_DEBUG_INFO_REDUCED DEBUG_RUSTFLAGS += -Cdebuginfo=1",
              when=("DEBUG_INFO_REDUCED",)),
-    # rustko's own: FIELD-NOTES measured that without -Zplt=yes rustc marks the LLVM module
-    # RtLibUseGOT and LLVM's memset/memcpy calls go through R_X86_64_GOTPCREL, which the loader refuses.
-    FlagRule(("-Zplt=yes",), "rustko: keeps libcalls (memset, memcpy) off the GOT; see FIELD-NOTES",
+    # rustko's own, measured: without -Zplt=yes rustc marks the LLVM module RtLibUseGOT and LLVM's
+    # memset/memcpy calls go through R_X86_64_GOTPCREL, which the loader refuses.
+    FlagRule(("-Zplt=yes",), "rustko: keeps libcalls (memset, memcpy) off the GOT; without it they go "
+                             "through R_X86_64_GOTPCREL, which Debian's 6.1 refuses (Unknown rela relocation: 9)",
              arches=("x86_64", "um")),
     # arch/x86/Makefile
     FlagRule(("-Ctarget-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2",),
@@ -164,3 +166,39 @@ def explain(kernel: KernelInfo) -> list[tuple[str, str]]:
         if _applies(rule, kernel):
             rows.extend((_expand(flag, kernel), rule.source) for flag in rule.flags)
     return rows
+
+
+def config_cfgs(kernel: KernelInfo) -> list[str]:
+    """The kernel's configuration as rustc `--cfg`s, as Kbuild gives it to every in-tree Rust
+    crate: `rust_flags = ... @$(objtree)/include/generated/rustc_cfg` (scripts/Makefile.lib,
+    6.1 and 6.12), so `#[cfg(CONFIG_SMP)]` means what it means in the kernel.
+
+    KDIRs made before kconfig wrote that file (kernels before 6.1) get the same lines derived
+    from their .config, cached by content.
+    """
+    generated = kernel.kdir / "include" / "generated" / "rustc_cfg"
+    if generated.is_file():
+        return [f"@{generated}"]
+    text = "".join(rustc_cfg_line(name, value) for name, value in sorted(kernel.config.items()))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    folder = cache.cached_dir(cache.cache_root() / "rustc_cfg" / digest,
+                              lambda tmp: (tmp / "rustc_cfg").write_text(text))
+    return [f"@{folder / 'rustc_cfg'}"]
+
+
+def rustc_cfg_line(name: str, value: str) -> str:
+    """One .config value as kconfig writes it into rustc_cfg (scripts/kconfig/confdata.c
+    print_symbol_for_rustccfg, 6.1 and 6.12): `y`/`m` also as a bare `--cfg=NAME` (IS_ENABLED),
+    hex with its 0x, every value as an escaped string. .config strings are already quoted and
+    escaped the same way (escape_string_value), so they are copied as they are.
+
+    .config does not say a symbol's type, so a hex value written without 0x reads as an int:
+    on Debian's 6.1 and 6.12 configs the one line that differs from the real rustc_cfg is
+    CONFIG_MTD_NAND_DISKONCHIP_PROBE_ADDRESS="0" (kconfig: "0x0")."""
+    if value in ("y", "m"):
+        return f'--cfg={name}\n--cfg={name}="{value}"\n'
+    if value == "n" or not value:
+        return ""
+    if not value.startswith('"'):
+        value = f'"{value}"'
+    return f"--cfg={name}={value}\n"

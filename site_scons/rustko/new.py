@@ -32,8 +32,8 @@ TEMPLATES: dict[str, Template] = {
 README = """\
 # {name}
 
-A Linux kernel module in Rust ({summary}), built with [rustko](https://github.com/) from the
-`{template}` template.
+A Linux kernel module in Rust ({summary}), built with rustko from the `{template}`
+template.
 
 ## Build, check, try
 

@@ -12,10 +12,21 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from . import licenses
 from .errors import RustkoError
 from .kbuild import PARAM_TYPES, ModuleInfo, Param
+from .sysroot import CRATES
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,54}$")  # a C identifier that fits MODULE_NAME_LEN
+
+
+# The module's name is also its crate's name (rustc --crate-name), which must not be one the
+# sysroot already has (sysroot.CRATES): rustc then finds two crates of that name (E0519, E0463).
+RESERVED_NAMES: dict[str, str] = {
+    **{crate: "a crate of the sysroot rustko builds for the kernel (core, compiler_builtins, alloc, "
+              "and rustko's support crate)" for crate, _source, _extra in CRATES},
+    "std": "the name of Rust's standard library, which kernel code cannot use",
+}
 
 
 def check_name(name: str) -> str:
@@ -23,6 +34,9 @@ def check_name(name: str) -> str:
         raise RustkoError(f"'{name}' cannot be a module name",
                           "use letters, digits and underscores, starting with a letter (max 55 characters); "
                           "the kernel uses it as a C identifier")
+    if name in RESERVED_NAMES:
+        raise RustkoError(f"'{name}' cannot be a module name: the module's crate is named after it, and "
+                          f"`{name}` is {RESERVED_NAMES[name]}", f"choose another name, e.g. 'my_{name}'")
     return name
 
 
@@ -85,20 +99,22 @@ def module_info(name: str, manifest: dict[str, Any], overrides: dict[str, Any]) 
     kernel_meta = package.get("metadata", {}).get("kernel", {}) if isinstance(package.get("metadata"), dict) else {}
     authors = package.get("authors") or []
     base = {
-        "license": package.get("license", "GPL"),
+        "license": package.get("license", ""),
         "author": ", ".join(a for a in authors if isinstance(a, str)),
         "description": package.get("description", ""),
         "version": package.get("version", ""),
     }
+    where = {key: "[package] in Cargo.toml" for key in base}
     for key in base:
         if key in kernel_meta:
-            base[key] = kernel_meta[key]
+            base[key], where[key] = kernel_meta[key], "[package.metadata.kernel] in Cargo.toml"
         if overrides.get(key):
-            base[key] = overrides[key]
+            base[key], where[key] = overrides[key], f"RustKernelModule({key}=...)"
     for key, value in base.items():
         if not isinstance(value, str):
             raise RustkoError(f"module metadata '{key}' must be a string, not {type(value).__name__}",
                               "check [package.metadata.kernel] in Cargo.toml")
+    base["license"] = licenses.module_license(base["license"], where["license"])
     specs = dict(kernel_meta.get("params", {}) or {})
     specs.update(overrides.get("params") or {})
     params = tuple(parse_param(pname, spec) for pname, spec in sorted(specs.items()))
@@ -142,6 +158,11 @@ def path_dependencies(manifest: dict[str, Any], project_dir: Path,
         folder = (project_dir / str(spec["path"])).resolve()
         if folder in within:
             raise RustkoError(f"dependency '{key}' ({folder}) depends on itself through its dependencies")
+        if not (folder / "Cargo.toml").is_file():
+            what = "has no Cargo.toml" if folder.is_dir() else "does not exist"
+            raise RustkoError(f"dependency '{key}': {folder} {what}",
+                              f"fix `path` of `{key}` in [dependencies]: it is relative to {project_dir}, "
+                              "and names the folder of the crate's Cargo.toml")
         dep_manifest = read_manifest(folder / "Cargo.toml")
         package = dep_manifest.get("package")
         if not isinstance(package, dict) or "name" not in package:

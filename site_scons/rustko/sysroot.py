@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import cache
 from .errors import RustkoError
-from .toolchain import Toolchain, INSTALL_HINT
+from .toolchain import Toolchain, INSTALL_HINT, interrupted
 
 RECIPE_VERSION = "2"
 RUST_DIR = Path(__file__).parent / "rust"
@@ -94,8 +94,8 @@ def _compile(toolchain: Toolchain, flags: list[str], root: Path, target: str, cr
     log(crate, cmd)
     env = {**os.environ, "RUSTC_BOOTSTRAP": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
-    if result.returncode < 0:
-        raise RustkoError(f"building `{crate}` was interrupted (signal {-result.returncode})",
+    if interrupted(result.returncode, result.stderr):
+        raise RustkoError(f"interrupted: building `{crate}` was stopped (Ctrl-C or a signal)",
                           "nothing was cached; the next build starts it again")
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-15:])

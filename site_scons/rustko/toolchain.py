@@ -20,6 +20,19 @@ INSTALL_HINT = ("on Debian 12: `apt-get install rustc-web rust-web-src` and use 
                 "folder of the sources of exactly this rustc version")
 
 
+# rustc_driver_impl install_ctrlc_handler: on SIGINT rustc waits 100 ms then exits 1, printing
+# nothing, unless const evaluation notices first ("error[E0080]: compilation was interrupted").
+INTERRUPTED_MESSAGE = "compilation was interrupted"
+ERROR_LINE = re.compile(r"^error", re.M)
+
+
+def interrupted(returncode: int, stderr: str) -> bool:
+    """Whether a failed rustc was stopped (Ctrl-C, a signal) rather than refused the code: a
+    refusal always prints an `error` line, an interruption none or rustc's own word for it."""
+    return returncode != 0 and (returncode < 0 or INTERRUPTED_MESSAGE in stderr
+                                or not ERROR_LINE.search(stderr))
+
+
 @dataclass(frozen=True)
 class Toolchain:
     rustc: Path

@@ -401,6 +401,7 @@ def parse_console(console: str, token: str, result: VmResult, commands: Sequence
     window = kernel_log[after[0] + 1 :] if after else []
     result.module_log = [line for line in window if line and not BOOT_NOISE.match(line)]
     if not result.loaded:
+        result.module_log = _one_attempt(result.module_log)
         # busybox's insmod retries with init_module after finit_module fails: each line twice.
         refusals = [line for line in result.module_log if any(p.search(line) for p in REFUSAL_PATTERNS)]
         result.refusal = "\n".join(dict.fromkeys(refusals)) or None
@@ -411,6 +412,16 @@ def parse_console(console: str, token: str, result: VmResult, commands: Sequence
     if not done and result.failure is None:
         tail = "\n".join(line for line in lines[-15:] if line.strip())
         result.failure = "the guest stopped before finishing its steps; last console lines:\n" + tail
+
+
+def _one_attempt(log: list[str]) -> list[str]:
+    """The log of a failed insmod, once: busybox's insmod retries with init_module when
+    finit_module fails (modutils/modutils.c bb_init_module), so a failing init runs twice and its
+    lines end the log twice."""
+    for size in range(len(log) // 2, 0, -1):
+        if log[-size:] == log[-2 * size:-size]:
+            return log[:-size]
+    return log
 
 
 def vmtest(
@@ -439,7 +450,7 @@ def vmtest(
             )
         vmlinuz = _uml_kernel(info) if boot.uml else debian_kernel(info.release, spec.name)
     else:
-        vmlinuz = Path(kernel)
+        vmlinuz = Path(kernel).absolute()  # QEMU runs in a temporary folder
         if not vmlinuz.is_file() or not os.access(vmlinuz, os.R_OK):
             raise RustkoError(f"kernel image {vmlinuz} does not exist or is not readable")
     qemu = "" if boot.uml else _require_tool(boot.command[0], boot.package)
@@ -592,11 +603,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--run",
         dest="commands",
-        action="extend",
-        nargs="+",
+        action="append",
         default=[],
         metavar="CMD",
-        help="shell command(s) to run in the guest while the module is loaded (repeatable)",
+        help="a shell command to run in the guest while the module is loaded (repeatable: one per --run)",
     )
     parser.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="module parameter for insmod (repeatable)")
