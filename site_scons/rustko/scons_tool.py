@@ -38,6 +38,7 @@ import SCons.Script
 import SCons.SConsign
 
 from . import __version__, build, kbuild, project
+from . import arch as arches
 from .errors import RustkoError, internal_error
 from .kernel import default_kdir
 
@@ -51,7 +52,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("ARCH", "target architecture: x86_64, arm64, um (aliases x86, amd64, aarch64); must match KDIR",
      "KDIR's own"),
     ("CROSS_COMPILE", "prefix of the C toolchain for Kbuild", "none for the host's arch; "
-     + ", ".join(f"{prefix} for {arch}" for arch, prefix in kbuild.CROSS_COMPILE.items())),
+     + ", ".join(f"{a.cross_compile} for {a.name}" for a in arches.ALL if a.cross_compile)),
     ("LLVM", "1: build the C side with clang/ld.lld", "0"),
     ("RUSTC", "rustc to use", "the first rustc whose library sources exist (Debian's /usr/bin/rustc)"),
     ("RUST_LIB_SRC", "the `library` folder of that rustc's sources", "from its sysroot"),
