@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import flags as flagset
-from . import kbuild, project, sysroot, toolchain
+from . import kbuild, project, repro, sysroot, toolchain
 from .errors import RustkoError
 from .kernel import KernelInfo, host_arch, normalize_arch, probe
 
@@ -319,6 +319,8 @@ def build_module(target: Target, info: kbuild.ModuleInfo, source: Path, project_
     if target.options.sign_key and target.options.sign_cert:
         log(f"  SIGN    {info.name}.ko")
         kbuild.sign(target.kernel, out_ko, Path(target.options.sign_key), Path(target.options.sign_cert))
+    repro.write_record(repro.make_record(target, info, source, project_dir, work, out_ko, edition, extra or [],
+                                         c_sources, crate.dep_file, deps), out_ko)
     return crate
 
 
