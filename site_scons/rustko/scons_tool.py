@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -147,13 +148,14 @@ BUILD = SCons.Action.Action(_build_action, "  RUSTC   $RUSTKO_MODULE",
 def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license: str = "",
                      author: str = "", description: str = "", version: str = "",
                      params: dict[str, dict[str, Any]] | None = None,
-                     rustflags: list[str] | None = None, build_dir: str = "#build",
+                     rustflags: list[str] | None = None, build_dir: str | None = None,
                      manifest: str = "Cargo.toml", c_sources: list[str] | None = None) -> Any:
     """Build `name`.ko from the crate rooted at `source`; returns the checked `.ko` node.
 
     Keyword metadata (and `params`, shaped like `[package.metadata.kernel.params]`) win over
     Cargo.toml's. `c_sources`: the project's own C files (and the headers they include),
-    compiled by Kbuild into the module against the kernel's headers.
+    compiled by Kbuild into the module against the kernel's headers. `build_dir` defaults to
+    `$RUSTKO_BUILD_DIR` (a read-only source tree builds elsewhere), else `#build`.
     """
     c_nodes = [env.File(path) for path in c_sources or ()]
     try:
@@ -162,8 +164,9 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
     except RustkoError as err:
         _stop(err)
     project_dir = Path(env.Dir("#").abspath)
-    out_dir = env.Dir(build_dir)
+    out_dir = env.Dir(build_dir or os.environ.get("RUSTKO_BUILD_DIR") or "#build")
     work = out_dir.Dir(f".rustko/{name}")
+    outside = not out_dir.is_under(env.Dir("#"))
     manifest_node = env.File(manifest)
     overrides = dict(RUSTKO_MODULE=name, RUSTKO_RUSTFLAGS=tuple(rustflags or ()),
                      RUSTKO_PROJECT=str(project_dir), RUSTKO_WORK=work.abspath,
@@ -173,7 +176,11 @@ def RustKernelModule(env: Any, name: str, source: str = "src/lib.rs", *, license
     nodes = env.Command([out_dir.File(f"{name}.ko"), work.File(f"{name}_rust.o"), work.File(f"{name}_rust.d")],
                         [env.File(source), manifest_node, *c_nodes], BUILD, **overrides)
     ko = nodes[0]
-    env.Clean(ko, out_dir)
+    # A build folder outside the project may hold other things: clean only what the build made,
+    # and make the module a default target (SCons's default, ".", does not reach it).
+    env.Clean(ko, [out_dir.Dir(".rustko"), out_dir.File(f"{name}.ko.buildinfo")] if outside else out_dir)
+    if outside:
+        env.Default(ko)
     booted = env.Alias(f"vmtest-{name}", ko, SCons.Action.Action(_vmtest_action, f"  VMTEST  {name}.ko"))
     env.AlwaysBuild(booted)
     env.Alias("vmtest", booted)
