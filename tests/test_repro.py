@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import SITE, copy_example, rustko, scons, tool
+from conftest import SITE, copy_example, rustko, tool
 
 NOBODY = 65534
 
@@ -69,6 +69,7 @@ def test_hello_is_the_same_bytes_for_another_user_path_and_machine_state(root_bu
     ko = build_hello(project, kdir61, env=env, umask=0o077, jobs=2, prefix=prefix)
     assert ko.stat().st_uid == NOBODY
     assert any(cache.glob("sysroot/*/lib")), "the sysroot was not rebuilt in the private cache"
+    assert str(cache).encode() not in ko.read_bytes(), "a cache path reached the module"
     assert ko.read_bytes() == root_build.read_bytes()
     record = json.loads((ko.parent / "hello.ko.buildinfo").read_text())
     assert record == json.loads((root_build.parent / "hello.ko.buildinfo").read_text()), \

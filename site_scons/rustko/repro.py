@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__, cache
 from .errors import RustkoError
@@ -67,6 +67,20 @@ def library_hash(lib_src: Path) -> str:
                 with open(path, "rb") as handle:
                     digest.update(hashlib.sha256(handle.read()).digest())
     return digest.hexdigest()
+
+
+def _library_hash_once(target: Any) -> str:
+    """`library_hash`, kept beside the sysroot's key (which already covers rustc and the sources'
+    names and sizes): reading every source costs a fifth of a second, too much for each build."""
+    memo = cache.cache_root() / "buildinfo" / f"library-{target.sysroot_key}"
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = library_hash(target.toolchain.lib_src)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    partial = memo.with_name(f".{memo.name}.{os.getpid()}")
+    partial.write_text(digest + "\n")
+    os.replace(partial, memo)
+    return digest
 
 
 def _support_hash() -> str:
@@ -122,15 +136,9 @@ def _tool_paths(target: Any) -> list[Path]:
         for line in makefile.read_text(errors="replace").splitlines():
             if line.startswith("include "):
                 paths.append(Path(line.split(None, 1)[1].strip()))
-    cross = target.options.cross_compile or ""
-    for tool in ("clang", "ld.lld") if target.options.llvm else (f"{cross}gcc", target.linker):
-        found = shutil.which(tool)
-        if found:
-            paths.append(Path(found))
-    for tool in ("make",):
-        found = shutil.which(tool)
-        if found:
-            paths.append(Path(found))
+    cross = target.linker.removesuffix("ld")   # the CROSS_COMPILE prefix the build used, default included
+    tools = ("clang", "ld.lld") if target.options.llvm else (f"{cross}gcc", target.linker)
+    paths += [Path(found) for found in map(shutil.which, (*tools, "make")) if found]
     return [p for p in paths if os.path.lexists(p)]
 
 
@@ -181,7 +189,7 @@ def make_record(target: Any, info: Any, source: Path, project_dir: Path, work: P
         "options": options,
         "rustc": {"path": str(target.toolchain.rustc), "version": target.toolchain.version,
                   "verbose_version": target.toolchain.verbose_version, "library": str(target.toolchain.lib_src),
-                  "library_sha256": library_hash(target.toolchain.lib_src)},
+                  "library_sha256": _library_hash_once(target)},
         "flags": list(target.flags),
         "packages": packages(_tool_paths(target)),
     }
@@ -225,7 +233,8 @@ def _differences(record: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return lines
 
 
-def rebuild(record_file: Path, source_dir: Path, out_dir: Path, log=print) -> tuple[Path, bool, list[str]]:
+def rebuild(record_file: Path, source_dir: Path, out_dir: Path,
+            log: Callable[[str], None] = print) -> tuple[Path, bool, list[str]]:
     """Build the recorded module again from `source_dir`; returns (new .ko, same bytes?, toolchain
     differences). Sources that differ from the record are an error: they cannot give its bytes."""
     from . import build, kbuild, project
