@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from . import flags as flagset
 from . import arch as arches
-from . import cache, kbuild, project, sysroot, toolchain
+from . import cache, kbuild, project, repro, sysroot, toolchain
 from .errors import RustkoError
 from .kernel import KernelInfo, normalize_arch, probe
 
@@ -458,6 +458,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
     if target.options.sign_key and target.options.sign_cert:
         log(f"  SIGN    {spec.name}.ko")
         kbuild.sign(target.kernel, out_ko, Path(target.options.sign_key), Path(target.options.sign_cert))
+    repro.write_record(repro.make_record(target, spec, out_ko), out_ko)
     return crate
 
 

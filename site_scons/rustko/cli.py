@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "kdir": "kdir:add_parser",
     "new": "new:add_parser",
     "doctor": "doctor:add_parser",
+    "repro": "repro:add_parser",
 }
 
 

@@ -37,7 +37,7 @@ import SCons.Scanner.C
 import SCons.Script
 import SCons.SConsign
 
-from . import __version__, build, kbuild, project
+from . import __version__, build, kbuild, project, repro
 from . import arch as arches
 from .errors import RustkoError, internal_error
 from .kernel import default_kdir
@@ -265,6 +265,9 @@ def _check_action(target: list[Any], source: list[Any], env: Any) -> int:
     try:
         build.check(_target(env), Path(source[0].abspath), env.get("RUSTKO_EXTRA_SYMBOLS") or ())
         shutil.copyfile(source[0].abspath, target[0].abspath)
+        record = repro.record_path(Path(source[0].abspath))
+        if record.is_file():  # a RustKernelModule's build record goes beside the module it describes
+            shutil.copyfile(record, repro.record_path(Path(target[0].abspath)))
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         return _fail(err)
     return 0
@@ -454,7 +457,7 @@ def RustkoCheck(env: Any, target: str, source: Any, extra_symbols: list[Any] | N
 def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license: str = "",
                      author: str = "", description: str = "", version: str = "",
                      params: dict[str, dict[str, Any]] | None = None,
-                     rustflags: list[str] | None = None, build_dir: str = "build",
+                     rustflags: list[str] | None = None, build_dir: str | None = None,
                      manifest: str = "Cargo.toml", c_sources: list[Any] | str | None = None,
                      ccflags: list[str] | str | None = None, extra_symbols: list[Any] | None = None) -> Any:
     """Build `name`.ko from the crate rooted at `source`; returns the checked `.ko` node.
@@ -463,9 +466,11 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     Cargo.toml's. `c_sources`: the project's own C files (headers they include are found),
     compiled by Kbuild against the kernel's headers with `ccflags` (ccflags-y: -I, -D, ...).
     `extra_symbols`: modules (their nodes) or Module.symvers files whose exports this one uses.
-    `build_dir` is relative to the SConscript (so a variant_dir build writes under the variant).
+    `build_dir` is relative to the SConscript (so a variant_dir build writes under the variant);
+    it defaults to `$RUSTKO_BUILD_DIR` (a read-only source tree builds elsewhere), else `build`.
     """
     _user(project.check_name, name)
+    build_dir = build_dir or os.environ.get("RUSTKO_BUILD_DIR") or "build"
     if f"{name}.ko" in _PUBLISHED.get(env.Dir(build_dir).abspath, ()):
         raise SCons.Errors.UserError(
             f"error: {env.Dir(build_dir).File(name + '.ko').get_path()} would be built twice (two "
@@ -495,7 +500,9 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
         env.Depends(nodes, [*_kernel_files(env, tgt), *waits])
     _SYMVERS[published] = spec.kbuild_dir / "Module.symvers"
     ko = RustkoCheck(env, published, nodes[0], extra_symbols)
-    env.Clean(ko, work)
+    env.Clean(ko, [work, repro.record_path(Path(published.abspath)).as_posix()])
+    if not out_dir.is_under(env.Dir("#")):
+        env.Default(ko)  # SCons's default target, ".", does not reach a build folder outside the project
     booted = env.Alias(f"vmtest-{name}", ko, SCons.Action.Action(_vmtest_action, f"  VMTEST  {name}.ko"))
     env.AlwaysBuild(booted)
     env.Alias("vmtest", booted)

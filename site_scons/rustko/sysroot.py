@@ -21,7 +21,7 @@ from . import cache
 from .errors import RustkoError
 from .toolchain import Toolchain, INSTALL_HINT, interrupted
 
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"  # 3: the build folder remapped (it leaked into debug info)
 RUST_DIR = Path(__file__).parent / "rust"
 
 # (crate, source, extra rustc arguments), in build order. Sources starting with "library/" are
@@ -88,7 +88,10 @@ def _compile(toolchain: Toolchain, flags: list[str], root: Path, target: str, cr
     # -Cembed-bitcode=yes: the module's fat LTO then keeps only the parts of these crates it uses.
     cmd = [str(toolchain.rustc), *flags, "-Cembed-bitcode=yes", *extra,
            f"--edition={edition}", "--crate-type=rlib", f"--crate-name={crate}",
-           f"--sysroot={root}", f"--remap-path-prefix={toolchain.lib_src}=/rustc/library",
+           # `root` is a temporary folder renamed into the cache afterwards: remapped to the name the
+           # module build remaps the cache entry to, so no random path reaches the .ko's debug info.
+           f"--sysroot={root}", f"--remap-path-prefix={root}=/sysroot",
+           f"--remap-path-prefix={toolchain.lib_src}=/rustc/library",
            f"--remap-path-prefix={RUST_DIR}=/rustko",
            "-Awarnings", "-o", str(libdir / f"lib{crate}.rlib"), str(src)]
     log(crate, cmd)
