@@ -68,7 +68,9 @@ def host_arch() -> str:
 
 
 def _apt_dir(release: str) -> Path:
-    return cache_root() / "apt" / release
+    """Private apt state (lists, .debs) of `release`: machine-wide, like /var/lib/apt, so every
+    RUSTKO_CACHE (tests use throw-away ones) shares one copy; `$RUSTKO_APT` moves it."""
+    return Path(os.environ.get("RUSTKO_APT") or "/var/tmp/rustko-apt") / release
 
 
 def _private_config(release: str) -> Path:
@@ -156,18 +158,27 @@ def has(package: str, arch: str, release: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def find(package: str, arch: str, hint_release: str | None = None) -> str:
-    """The Debian release whose archive has `package:arch`: the host's first, then the others
-    (the one `hint_release` names first); refreshes stale lists once before giving up."""
+def find(packages: str | Sequence[str], arch: str, hint_release: str | None = None) -> tuple[str, str]:
+    """(Debian release, package) for the first of `packages` some release's archive has for
+    `arch`: the one `hint_release` names first, then the host's, then the others; stale lists
+    are refreshed once before giving up."""
+    names = [packages] if isinstance(packages, str) else list(packages)
     order = [r for r in dict.fromkeys([hint_release, host_release(), *RELEASES]) if r]
     for force in (False, True):
         for release in order:
             if force and release != host_release():
                 update(release, force=True)
-            if has(package, arch, None if release == host_release() else release):
-                return release
-    raise RustkoError(f"no Debian release ({', '.join(order)}) has {package}:{arch}",
+            for name in names:
+                if has(name, arch, None if release == host_release() else release):
+                    return release, name
+    raise RustkoError(f"no Debian release ({', '.join(order)}) has {' or '.join(f'{n}:{arch}' for n in names)}",
                       "check the name: `apt-cache search linux-headers` lists what the host's release has")
+
+
+def release_hint(kernel: str) -> str | None:
+    """The Debian release a kernel release names (`6.12.117+deb13-amd64`: trixie), if any."""
+    plus = re.search(r"\+deb(\d+)", kernel)
+    return DEB_NUMBER.get(plus.group(1)) if plus else None
 
 
 def pkgnames(prefix: str, release: str | None = None) -> list[str]:

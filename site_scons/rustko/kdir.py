@@ -149,12 +149,10 @@ def prepare(arch_name: str | None, release: str | None = None) -> Path:
     cached = _cached(package, debian_arch, release)
     if cached is not None:
         return cached
-    plus = re.search(r"\+deb(\d+)", release)
-    hinted = debian.DEB_NUMBER.get(plus.group(1)) if plus else None
     suite = debian.host_release()
     if not debian.has(package, debian_arch, None):
         try:
-            suite = debian.find(package, debian_arch, hinted)
+            suite, _ = debian.find(package, debian_arch, debian.release_hint(release))
         except RustkoError:
             suite = debian.host_release()  # the download below names the package apt does not know
     if suite != debian.host_release():
