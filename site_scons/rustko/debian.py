@@ -67,10 +67,15 @@ def host_arch() -> str:
     return out.stdout.strip() or "amd64"
 
 
+def state_dir() -> Path:
+    """Where other Debian releases live on this machine (their apt lists, their roots):
+    machine-wide like /var/lib/apt, so every RUSTKO_CACHE (tests use throw-away ones) shares one
+    copy, and outside any clone; `$RUSTKO_DEBIAN` moves it."""
+    return Path(os.environ.get("RUSTKO_DEBIAN") or "/var/tmp/rustko-debian")
+
+
 def _apt_dir(release: str) -> Path:
-    """Private apt state (lists, .debs) of `release`: machine-wide, like /var/lib/apt, so every
-    RUSTKO_CACHE (tests use throw-away ones) shares one copy; `$RUSTKO_APT` moves it."""
-    return Path(os.environ.get("RUSTKO_APT") or "/var/tmp/rustko-apt") / release
+    return state_dir() / "apt" / release
 
 
 def _private_config(release: str) -> Path:
@@ -79,8 +84,6 @@ def _private_config(release: str) -> Path:
         raise RustkoError(f"unknown Debian release '{release}'", f"use one of: {', '.join(RELEASES)}")
     base = _apt_dir(release)
     conf = base / "apt.conf"
-    if conf.is_file():
-        return conf
     for sub in ("etc/apt.conf.d", "etc/preferences.d", "etc/sources.list.d", "lists/partial",
                 "archives/partial", "dpkg"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -104,9 +107,10 @@ APT::Sandbox::User "root";
 Acquire::Languages "none";
 Acquire::Retries "3";
 '''
-    tmp = conf.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, conf)
+    if not conf.is_file() or conf.read_text() != text:  # written once; again if the folder moved
+        tmp = conf.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, conf)
     return conf
 
 

@@ -122,7 +122,7 @@ def release_arch(release: str) -> str:
 def _cached(package: str, debian_arch: str, release: str) -> Path | None:
     """A KDIR prepared before for `release`: in the cache (host release) or in a root."""
     found = [cache_root() / "kdir" / debian_arch / release / "usr" / "src" / package]
-    found += [root / "usr" / "src" / package for root in sorted((cache_root() / "roots").glob("*"))]
+    found += [root / "usr" / "src" / package for root in sorted((debian.state_dir() / "roots").glob("*"))]
     return next((kdir for kdir in found if (kdir / ".config").is_file() and (kdir / "Makefile").is_file()), None)
 
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from . import arch as arches
 from . import debian
-from .cache import _locked, cache_root, cached_dir
+from .cache import _locked, cached_dir
 from .errors import RustkoError
 
 # A file every rustko root has: which release it is (and that it is rustko's to run make in).
@@ -47,7 +47,7 @@ def _say(line: str) -> None:
 
 
 def root_path(release: str) -> Path:
-    return cache_root() / "roots" / release
+    return debian.state_dir() / "roots" / release
 
 
 def owning(path: Path) -> Path | None:
