@@ -2,7 +2,8 @@
 --release` finds the Debian release whose archive has the headers (bullseye's 5.10, trixie-
 backports' 7.3 built with CONFIG_RUST=y and without MODVERSIONS), prepares them in a root of
 that release (its own gcc-10 / gcc-14 and linux-kbuild), scons builds examples/hello against
-them, and Debian's real kernels of those releases load it under QEMU.
+them (amd64, and the arm64 twins cross-built), and Debian's real kernels of those releases load
+it under QEMU.
 
 Roots, package lists and kernel images are cached machine-wide (rustko's cache and
 /var/tmp/rustko-debian): a cold run debootstraps two roots (a few minutes each), a warm one reuses them.
@@ -23,10 +24,13 @@ from conftest import copy_example, rustko, scons
 from rustko import check, roots, vm
 from rustko.kernel import probe
 
-# Kernel release -> (Debian release whose root builds for it, the compiler its headers name).
-RELEASES: dict[str, tuple[str, str]] = {
-    "5.10.0-32-amd64": ("bullseye", "gcc-10"),
-    "7.3.4+deb13-amd64": ("trixie", "gcc-14"),
+# Kernel release -> (Debian release whose root builds for it, the compiler its headers name,
+# rustko's architecture). arm64 twins share their release's root (amd64 linux-kbuild, cross gcc).
+RELEASES: dict[str, tuple[str, str, str]] = {
+    "5.10.0-32-amd64": ("bullseye", "gcc-10", "x86_64"),
+    "5.10.0-32-arm64": ("bullseye", "gcc-10", "arm64"),
+    "7.3.4+deb13-amd64": ("trixie", "gcc-14", "x86_64"),
+    "7.3.4+deb13-arm64": ("trixie", "gcc-14", "arm64"),
 }
 HELLO = "hello from Rust: sorted [2, 3, 5, 7, 11, 13], sum 41"
 
@@ -48,7 +52,7 @@ def kdirs() -> dict[str, Path]:
 def _build_and_boot(project: Path, kdir: Path) -> Run:
     built = scons(project, f"KDIR={kdir}")
     ko = project / "build" / f"{project.name}.ko"
-    return project, built, (vm.vmtest(ko, timeout=400) if ko.is_file() else None)
+    return project, built, (vm.vmtest(ko, arch=vm.arch_of(ko), timeout=400) if ko.is_file() else None)
 
 
 @pytest.fixture(scope="session")
@@ -69,19 +73,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, kdirs: dict[str, Path]) -> It
 @pytest.mark.parametrize("release", sorted(RELEASES))
 def test_kdir_is_prepared_in_a_root_of_its_own_debian_release(kdirs: dict[str, Path], release: str) -> None:
     kdir = kdirs[release]
-    debian_release, compiler = RELEASES[release]
+    debian_release, compiler, arch = RELEASES[release]
     kernel = probe(kdir)
-    assert kernel.release == release and kernel.arch == "x86_64"
+    assert kernel.release == release and kernel.arch == arch
     assert compiler in kernel.compiler, kernel.compiler
     root = roots.owning(kdir)
     assert root is not None and f"release {debian_release}" in (root / roots.MARKER).read_text()
-    assert os.access(root / "usr" / "bin" / f"x86_64-linux-gnu-{compiler}", os.X_OK)
+    prefix = "x86_64-linux-gnu-" if arch == "x86_64" else "aarch64-linux-gnu-"
+    assert os.access(root / "usr" / "bin" / f"{prefix}{compiler}", os.X_OK)
     again = rustko("kdir", "--release", release)
     assert again.returncode == 0 and again.stdout == f"{kdir}\n" and again.stderr == "", again.stderr
 
 
 @pytest.mark.parametrize("release", sorted(RELEASES))
-def test_hello_loads_in_the_real_kernel(runs: dict[str, Future], release: str) -> None:
+def test_hello_loads_in_the_real_kernel(runs: dict[str, Future], kdirs: dict[str, Path], release: str) -> None:
     project, built, booted = runs[release].result()
     assert built.returncode == 0, built.stdout + built.stderr
     assert booted is not None and booted.ok, booted and (booted.failure or booted.console[-3000:])
@@ -89,8 +94,9 @@ def test_hello_loads_in_the_real_kernel(runs: dict[str, Future], release: str) -
     assert any(line.endswith("goodbye from Rust") for line in booted.module_log), booted.module_log
     vermagic = vm.read_module(project / "build" / "hello.ko").vermagic
     assert vermagic.split()[0] == release
-    # 7.3 is built without CONFIG_MODVERSIONS (every CRC in its Module.symvers is 0): no modversions.
+    # Debian's 7.3 is built without CONFIG_MODVERSIONS (every CRC in its Module.symvers is 0).
     assert ("modversions" in vermagic.split()) == release.startswith("5.10"), vermagic
+    assert probe(kdirs[release]).enabled("MODVERSIONS") == release.startswith("5.10")
 
 
 def test_pic_build_is_refused_on_7_3_as_the_check_predicted(runs: dict[str, Future], kdirs: dict[str, Path]) -> None:
