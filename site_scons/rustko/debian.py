@@ -67,8 +67,15 @@ def host_arch() -> str:
     return out.stdout.strip() or "amd64"
 
 
+def state_dir() -> Path:
+    """Where other Debian releases live on this machine (their apt lists, their roots):
+    machine-wide like /var/lib/apt, so every RUSTKO_CACHE (tests use throw-away ones) shares one
+    copy, and outside any clone; `$RUSTKO_DEBIAN` moves it."""
+    return Path(os.environ.get("RUSTKO_DEBIAN") or "/var/tmp/rustko-debian")
+
+
 def _apt_dir(release: str) -> Path:
-    return cache_root() / "apt" / release
+    return state_dir() / "apt" / release
 
 
 def _private_config(release: str) -> Path:
@@ -77,8 +84,6 @@ def _private_config(release: str) -> Path:
         raise RustkoError(f"unknown Debian release '{release}'", f"use one of: {', '.join(RELEASES)}")
     base = _apt_dir(release)
     conf = base / "apt.conf"
-    if conf.is_file():
-        return conf
     for sub in ("etc/apt.conf.d", "etc/preferences.d", "etc/sources.list.d", "lists/partial",
                 "archives/partial", "dpkg"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -102,9 +107,10 @@ APT::Sandbox::User "root";
 Acquire::Languages "none";
 Acquire::Retries "3";
 '''
-    tmp = conf.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, conf)
+    if not conf.is_file() or conf.read_text() != text:  # written once; again if the folder moved
+        tmp = conf.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, conf)
     return conf
 
 
@@ -156,18 +162,27 @@ def has(package: str, arch: str, release: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def find(package: str, arch: str, hint_release: str | None = None) -> str:
-    """The Debian release whose archive has `package:arch`: the host's first, then the others
-    (the one `hint_release` names first); refreshes stale lists once before giving up."""
+def find(packages: str | Sequence[str], arch: str, hint_release: str | None = None) -> tuple[str, str]:
+    """(Debian release, package) for the first of `packages` some release's archive has for
+    `arch`: the one `hint_release` names first, then the host's, then the others; stale lists
+    are refreshed once before giving up."""
+    names = [packages] if isinstance(packages, str) else list(packages)
     order = [r for r in dict.fromkeys([hint_release, host_release(), *RELEASES]) if r]
     for force in (False, True):
         for release in order:
             if force and release != host_release():
                 update(release, force=True)
-            if has(package, arch, None if release == host_release() else release):
-                return release
-    raise RustkoError(f"no Debian release ({', '.join(order)}) has {package}:{arch}",
+            for name in names:
+                if has(name, arch, None if release == host_release() else release):
+                    return release, name
+    raise RustkoError(f"no Debian release ({', '.join(order)}) has {' or '.join(f'{n}:{arch}' for n in names)}",
                       "check the name: `apt-cache search linux-headers` lists what the host's release has")
+
+
+def release_hint(kernel: str) -> str | None:
+    """The Debian release a kernel release names (`6.12.117+deb13-amd64`: trixie), if any."""
+    plus = re.search(r"\+deb(\d+)", kernel)
+    return DEB_NUMBER.get(plus.group(1)) if plus else None
 
 
 def pkgnames(prefix: str, release: str | None = None) -> list[str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from . import arch, build, flags, sysroot
+from . import arch, build, flags, roots, sysroot
 from .errors import RustkoError
-from .kernel import normalize_arch
+from .kernel import KernelInfo, normalize_arch
 
 # (step, program, Debian package): the programs each step runs.
 TOOLS: tuple[tuple[str, str, str], ...] = (
@@ -33,6 +33,33 @@ def _line(ok: bool, label: str, detail: str) -> str:
     return f"  [{'ok' if ok else '!!'}] {label:<16} {detail}"
 
 
+# What a KDIR holds when its kernel's own Rust can be built against (rust/Makefile, 6.1 to 7.3):
+# the crates' metadata and the target spec the kernel compiled them for.
+RUST_OUTPUTS: tuple[str, ...] = ("rust/libkernel.rmeta", "rust/libcore.rmeta", "scripts/target.json")
+
+
+def kernel_rust(kernel: KernelInfo) -> list[tuple[str, str]]:
+    """What the KDIR says about the kernel's own Rust, in plain words."""
+    if not kernel.enabled("RUST"):
+        return [("kernel Rust", "CONFIG_RUST is not set: rustko's own sysroot and support crate are used")]
+    version = kernel.value("RUSTC_VERSION_TEXT") or "an unknown rustc"
+    present = [name for name in RUST_OUTPUTS if (kernel.kdir / name).exists()]
+    if present:
+        return [("kernel Rust", f"CONFIG_RUST=y (built with {version}); KDIR has {', '.join(present)}")]
+    return [("kernel Rust", f"CONFIG_RUST=y (built with {version}), but KDIR has no Rust build outputs "
+                            f"(no {', '.join(RUST_OUTPUTS)}): the kernel's own crates cannot be used from "
+                            "these headers, so rustko uses its own sysroot (core, alloc) and support crate")]
+
+
+def kbuild_place(kernel: KernelInfo) -> list[tuple[str, str]]:
+    """Where Kbuild runs: on the host, or in the Debian root of the kernel's own release."""
+    root = roots.owning(kernel.kdir)
+    if root is None:
+        return [("Kbuild", "runs on this host")]
+    return [("Kbuild", f"runs in the Debian root {root} (unshare + chroot; the kernel's own "
+                       f"compiler: {kernel.compiler})")]
+
+
 def run(args: argparse.Namespace) -> int:
     options = build.Options(kdir=args.kdir, arch=args.arch, rustc=args.rustc, rust_lib_src=args.rust_lib_src)
     problems = 0
@@ -51,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     print(_line(kernel.symvers.is_file(), "Module.symvers",
                 "present" if kernel.symvers.is_file() else "missing: symbol checks and modversions cannot work"))
     problems += not kernel.symvers.is_file()
+    for label, detail in kernel_rust(kernel) + kbuild_place(kernel):
+        print(_line(True, label, detail))
     print(_line(True, "rustc", f"{tools.rustc} {tools.version}, library sources {tools.lib_src}"))
     entry = sysroot.cache.cache_root() / "sysroot" / target.sysroot_key
     print(_line(True, "sysroot", f"{entry} ({'cached' if entry.is_dir() else 'built on the first build, ~30 s'})"))

@@ -55,16 +55,28 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              "arch/x86/Makefile: KBUILD_RUSTFLAGS += -Cno-redzone=y, -Ccode-model=kernel", arches=("x86_64",)),
     FlagRule(("-Ztune-cpu=generic",), "arch/x86/Makefile: rustflags-$(CONFIG_GENERIC_CPU) += -Ztune-cpu=generic",
              arches=("x86_64",), when=("GENERIC_CPU",)),
+    # 7.3 has no CPU choice left but X86_NATIVE_CPU; its -Ctarget-cpu=x86-64 is already the
+    # builtin x86_64-unknown-none's cpu. The `unless` list is 6.12's choice (arch/x86/Kconfig.cpu).
+    FlagRule(("-Ztune-cpu=generic",),
+             "arch/x86/Makefile (7.3.4): ifdef CONFIG_X86_NATIVE_CPU ... else KBUILD_RUSTFLAGS += "
+             "-Ctarget-cpu=x86-64 -Ztune-cpu=generic",
+             arches=("x86_64",), when=("X86_64",),
+             unless=("GENERIC_CPU", "X86_NATIVE_CPU", "MK8", "MPSC", "MCORE2", "MATOM")),
     FlagRule(("-Zretpoline-external-thunk",),
              "arch/x86/Makefile: RETPOLINE_RUSTFLAGS (rustc >= 1.80 spells +retpoline-external-thunk this way)",
              arches=("x86_64",), when=("MITIGATION_RETPOLINE", "RETPOLINE")),
-    FlagRule(("-Zfunction-return=thunk-extern",), "arch/x86/Makefile: RETHUNK_RUSTFLAGS := -Zfunction-return=thunk-extern",
+    FlagRule(("-Zfunction-return=thunk-extern",),
+             "arch/x86/Makefile (6.12, 7.3.4): ifdef CONFIG_MITIGATION_RETHUNK RETHUNK_RUSTFLAGS := "
+             "-Zfunction-return=thunk-extern; 5.10.262 has C only: Makefile ifdef CONFIG_RETHUNK "
+             "RETHUNK_CFLAGS := -mfunction-return=thunk-extern (the same __x86_return_thunk)",
              arches=("x86_64",), when=("MITIGATION_RETHUNK", "RETHUNK")),
     FlagRule(("-Zcf-protection=branch", "-Cjump-tables=n"),
-             "arch/x86/Makefile: ifeq ($(CONFIG_X86_KERNEL_IBT),y) KBUILD_RUSTFLAGS += -Zcf-protection=branch -Cjump-tables=n",
+             "arch/x86/Makefile: ifeq ($(CONFIG_X86_KERNEL_IBT),y) KBUILD_RUSTFLAGS += -Zcf-protection=branch -Cjump-tables=n "
+             "(7.3.4: -Cjump-tables=n for rustc >= 1.93, else -Zno-jump-tables; 5.10 has no IBT)",
              arches=("x86_64",), when=("X86_KERNEL_IBT",)),
     FlagRule(("-Zpatchable-function-entry={FUNCTION_PADDING_BYTES},{FUNCTION_PADDING_BYTES}",),
-             "arch/x86/Makefile: ifdef CONFIG_CALL_PADDING PADDING_RUSTFLAGS := -Zpatchable-function-entry=...",
+             "arch/x86/Makefile (6.12, 7.3.4): ifdef CONFIG_CALL_PADDING PADDING_RUSTFLAGS := "
+             "-Zpatchable-function-entry=... (5.10 has no CALL_PADDING)",
              arches=("x86_64",), when=("CALL_PADDING",)),
     # UML (arch/um/Makefile includes arch/x86/Makefile.um, never arch/x86/Makefile): no kernel
     # code model and no -mno-red-zone. UML's kernel is a host process linked at 0x60000000 and its

@@ -122,7 +122,7 @@ def release_arch(release: str) -> str:
 def _cached(package: str, debian_arch: str, release: str) -> Path | None:
     """A KDIR prepared before for `release`: in the cache (host release) or in a root."""
     found = [cache_root() / "kdir" / debian_arch / release / "usr" / "src" / package]
-    found += [root / "usr" / "src" / package for root in sorted((cache_root() / "roots").glob("*"))]
+    found += [root / "usr" / "src" / package for root in sorted((debian.state_dir() / "roots").glob("*"))]
     return next((kdir for kdir in found if (kdir / ".config").is_file() and (kdir / "Makefile").is_file()), None)
 
 
@@ -149,12 +149,10 @@ def prepare(arch_name: str | None, release: str | None = None) -> Path:
     cached = _cached(package, debian_arch, release)
     if cached is not None:
         return cached
-    plus = re.search(r"\+deb(\d+)", release)
-    hinted = debian.DEB_NUMBER.get(plus.group(1)) if plus else None
     suite = debian.host_release()
     if not debian.has(package, debian_arch, None):
         try:
-            suite = debian.find(package, debian_arch, hinted)
+            suite, _ = debian.find(package, debian_arch, debian.release_hint(release))
         except RustkoError:
             suite = debian.host_release()  # the download below names the package apt does not know
     if suite != debian.host_release():

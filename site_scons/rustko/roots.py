@@ -28,14 +28,15 @@ from typing import Sequence
 
 from . import arch as arches
 from . import debian
-from .cache import _locked, cache_root, cached_dir
+from .cache import _locked, cached_dir
 from .errors import RustkoError
 
 # A file every rustko root has: which release it is (and that it is rustko's to run make in).
 MARKER = "etc/rustko-root"
 
-# Packages every root gets besides its base system (Kbuild runs make; the rest come with the headers).
-BASE_PACKAGES: tuple[str, ...] = ("make",)
+# Packages every root gets besides its base system and the headers (which bring gcc and
+# linux-kbuild): make, and binutils for the plain `as`/`ld` the kernel's gcc runs.
+BASE_PACKAGES: tuple[str, ...] = ("make", "binutils")
 
 # debootstrap lines shown as progress while a root is made (the rest are per-package noise).
 PROGRESS_EVERY = 20.0
@@ -46,7 +47,7 @@ def _say(line: str) -> None:
 
 
 def root_path(release: str) -> Path:
-    return cache_root() / "roots" / release
+    return debian.state_dir() / "roots" / release
 
 
 def owning(path: Path) -> Path | None:
@@ -67,6 +68,9 @@ def ensure(release: str) -> Path:
     """The root of Debian `release`, made once with debootstrap (a few minutes)."""
     path = root_path(release)
     if (path / MARKER).is_file():
+        if not all(installed(path, p) for p in BASE_PACKAGES):
+            with _locked(path / "var" / "rustko-packages"):
+                install(path, BASE_PACKAGES)
         return path
     _require_root(f"a Debian {release} root for Kbuild")
     if release not in debian.RELEASES:

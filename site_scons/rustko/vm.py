@@ -166,49 +166,48 @@ def _require_tool(tool: str, package: str) -> str:
     return found
 
 
+# Debian's packages of a kernel without the Secure Boot signature, by generation, with the path
+# of the kernel image inside: never installed, only unpacked, so no boot hooks run here.
+IMAGE_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("linux-image-{release}-unsigned", "boot/vmlinuz-{release}"),  # 5.10 to 6.x (seen: 5.10, 6.1, 6.12)
+    ("linux-binary-unsigned-{release}", "usr/lib/modules/{release}/vmlinuz.unsigned"),  # 7.x (seen: 7.3.4+deb13)
+)
+
+
 def image_packages(release: str) -> tuple[str, ...]:
-    """Debian's packages holding the kernel `release` without the Secure Boot signature, in the
-    order tried: `linux-image-RELEASE-unsigned` (up to 6.x), `linux-binary-unsigned-RELEASE` (7.x).
-    Never installed, only unpacked, so no boot hooks run on this machine."""
     if not re.fullmatch(r"[0-9][A-Za-z0-9.+~_-]*", release):
         raise RustkoError(f"{release!r} is not a kernel release")
-    return (f"linux-image-{release}-unsigned", f"linux-binary-unsigned-{release}")
+    return tuple(name.format(release=release) for name, _ in IMAGE_LAYOUTS)
 
 
-def _image_deb(release: str, debian_arch: str, download: Path) -> Path:
-    """The unsigned image .deb of `release`, from the host's apt or the release that has it."""
+def _image_deb(release: str, debian_arch: str, download: Path) -> tuple[Path, str]:
+    """The unsigned image .deb of `release` (from the host's apt, or the Debian release that has
+    it) and the kernel image's path inside it."""
     hint = "run `apt-get update`, or pass --kernel VMLINUZ"
     names = image_packages(release)
+    images = {name: image.format(release=release) for name, (_, image) in zip(names, IMAGE_LAYOUTS)}
     for name in names:
         found = sorted((cache_root() / "debs").glob(f"{name}_*_{debian_arch}.deb"))
         if found:
-            return found[-1]
-    plus = re.search(r"\+deb(\d+)", release)
-    hinted = debian.DEB_NUMBER.get(plus.group(1)) if plus else None
-    for name in names:
-        try:
-            suite = debian.find(name, debian_arch, hinted)
-        except RustkoError:
-            continue
-        own = None if suite == debian.host_release() else suite
-        return debian.download(name, debian_arch, download, own, hint)
-    raise RustkoError(f"no Debian release has {' or '.join(f'{n}:{debian_arch}' for n in names)}", hint)
-
-
-def _unpacked_image(release: str, arch: str, what: str, members: Sequence[str]) -> Path:
-    """`members` of the image package of `release`, fetched and unpacked once into cache/WHAT."""
-    spec = resolve_arch(arch)
-
-    def fill(tmp: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
-            debian.extract(_image_deb(release, spec.debian, Path(download)), tmp, members)
-
-    return cached_dir(cache_root() / what / spec.debian / release, fill)
+            return found[-1], images[name]
+    suite, name = debian.find(names, debian_arch, debian.release_hint(release))
+    own = None if suite == debian.host_release() else suite
+    return debian.download(name, debian_arch, download, own, hint), images[name]
 
 
 def debian_kernel(release: str, arch: str = "x86_64") -> Path:
     """The vmlinuz of Debian's kernel `release`, fetched once into the cache."""
-    folder = _unpacked_image(release, arch, "kernels", ["./boot/*"])
+    spec = resolve_arch(arch)
+
+    def fill(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
+            deb, path = _image_deb(release, spec.debian, Path(download))
+            debian.extract(deb, tmp, [f"./{path}"])
+            (tmp / "boot").mkdir(exist_ok=True)
+            if path != f"boot/vmlinuz-{release}":
+                os.replace(tmp / path, tmp / "boot" / f"vmlinuz-{release}")
+
+    folder = cached_dir(cache_root() / "kernels" / spec.debian / release, fill)
     vmlinuz = folder / "boot" / f"vmlinuz-{release}"
     if not vmlinuz.is_file():
         raise RustkoError(f"{image_packages(release)[0]} has no boot/vmlinuz-{release}; "
@@ -222,7 +221,14 @@ def debian_modules(release: str, arch: str = "x86_64") -> Path:
     Every module Debian ships for that kernel: thousands of real, loadable objects, the corpus on
     which a loadability check must find nothing.
     """
-    folder = _unpacked_image(release, arch, "modules", ["./lib/modules"])
+    spec = resolve_arch(arch)
+
+    def fill(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="rustko-deb-") as download:
+            deb, _ = _image_deb(release, spec.debian, Path(download))
+            debian.extract(deb, tmp, ["./lib/modules"])
+
+    folder = cached_dir(cache_root() / "modules" / spec.debian / release, fill)
     tree = folder / "lib" / "modules" / release
     if not tree.is_dir():
         raise RustkoError(f"{image_packages(release)[0]} has no lib/modules/{release}; "
