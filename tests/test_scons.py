@@ -185,7 +185,7 @@ def test_c_side_headers_ccflags_new_mod_and_failed_build(tmp_path: Path, kdir61:
     assert ok(project, f"KDIR={kdir61}").strip() == UP_TO_DATE
     lib = project / "src/lib.rs"
     (project / "src/extra.rs").write_text("pub const EXTRA: i32 = 0;\n")
-    lib.write_text("mod extra;\n" + lib.read_text())
+    lib.write_text(lib.read_text() + "\nmod extra;\n")
     assert "  RUSTC   cglobal" in ok(project, f"KDIR={kdir61}")
     assert ok(project, f"KDIR={kdir61}").strip() == UP_TO_DATE, "a new `mod` rebuilt a second time"
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"

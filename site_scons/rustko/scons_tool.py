@@ -37,7 +37,7 @@ import SCons.Scanner.C
 import SCons.Script
 import SCons.SConsign
 
-from . import __version__, build, kbuild, project
+from . import __version__, build, cache, kbuild, project
 from .errors import RustkoError, internal_error
 from .kernel import default_kdir
 
@@ -150,8 +150,10 @@ def _signature(*parts: str) -> str:
 
 def _command_text(cmd: list[str]) -> str:
     """A command as its target's signature holds it: Kbuild's V= changes what is shown, not what
-    is built."""
-    return shlex.join(arg for arg in cmd if not arg.startswith("V="))
+    is built, and the cache's place (under $HOME: another for `sudo scons install`) is not part
+    of what the content-keyed sysroot in it holds."""
+    cache_root = str(cache.cache_root())
+    return shlex.join(arg.replace(cache_root, "$RUSTKO_CACHE") for arg in cmd if not arg.startswith("V="))
 
 
 def _digest(text: str) -> str:
@@ -178,14 +180,14 @@ def _scan(node: Any, env: Any, path: tuple[Any, ...]) -> list[Any]:
         found = set(build.mod_files(root))
         found.update(build.dep_files(Path(env["RUSTKO_DEPFILE"]), Path(env["RUSTKO_PROJECT"])))
         found.discard(root)
-        return [env.File(str(p)) for p in sorted(found) if p.is_file()]
+        return [env.fs.File(str(p)) for p in sorted(found) if p.is_file()]
     if name == "Cargo.toml" and env.get("RUSTKO_PLAN") is not None:
         found = set()
         for dep, _cmd in env["RUSTKO_PLAN"].dependencies:
             found.update(build.mod_files(dep.root))
             found.update(build.dep_files(Path(env["RUSTKO_WORK"]) / "deps" / f"{dep.crate}.d", dep.folder))
             found.add(dep.folder / "Cargo.toml")
-        return [env.File(str(p)) for p in sorted(found) if p.is_file()]
+        return [env.fs.File(str(p)) for p in sorted(found) if p.is_file()]
     return []
 
 
@@ -338,7 +340,7 @@ def _kernel_files(env: Any, tgt: build.Target) -> list[Any]:
     """KDIR's files a module is made from besides the headers: a changed CRC or config rebuilds."""
     files = [tgt.kernel.symvers, tgt.kernel.kdir / ".config"]
     files += [Path(path) for path in (tgt.options.sign_key, tgt.options.sign_cert) if path]
-    return [env.File(str(path)) for path in files if path.is_file()]
+    return [env.fs.File(str(path)) for path in files if path.is_file()]
 
 
 def _one_source(name: str, source: Any) -> Any:
@@ -351,7 +353,7 @@ def _one_source(name: str, source: Any) -> Any:
     return source
 
 
-def _crate(env: Any, name: str, source: Any, manifest: str, build_dir: str, rustflags: list[str] | None,
+def _crate(env: Any, name: str, source: Any, manifest: str, build_dir: Any, rustflags: list[str] | None,
            meta: dict[str, Any], c_sources: list[Any] | str | None, ccflags: list[str] | str | None,
            extra_symbols: list[Path]) -> tuple[build.ModuleSpec, Any, Any, list[Any]]:
     """The module spec (crate, metadata, C side), and the nodes it is made from."""
@@ -419,7 +421,7 @@ def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: 
     obj = env.File(target)
     name = crate_name or obj.name.split(".")[0].replace("-", "_")
     tgt = None if _reading_only(env) else _target(env)
-    spec, out_dir, work, sources = _crate(env, name, source, manifest, str(obj.dir.abspath), rustflags,
+    spec, out_dir, work, sources = _crate(env, name, source, manifest, obj.dir, rustflags,
                                           {"license": "GPL"}, None, None, [])
     spec = dataclasses.replace(spec, work=Path(obj.dir.abspath) / f".{obj.name}.rustko")
     _database(env, obj.dir)
@@ -433,7 +435,7 @@ def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: 
     # Kbuild takes a prebuilt object as X.o_shipped, with an (empty) .X.o.cmd beside it.
     companions = [obj.dir.File(f".{obj.name[:-len('_shipped')]}.cmd")] if obj.name.endswith(".o_shipped") else []
     nodes = OBJECT(env, [obj, *companions], sources, **overrides)
-    env.Clean(nodes, env.Dir(str(spec.work)))
+    env.Clean(nodes, env.fs.Dir(str(spec.work)))
     return nodes[0]
 
 
@@ -483,7 +485,7 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     overrides: dict[str, Any] = {
         "RUSTKO_SPEC": spec, "RUSTKO_PLAN": None, "RUSTKO_SIGNATURE": "", "RUSTKO_PUBLISHED": published.abspath,
         "RUSTKO_DEPFILE": str(spec.dep_file), "RUSTKO_PROJECT": str(spec.project_dir), "RUSTKO_WORK": work.abspath,
-        "CPPPATH": [n.dir for n in sources[1:]] + [env.Dir(str(spec.project_dir / f[2:]))
+        "CPPPATH": [n.dir for n in sources[1:]] + [env.fs.Dir(str(spec.project_dir / f[2:]))
                                                    for f in spec.ccflags if f.startswith("-I") and "$" not in f]}
     if tgt is not None:
         plan = _user(build.plan, tgt, spec)
