@@ -365,3 +365,14 @@ def test_path_dependency_tracked_under_variant_dir_without_duplicates(tmp_path: 
     assert "  RUSTC   hello" in ok(project, f"KDIR={kdir61}")
     quiet = ok(project, f"KDIR={kdir61}")
     assert "is up to date" in quiet and "RUSTC" not in quiet, quiet
+
+
+def test_module_name_with_dashes(tmp_path: Path, kdir61: Path) -> None:
+    """As in Kbuild: my-mod.ko, whose name in the kernel (KBUILD_MODNAME) is my_mod."""
+    project = copy_example(tmp_path / "hello")
+    (project / "SConstruct").write_text('env = Environment(tools=["default", "rustko"])\n'
+                                        'env.RustKernelModule("my-mod", "src/lib.rs")\n')
+    ok(project, f"KDIR={kdir61}")
+    name = subprocess.run(["modinfo", "-F", "name", str(project / "build/my-mod.ko")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert name == "my_mod"

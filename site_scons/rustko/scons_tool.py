@@ -239,7 +239,7 @@ def _object_action(target: list[Any], source: list[Any], env: Any) -> int:
         tgt.sysroot(log=lambda crate, cmd: _say(env, f"  SYSROOT {crate} (once per rustc and flag set)"))
         linked = (build.compile_dependencies(tgt, spec.deps, spec.work / "deps", list(spec.rustflags))
                   if spec.deps else [])
-        build.compile_crate(tgt, spec.name, spec.source, Path(target[0].abspath), spec.dep_file,
+        build.compile_crate(tgt, spec.crate, spec.source, Path(target[0].abspath), spec.dep_file,
                             spec.project_dir, spec.edition, [*spec.rustflags, *linked], entry=None)
         for companion in target[1:]:  # Kbuild's .X.o.cmd: empty, so modpost asks nothing more
             Path(companion.abspath).write_text("")
@@ -368,8 +368,10 @@ def _crate(env: Any, name: str, source: Any, manifest: str, build_dir: Any, rust
     out_dir = env.Dir(build_dir)
     work = out_dir.Dir(f".rustko/{name}")
     manifest_data = _user(project.read_manifest, Path(manifest_node.abspath))
+    # A dashed name (my-mod.ko, as Kbuild allows) is checked as the kernel will see it (my_mod).
+    info = dataclasses.replace(_user(project.module_info, name.replace("-", "_"), manifest_data, meta), name=name)
     spec = build.ModuleSpec(
-        info=_user(project.module_info, name, manifest_data, meta), source=Path(root.abspath),
+        info=info, source=Path(root.abspath),
         project_dir=project_dir, work=Path(work.abspath), edition=project.edition(manifest_data),
         rustflags=tuple(rustflags or ()), c_sources=tuple(Path(n.abspath) for n in c_nodes),
         deps=_user(project.path_dependencies, manifest_data, project_dir), ccflags=tuple(ccflags or ()),
@@ -419,7 +421,7 @@ def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: 
     `X.o_shipped` in the module's folder and list `X.o` in its Kbuild file (the empty `.X.o.cmd`
     Kbuild's modpost wants comes with it)."""
     obj = env.File(target)
-    name = crate_name or obj.name.split(".")[0].replace("-", "_")
+    name = crate_name or obj.name.split(".")[0]
     tgt = None if _reading_only(env) else _target(env)
     spec, out_dir, work, sources = _crate(env, name, source, manifest, obj.dir, rustflags,
                                           {"license": "GPL"}, None, None, [])
@@ -466,7 +468,7 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     `extra_symbols`: modules (their nodes) or Module.symvers files whose exports this one uses.
     `build_dir` is relative to the SConscript (so a variant_dir build writes under the variant).
     """
-    _user(project.check_name, name)
+    _user(project.check_name, name.replace("-", "_"))
     if f"{name}.ko" in _PUBLISHED.get(env.Dir(build_dir).abspath, ()):
         raise SCons.Errors.UserError(
             f"error: {env.Dir(build_dir).File(name + '.ko').get_path()} would be built twice (two "
