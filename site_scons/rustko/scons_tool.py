@@ -206,8 +206,10 @@ def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
     headers = [Path(n.srcnode().abspath) for n in target[0].implicit or () if n.name.endswith(".h")]
     spec = dataclasses.replace(spec, c_sources=tuple(dict.fromkeys([*spec.c_sources, *headers])))
     try:
+        # The steps after rustc say themselves when they start (a crate that does not compile
+        # never reaches Kbuild); under V=1 the strfunction has shown every command already.
         build.build_module(_target(env), spec, Path(target[0].abspath),
-                           lambda line: _say(env, line) if line.startswith("  SYSROOT") else None)
+                           lambda line: _say(env, line) if line.startswith(_RUN_LINES) else None)
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         # A failed build leaves no module behind: not even the last one that was checked.
         Path(env["RUSTKO_PUBLISHED"]).unlink(missing_ok=True)
@@ -215,12 +217,18 @@ def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
     return 0
 
 
+_RUN_LINES = ("  SYSROOT", "  KBUILD", "  SIGN")
+
+
 def _module_string(target: list[Any], source: list[Any], env: Any) -> str:
+    """`  RUSTC   NAME` (the later steps' lines come as they start), all of them under -n."""
     plan: build.Plan | None = env.get("RUSTKO_PLAN")
     name = env["RUSTKO_SPEC"].name
-    quiet = [f"  RUSTC   {name}", f"  KBUILD  {name}.ko"]
-    if _setting(env, "SIGN_KEY"):
-        quiet.append(f"  SIGN    {name}.ko")
+    quiet = [f"  RUSTC   {name}"]
+    if env.GetOption("no_exec"):
+        quiet.append(f"  KBUILD  {name}.ko")
+        if _setting(env, "SIGN_KEY"):
+            quiet.append(f"  SIGN    {name}.ko")
     return _quiet_or_full(env, quiet, plan.commands() if plan else [])
 
 
