@@ -275,7 +275,10 @@ def _check_action(target: list[Any], source: list[Any], env: Any) -> int:
         build.check(_target(env), Path(source[0].abspath), env.get("RUSTKO_EXTRA_SYMBOLS") or ())
         shutil.copyfile(source[0].abspath, target[0].abspath)
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
-        return _fail(err)
+        status = _fail(err)
+        print(f"  note: {source[0].get_path()} is the refused module, kept for inspection "
+              f"(rustko check, rustko vmtest); {target[0].get_path()} is not written", file=sys.stderr)
+        return status
     return 0
 
 
