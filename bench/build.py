@@ -1,6 +1,6 @@
 """Build speed of rustko against Kbuild itself, measured side by side in one run.
 
-Prints three comparisons (median of several runs each):
+Prints these comparisons (median of several runs each):
   1. no-op `scons` on examples/hello vs Kbuild's own no-op `make -C KDIR M=` on a C hello module
      (goal: at most 0.5x);
   2. a clean build of examples/hello with a warm sysroot cache vs a clean build of the C module
