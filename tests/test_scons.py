@@ -14,7 +14,7 @@ from pathlib import Path
 import elftools
 from elftools.elf.elffile import ELFFile
 
-from conftest import REPO, SITE, copy_example, require_kdir, scons, snapshot, tool
+from conftest import REPO, SITE, copy_example, require_kdir, scons, snapshot
 from rustko import vm
 from rustko.kernel import probe
 
