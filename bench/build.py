@@ -1,11 +1,13 @@
 """Build speed of rustko against Kbuild itself, measured side by side in one run.
 
-Prints three comparisons (median of several runs each):
+Prints these comparisons (median of several runs each):
   1. no-op `scons` on examples/hello vs Kbuild's own no-op `make -C KDIR M=` on a C hello module
      (goal: at most 0.5x);
   2. a clean build of examples/hello with a warm sysroot cache vs a clean build of the C module
      (goal: at most 1.5x);
-  3. the first build with an empty cache (core, compiler_builtins and alloc compiled), for scale.
+  3. an edit of one source file then a build: a .rs file of the crate vs the C module's .c file
+     (goal: at most 1.5x);
+  4. the first build with an empty cache (core, compiler_builtins and alloc compiled), for scale.
 
     .venv/bin/python bench/build.py [--kdir DIR] [--runs N]
 """
@@ -90,6 +92,15 @@ def main() -> None:
             timed(["make", "-C", str(kdir), f"M={c_mod}", "clean"], c_mod)
             clean_c.append(timed(make, c_mod))
 
+        # An edit of one source file, then a build: log.rs in the crate vs the C module's file.
+        edit_rust, edit_c = [], []
+        log_rs, c_file = rust / "src" / "log.rs", c_mod / "chello.c"
+        for run in range(args.runs):
+            log_rs.write_text(log_rs.read_text() + f"// edit {run}\n")
+            edit_rust.append(timed(scons, rust, env))
+            c_file.write_text(c_file.read_text() + f"/* edit {run} */\n")
+            edit_c.append(timed(make, c_mod))
+
         cold_cache = work / "cache"
         timed(scons + ["-c"], rust, env)
         first = timed(scons, rust, {**env, "RUSTKO_CACHE": str(cold_cache)})
@@ -97,6 +108,7 @@ def main() -> None:
     print(f"KDIR {kdir}, {args.runs} runs each, medians")
     row("no-op build (scons vs make M=)", noop_rust, noop_c, 0.5)
     row("clean build, warm sysroot cache", median(clean_rust), median(clean_c), 1.5)
+    row("edit one source file, rebuild", median(edit_rust), median(edit_c), 1.5)
     row("first build, empty cache (builds core)", first, median(clean_c), None)
 
 

@@ -53,9 +53,12 @@ Run = tuple[Path, subprocess.CompletedProcess[str], "vm.VmResult | None"]
 
 
 def _build_and_boot(project: Path, kdir: Path, *args: str) -> Run:
-    """scons, then (if a .ko came out, even a refused one) a boot with the arch read from the ELF."""
+    """scons, then (if a .ko came out, even a refused one: kept unpublished for inspection in
+    build/.rustko/NAME/) a boot with the arch read from the ELF."""
     built = scons(project, f"KDIR={kdir}", *args)
     ko = project / "build" / f"{project.name}.ko"
+    if not ko.is_file():
+        ko = project / "build" / ".rustko" / project.name / f"{project.name}.ko"
     return project, built, (vm.vmtest(ko, arch=vm.arch_of(ko)) if ko.is_file() else None)
 
 
@@ -156,7 +159,8 @@ def test_pic_build_fails_at_the_check_and_the_kernel_agrees(runs: dict[str, Futu
     assert "-Crelocation-model=static" in output
     # The kernel stops at the first relocation it cannot apply; the checker lists them in the
     # order the arm64 loader applies them, so its first finding is the kernel's own line.
-    findings = check.check_module(project / "build/cglobal.ko", probe(arm64_kdir))
+    assert not (project / "build/cglobal.ko").exists(), "a refused module is not published"
+    findings = check.check_module(project / "build/.rustko/cglobal/cglobal.ko", probe(arm64_kdir))
     assert {f.reloc_type for f in findings} == {311, 312}
     assert booted is not None and not booted.loaded
     assert booted.refusal is not None and "invalid module format" in (booted.insmod_error or "")

@@ -43,7 +43,8 @@ def test_pic_module_fails_the_check_and_the_kernel_agrees(tmp_path: Path, kdir61
     assert "module: pic: Unknown rela relocation: 9" in output
     assert "-Crelocation-model=static" in output
     assert "Traceback" not in output
-    booted = vm.vmtest(project / "build" / "pic.ko")
+    assert not (project / "build" / "pic.ko").exists(), "a refused module is not published"
+    booted = vm.vmtest(project / "build" / ".rustko" / "pic" / "pic.ko")
     assert not booted.loaded
     assert booted.refusal is not None and "module: pic: Unknown rela relocation: 9" in booted.refusal
 

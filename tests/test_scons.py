@@ -14,7 +14,7 @@ from pathlib import Path
 import elftools
 from elftools.elf.elffile import ELFFile
 
-from conftest import REPO, SITE, copy_example, require_kdir, scons, snapshot, tool
+from conftest import REPO, SITE, copy_example, require_kdir, scons, snapshot
 from rustko import vm
 from rustko.kernel import probe
 
@@ -185,7 +185,7 @@ def test_c_side_headers_ccflags_new_mod_and_failed_build(tmp_path: Path, kdir61:
     assert ok(project, f"KDIR={kdir61}").strip() == UP_TO_DATE
     lib = project / "src/lib.rs"
     (project / "src/extra.rs").write_text("pub const EXTRA: i32 = 0;\n")
-    lib.write_text("mod extra;\n" + lib.read_text())
+    lib.write_text(lib.read_text() + "\nmod extra;\n")
     assert "  RUSTC   cglobal" in ok(project, f"KDIR={kdir61}")
     assert ok(project, f"KDIR={kdir61}").strip() == UP_TO_DATE, "a new `mod` rebuilt a second time"
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
@@ -340,3 +340,39 @@ def test_extra_symbols_and_modules_install_like_612(tmp_path: Path) -> None:
     depends = subprocess.run(["modinfo", "-b", str(stage), "-k", release, "-F", "depends", "user"],
                              capture_output=True, text=True).stdout.strip()
     assert depends == "exporter"
+
+
+def test_path_dependency_tracked_under_variant_dir_without_duplicates(tmp_path: Path, kdir61: Path) -> None:
+    """variant_dir with duplicate=0: an edit in a path dependency's sources rebuilds, and the
+    build after that one builds nothing."""
+    project = copy_example(tmp_path / "hello")
+    (project / "vendor/inner/src").mkdir(parents=True)
+    (project / "vendor/inner/Cargo.toml").write_text('[package]\nname = "inner"\nversion = "0.1.0"\nedition = "2021"\n')
+    inner = project / "vendor/inner/src/lib.rs"
+    inner.write_text("#![no_std]\npub fn twice(x: u32) -> u32 { x * 2 }\n")
+    manifest = project / "Cargo.toml"
+    manifest.write_text(manifest.read_text() + '\n[dependencies]\ninner = { path = "vendor/inner" }\n')
+    lib = project / "src/lib.rs"
+    lib.write_text(lib.read_text().replace("let sum: u32 = primes.iter().sum();",
+                                           "let sum: u32 = inner::twice(primes.iter().sum());"))
+    (project / "SConscript").write_text('Import("env")\nenv.RustKernelModule("hello", "src/lib.rs")\n')
+    (project / "SConstruct").write_text('env = Environment(tools=["default", "rustko"])\n'
+                                        'SConscript("SConscript", variant_dir="out", duplicate=0, exports="env")\n')
+    ok(project, f"KDIR={kdir61}")
+    assert (project / "out/build/hello.ko").is_file()
+    assert "is up to date" in ok(project, f"KDIR={kdir61}").splitlines()[-1]
+    inner.write_text(inner.read_text().replace("x * 2", "x * 3"))
+    assert "  RUSTC   hello" in ok(project, f"KDIR={kdir61}")
+    quiet = ok(project, f"KDIR={kdir61}")
+    assert "is up to date" in quiet and "RUSTC" not in quiet, quiet
+
+
+def test_module_name_with_dashes(tmp_path: Path, kdir61: Path) -> None:
+    """As in Kbuild: my-mod.ko, whose name in the kernel (KBUILD_MODNAME) is my_mod."""
+    project = copy_example(tmp_path / "hello")
+    (project / "SConstruct").write_text('env = Environment(tools=["default", "rustko"])\n'
+                                        'env.RustKernelModule("my-mod", "src/lib.rs")\n')
+    ok(project, f"KDIR={kdir61}")
+    name = subprocess.run(["modinfo", "-F", "name", str(project / "build/my-mod.ko")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert name == "my_mod"

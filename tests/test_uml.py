@@ -113,7 +113,8 @@ def test_seed_failures_predicted_and_refused(tmp_path: Path, uml_kdir: Path, see
     built = scons(project, "ARCH=um", f"KDIR={uml_kdir}")
     assert built.returncode != 0, "the build must fail on a module the kernel would refuse"
     assert reloc in built.stderr and message in built.stderr, built.stderr
-    ko = project / "build" / "jiffies.ko"
+    assert not (project / "build" / "jiffies.ko").exists(), "a refused module is not published"
+    ko = project / "build" / ".rustko" / "jiffies" / "jiffies.ko"
     assert ko.is_file(), "the refused module stays for inspection"
 
     checked = rustko("check", "--kdir", str(uml_kdir), "--json", str(ko))

@@ -376,7 +376,12 @@ class ModuleSpec:
 
     @property
     def name(self) -> str:
+        """The .ko's file name (may hold dashes, as Kbuild's; the kernel sees `_`: KBUILD_MODNAME)."""
         return self.info.name
+
+    @property
+    def crate(self) -> str:
+        return self.name.replace("-", "_")
 
     @property
     def obj(self) -> Path:
@@ -423,11 +428,11 @@ def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj:
     target = with_rustflags(target, list(spec.rustflags))
     obj = obj or spec.obj
     deps, linked = dependency_commands(target, spec.deps, spec.work / "deps", crate_flags(target, spec))
-    rustc = crate_command(target, spec.name, spec.source, spec.project_dir, obj, spec.dep_file,
+    rustc = crate_command(target, spec.crate, spec.source, spec.project_dir, obj, spec.dep_file,
                           spec.edition, [*crate_flags(target, spec), *linked])
     objects = kbuild.c_objects(spec.layout)
     job = kbuild_job(target, spec)
-    return Plan(target=target, dependencies=deps, rustc=rustc, link=link_command(target, spec.name, obj, entry),
+    return Plan(target=target, dependencies=deps, rustc=rustc, link=link_command(target, spec.crate, obj, entry),
                 kbuild_text=kbuild.kbuild_file(spec.name, objects,
                                                kbuild.ccflags_for_kbuild(spec.ccflags, spec.project_dir)),
                 shim_text=kbuild.shim_source(spec.info), make=job.make_command())
@@ -450,7 +455,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
     with kbuild.Kbuild(kbuild_job(target, spec), spec.name) as running:
         linked = (compile_dependencies(target, spec.deps, spec.work / "deps", crate_flags(target, spec), log)
                   if spec.deps else [])
-        crate = compile_crate(target, spec.name, spec.source, spec.obj, spec.dep_file, spec.project_dir,
+        crate = compile_crate(target, spec.crate, spec.source, spec.obj, spec.dep_file, spec.project_dir,
                               spec.edition, [*crate_flags(target, spec), *linked], log)
         log(f"  KBUILD  {spec.name}.ko")
         out_ko.parent.mkdir(parents=True, exist_ok=True)

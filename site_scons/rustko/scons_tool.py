@@ -37,7 +37,7 @@ import SCons.Scanner.C
 import SCons.Script
 import SCons.SConsign
 
-from . import __version__, build, kbuild, project, repro
+from . import __version__, build, cache, kbuild, project, repro
 from . import arch as arches
 from .errors import RustkoError, internal_error
 from .kernel import default_kdir
@@ -151,8 +151,10 @@ def _signature(*parts: str) -> str:
 
 def _command_text(cmd: list[str]) -> str:
     """A command as its target's signature holds it: Kbuild's V= changes what is shown, not what
-    is built."""
-    return shlex.join(arg for arg in cmd if not arg.startswith("V="))
+    is built, and the cache's place (under $HOME: another for `sudo scons install`) is not part
+    of what the content-keyed sysroot in it holds."""
+    cache_root = str(cache.cache_root())
+    return shlex.join(arg.replace(cache_root, "$RUSTKO_CACHE") for arg in cmd if not arg.startswith("V="))
 
 
 def _digest(text: str) -> str:
@@ -179,14 +181,14 @@ def _scan(node: Any, env: Any, path: tuple[Any, ...]) -> list[Any]:
         found = set(build.mod_files(root))
         found.update(build.dep_files(Path(env["RUSTKO_DEPFILE"]), Path(env["RUSTKO_PROJECT"])))
         found.discard(root)
-        return [env.File(str(p)) for p in sorted(found) if p.is_file()]
+        return [env.fs.File(str(p)) for p in sorted(found) if p.is_file()]
     if name == "Cargo.toml" and env.get("RUSTKO_PLAN") is not None:
         found = set()
         for dep, _cmd in env["RUSTKO_PLAN"].dependencies:
             found.update(build.mod_files(dep.root))
             found.update(build.dep_files(Path(env["RUSTKO_WORK"]) / "deps" / f"{dep.crate}.d", dep.folder))
             found.add(dep.folder / "Cargo.toml")
-        return [env.File(str(p)) for p in sorted(found) if p.is_file()]
+        return [env.fs.File(str(p)) for p in sorted(found) if p.is_file()]
     return []
 
 
@@ -205,8 +207,10 @@ def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
     headers = [Path(n.srcnode().abspath) for n in target[0].implicit or () if n.name.endswith(".h")]
     spec = dataclasses.replace(spec, c_sources=tuple(dict.fromkeys([*spec.c_sources, *headers])))
     try:
+        # The steps after rustc say themselves when they start (a crate that does not compile
+        # never reaches Kbuild); under V=1 the strfunction has shown every command already.
         build.build_module(_target(env), spec, Path(target[0].abspath),
-                           lambda line: _say(env, line) if line.startswith("  SYSROOT") else None)
+                           lambda line: _say(env, line) if line.startswith(_RUN_LINES) else None)
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         # A failed build leaves no module behind: not even the last one that was checked.
         Path(env["RUSTKO_PUBLISHED"]).unlink(missing_ok=True)
@@ -214,12 +218,18 @@ def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
     return 0
 
 
+_RUN_LINES = ("  SYSROOT", "  KBUILD", "  SIGN")
+
+
 def _module_string(target: list[Any], source: list[Any], env: Any) -> str:
+    """`  RUSTC   NAME` (the later steps' lines come as they start), all of them under -n."""
     plan: build.Plan | None = env.get("RUSTKO_PLAN")
     name = env["RUSTKO_SPEC"].name
-    quiet = [f"  RUSTC   {name}", f"  KBUILD  {name}.ko"]
-    if _setting(env, "SIGN_KEY"):
-        quiet.append(f"  SIGN    {name}.ko")
+    quiet = [f"  RUSTC   {name}"]
+    if env.GetOption("no_exec"):
+        quiet.append(f"  KBUILD  {name}.ko")
+        if _setting(env, "SIGN_KEY"):
+            quiet.append(f"  SIGN    {name}.ko")
     return _quiet_or_full(env, quiet, plan.commands() if plan else [])
 
 
@@ -238,7 +248,7 @@ def _object_action(target: list[Any], source: list[Any], env: Any) -> int:
         tgt.sysroot(log=lambda crate, cmd: _say(env, f"  SYSROOT {crate} (once per rustc and flag set)"))
         linked = (build.compile_dependencies(tgt, spec.deps, spec.work / "deps", list(spec.rustflags))
                   if spec.deps else [])
-        build.compile_crate(tgt, spec.name, spec.source, Path(target[0].abspath), spec.dep_file,
+        build.compile_crate(tgt, spec.crate, spec.source, Path(target[0].abspath), spec.dep_file,
                             spec.project_dir, spec.edition, [*spec.rustflags, *linked], entry=None)
         for companion in target[1:]:  # Kbuild's .X.o.cmd: empty, so modpost asks nothing more
             Path(companion.abspath).write_text("")
@@ -269,7 +279,10 @@ def _check_action(target: list[Any], source: list[Any], env: Any) -> int:
         if record.is_file():  # a RustKernelModule's build record goes beside the module it describes
             shutil.copyfile(record, repro.record_path(Path(target[0].abspath)))
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
-        return _fail(err)
+        status = _fail(err)
+        print(f"  note: {source[0].get_path()} is the refused module, kept for inspection "
+              f"(rustko check, rustko vmtest); {target[0].get_path()} is not written", file=sys.stderr)
+        return status
     return 0
 
 
@@ -342,7 +355,7 @@ def _kernel_files(env: Any, tgt: build.Target) -> list[Any]:
     """KDIR's files a module is made from besides the headers: a changed CRC or config rebuilds."""
     files = [tgt.kernel.symvers, tgt.kernel.kdir / ".config"]
     files += [Path(path) for path in (tgt.options.sign_key, tgt.options.sign_cert) if path]
-    return [env.File(str(path)) for path in files if path.is_file()]
+    return [env.fs.File(str(path)) for path in files if path.is_file()]
 
 
 def _one_source(name: str, source: Any) -> Any:
@@ -355,7 +368,7 @@ def _one_source(name: str, source: Any) -> Any:
     return source
 
 
-def _crate(env: Any, name: str, source: Any, manifest: str, build_dir: str, rustflags: list[str] | None,
+def _crate(env: Any, name: str, source: Any, manifest: str, build_dir: Any, rustflags: list[str] | None,
            meta: dict[str, Any], c_sources: list[Any] | str | None, ccflags: list[str] | str | None,
            extra_symbols: list[Path]) -> tuple[build.ModuleSpec, Any, Any, list[Any]]:
     """The module spec (crate, metadata, C side), and the nodes it is made from."""
@@ -370,8 +383,10 @@ def _crate(env: Any, name: str, source: Any, manifest: str, build_dir: str, rust
     out_dir = env.Dir(build_dir)
     work = out_dir.Dir(f".rustko/{name}")
     manifest_data = _user(project.read_manifest, Path(manifest_node.abspath))
+    # A dashed name (my-mod.ko, as Kbuild allows) is checked as the kernel will see it (my_mod).
+    info = dataclasses.replace(_user(project.module_info, name.replace("-", "_"), manifest_data, meta), name=name)
     spec = build.ModuleSpec(
-        info=_user(project.module_info, name, manifest_data, meta), source=Path(root.abspath),
+        info=info, source=Path(root.abspath),
         project_dir=project_dir, work=Path(work.abspath), edition=project.edition(manifest_data),
         rustflags=tuple(rustflags or ()), c_sources=tuple(Path(n.abspath) for n in c_nodes),
         deps=_user(project.path_dependencies, manifest_data, project_dir), ccflags=tuple(ccflags or ()),
@@ -421,9 +436,9 @@ def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: 
     `X.o_shipped` in the module's folder and list `X.o` in its Kbuild file (the empty `.X.o.cmd`
     Kbuild's modpost wants comes with it)."""
     obj = env.File(target)
-    name = crate_name or obj.name.split(".")[0].replace("-", "_")
+    name = crate_name or obj.name.split(".")[0]
     tgt = None if _reading_only(env) else _target(env)
-    spec, out_dir, work, sources = _crate(env, name, source, manifest, str(obj.dir.abspath), rustflags,
+    spec, out_dir, work, sources = _crate(env, name, source, manifest, obj.dir, rustflags,
                                           {"license": "GPL"}, None, None, [])
     spec = dataclasses.replace(spec, work=Path(obj.dir.abspath) / f".{obj.name}.rustko")
     _database(env, obj.dir)
@@ -437,7 +452,7 @@ def RustObject(env: Any, target: str, source: Any = "src/lib.rs", *, rustflags: 
     # Kbuild takes a prebuilt object as X.o_shipped, with an (empty) .X.o.cmd beside it.
     companions = [obj.dir.File(f".{obj.name[:-len('_shipped')]}.cmd")] if obj.name.endswith(".o_shipped") else []
     nodes = OBJECT(env, [obj, *companions], sources, **overrides)
-    env.Clean(nodes, env.Dir(str(spec.work)))
+    env.Clean(nodes, env.fs.Dir(str(spec.work)))
     return nodes[0]
 
 
@@ -469,7 +484,7 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     `build_dir` is relative to the SConscript (so a variant_dir build writes under the variant);
     it defaults to `$RUSTKO_BUILD_DIR` (a read-only source tree builds elsewhere), else `build`.
     """
-    _user(project.check_name, name)
+    _user(project.check_name, name.replace("-", "_"))
     build_dir = build_dir or os.environ.get("RUSTKO_BUILD_DIR") or "build"
     if f"{name}.ko" in _PUBLISHED.get(env.Dir(build_dir).abspath, ()):
         raise SCons.Errors.UserError(
@@ -489,7 +504,7 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     overrides: dict[str, Any] = {
         "RUSTKO_SPEC": spec, "RUSTKO_PLAN": None, "RUSTKO_SIGNATURE": "", "RUSTKO_PUBLISHED": published.abspath,
         "RUSTKO_DEPFILE": str(spec.dep_file), "RUSTKO_PROJECT": str(spec.project_dir), "RUSTKO_WORK": work.abspath,
-        "CPPPATH": [n.dir for n in sources[1:]] + [env.Dir(str(spec.project_dir / f[2:]))
+        "CPPPATH": [n.dir for n in sources[1:]] + [env.fs.Dir(str(spec.project_dir / f[2:]))
                                                    for f in spec.ccflags if f.startswith("-I") and "$" not in f]}
     if tgt is not None:
         plan = _user(build.plan, tgt, spec)
