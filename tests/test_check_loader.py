@@ -232,3 +232,28 @@ def test_modules_checked_as_a_set(kernel, kdir61: Path, tmp_path) -> None:
     _, result = _verdict(a, kernel, [], run=[load_b])
     assert result.commands and result.commands[0][1] == 0, result.commands
     assert "rksetb 42" in result.console
+
+
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+def test_overflow_and_nonzero_in_the_loaders_order(series: str, tmp_path) -> None:
+    """One R_X86_64_32 field that both overflows and holds a nonzero byte: 6.1 checks the bytes
+    first, 6.3 and later the overflow (arch/x86/kernel/module.c); the checker follows each."""
+    kdir = require_kdir(series)
+    tool("qemu-system-x86_64")
+
+    def fill(tmp: Path) -> None:
+        (tmp / "m.c").write_text(SOURCE)
+        (tmp / "Kbuild").write_text("obj-m += m.o\nccflags-y += -mcmodel=small\n")
+        _make(tmp, kdir)
+
+    src = cached_dir(CACHE / f"loader-small-{series}-{_key(SOURCE, str(kdir))}", fill) / "m.ko"
+    kernel = probe(kdir)
+    first = next(f for f in check.check_module(src, kernel) if f.kind == "overflow")
+    elf = Elf(src.read_bytes(), str(src))
+    data = bytearray(src.read_bytes())
+    data[int(elf.shdrs["offset"][elf.find(first.section)]) + first.offset] = 0x5A
+    bad = tmp_path / "m.ko"
+    bad.write_bytes(bytes(data))
+    findings, _ = _verdict(bad, kernel)
+    assert (findings[0].section, findings[0].offset) == (first.section, first.offset)
+    assert findings[0].kind == ("nonzero-target" if series == "6.1" else "overflow")
