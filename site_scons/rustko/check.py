@@ -726,7 +726,24 @@ def check_module(path: str | Path, kernel: "KernelInfo | KernelView | None" = No
     elf = Elf(read_module_bytes(p), str(p))
     if arch is None and view is None:
         arch = _uml_by_release(elf)
-    return check_elf(elf, view, arch, version)
+    findings = check_elf(elf, view, arch, version)
+    for f in findings:
+        f.source = _local_source(p, f.source)
+    return findings
+
+
+def _local_source(module: Path, source: str) -> str:
+    """A C file Kbuild compiled with KDIR as its working folder (`make -C KDIR M=...` leaves
+    KDIR/NAME.c in DWARF) shown where it is: beside the module, or in rustko's Kbuild folder
+    for it (build/.rustko/NAME/kbuild)."""
+    where, sep, line = source.rpartition(":")
+    if not sep or not where.startswith("/") or not where.endswith(".c") or Path(where).exists():
+        return source
+    name = Path(where).name
+    for folder in (module.parent, *sorted(module.parent.glob(".rustko/*/kbuild"))):
+        if (folder / name).is_file():
+            return f"{folder / name}:{line}"
+    return source
 
 
 def _as_view(kernel: object) -> KernelView | None:
