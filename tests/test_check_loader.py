@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import sys
 import subprocess
 from pathlib import Path
 
@@ -257,3 +258,43 @@ def test_overflow_and_nonzero_in_the_loaders_order(series: str, tmp_path) -> Non
     findings, _ = _verdict(bad, kernel)
     assert (findings[0].section, findings[0].offset) == (first.section, first.offset)
     assert findings[0].kind == ("nonzero-target" if series == "6.1" else "overflow")
+
+
+ARM64_SOURCE = r"""
+#include <linux/module.h>
+#include <linux/jiffies.h>
+#ifdef ABS32
+/* A 32-bit absolute field holding a kernel address: arm64's kernel lives at 0xffff.... */
+asm(".pushsection .data\n.globl rk_abs\nrk_abs: .long jiffies\n.popsection");
+#endif
+static int __init m_init(void) { pr_info("m %lu\n", jiffies); return 0; }
+static void __exit m_exit(void) { }
+module_init(m_init);
+module_exit(m_exit);
+MODULE_LICENSE("GPL");
+"""
+
+
+def test_arm64_overflow(tmp_path) -> None:
+    """R_AARCH64_ABS32 against a kernel symbol overflows in arm64's loader (reloc_data)."""
+    tool("qemu-system-aarch64")
+    kdir = Path(subprocess.run([sys.executable, "-m", "rustko.cli", "kdir", "--arch", "arm64"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+
+    def fill(tmp: Path) -> None:
+        (tmp / "m.c").write_text(ARM64_SOURCE)
+        (tmp / "Kbuild").write_text("obj-m += m.o\nccflags-y += -DABS32\n")
+        done = subprocess.run(["make", "-s", "-C", str(kdir), f"M={tmp}", "ARCH=arm64",
+                               "CROSS_COMPILE=aarch64-linux-gnu-", "modules"],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    ko = cached_dir(CACHE / f"loader-arm64-abs32-{_key(ARM64_SOURCE, str(kdir))}", fill) / "m.ko"
+    kernel = probe(kdir)
+    findings = check.check_module(ko, kernel)
+    assert [f.kind for f in findings] == ["overflow"] and findings[0].reloc_type == 258
+    assert findings[0].kernel == ["module m: overflow in relocation type 258 val <val>"]
+    result = vmtest(ko, arch="arm64")
+    assert not result.loaded
+    assert findings[0].kernel_regex().search(result.console), result.console[-2000:]
+    assert INSMOD_SAYS[findings[0].errno] in (result.insmod_error or "")

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -475,6 +474,9 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         problems.append(_overflows(rows, rtype, symidx, syms, rules, elf.find(".data..percpu"), ok,
                                    zero, sibling))
         labels.append("overflow")
+    if rules.range_checks:
+        problems.append(_range_overflows(rows, rtype, symidx, syms, targets, zero, ok, rules))
+        labels.append("overflow")
     found = sorted(((int(i), label) for idx, label in zip(problems, labels) for i in idx.tolist()),
                    key=lambda item: (item[0], label_rank[item[1]]))
     if rules.branch_partition and found:
@@ -597,6 +599,41 @@ def _overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sy
         mine = rtype[sel] == t
         bad |= mine & ~(_fits(lo, kind) & _fits(hi, kind))
     return sel[bad]
+
+
+def _range_overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Symbols,
+                     targets: np.ndarray, zero: np.ndarray, ok: np.ndarray,
+                     rules: ArchRules) -> np.ndarray:
+    """arm64 rows that overflow wherever the module lands (`rules.range_checks`)."""
+    out: list[np.ndarray] = []
+    table = syms.table
+    for t, rc in rules.range_checks.items():
+        sel = np.flatnonzero((rtype == t) & ok)
+        if not len(sel):
+            continue
+        s = symidx[sel]
+        shndx = table["shndx"][s].astype(np.int64)
+        known = zero[s] | (shndx == SHN_ABS) | (s == 0)
+        with np.errstate(over="ignore"):
+            value = np.where(zero[s], 0, table["value"][s].astype(np.int64)) + rows["addend"][sel]
+            if rc.pc_relative:
+                decided = (shndx == targets[sel]) & ~known
+                sval = value - rows["offset"][sel].astype(np.int64)
+            else:
+                decided = np.ones(len(sel), dtype=bool)
+                # Kernel and module addresses are negative as s64: any width below 64 overflows.
+                sval = np.where(known, value, np.int64(-1))
+        if rc.how == "data" and not rc.pc_relative:
+            fits = (sval >= 0) & (sval < (1 << rc.bits))
+        elif rc.how == "data":
+            fits = (sval >= -(1 << (rc.bits - 1))) & (sval < (1 << (rc.bits - 1)))
+        elif rc.how == "movw":
+            fits = (sval >= 0) & ((sval >> rc.lsb) <= 0xFFFF)
+        else:
+            shifted = sval >> rc.lsb
+            fits = (shifted >= -(1 << (rc.bits - 1))) & (shifted < (1 << (rc.bits - 1)))
+        out.append(sel[decided & ~fits])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kind: str,
@@ -785,6 +822,8 @@ def _pool_map(function, work: list, jobs: int | None) -> list:
     workers = min(jobs or os.cpu_count() or 1, max(1, len(work) // 16))
     if workers <= 1:
         return [function(w) for w in work]
+    from concurrent.futures import ProcessPoolExecutor
+
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(function, work, chunksize=max(1, len(work) // (workers * 8))))
 
