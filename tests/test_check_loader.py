@@ -18,7 +18,7 @@ from rustko import check
 from rustko.cache import cached_dir
 from rustko.elf import RELA64, Elf
 from rustko.kernel import KernelInfo, probe
-from rustko.vm import vmtest
+from rustko.vm import debian_kernel, vmtest
 from test_check import CACHE, _key
 
 SOURCE = r"""
@@ -295,6 +295,20 @@ def test_arm64_overflow(tmp_path) -> None:
     assert [f.kind for f in findings] == ["overflow"] and findings[0].reloc_type == 258
     assert findings[0].kernel == ["module m: overflow in relocation type 258 val <val>"]
     result = vmtest(ko, arch="arm64")
+    assert not result.loaded
+    assert findings[0].kernel_regex().search(result.console), result.console[-2000:]
+    assert INSMOD_SAYS[findings[0].errno] in (result.insmod_error or "")
+
+
+def test_struct_module_of_another_kernel() -> None:
+    """A module built for 6.1 in 6.12: refused at its struct module's size, before any CRC."""
+    kernel = probe(require_kdir("6.12"))
+    ko = _build("plain")
+    findings = check.check_module(ko, kernel)
+    assert findings[0].kind == "this-module-size"
+    assert findings[0].kernel == ["module m: .gnu.linkonce.this_module section size must match "
+                                  "the kernel's built struct module size at run time"]
+    result = vmtest(ko, kernel=debian_kernel(kernel.release), arch="x86_64")
     assert not result.loaded
     assert findings[0].kernel_regex().search(result.console), result.console[-2000:]
     assert INSMOD_SAYS[findings[0].errno] in (result.insmod_error or "")

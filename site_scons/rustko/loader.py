@@ -58,7 +58,8 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
          "unless CONFIG_MODULE_SIG_FORCE)",
          _v(((0,), "module: not signed with expected PKCS#7 message")), "", severity="warning"),
     # elf_validity_cache_index_mod (6.12.117): the section modpost fills with struct module.
-    Rule("this-module-size", 20, f"{_MAIN} elf_validity_cache_index_mod (6.12.117; not in 6.1.192)",
+    Rule("this-module-size", 20, f"{_MAIN} elf_validity_cache_index_mod (6.12.117; not in 6.1.192); "
+         "sizeof(struct module) from kernelview.struct_module_size",
          _v(((0,), "module {name}: .gnu.linkonce.this_module section size must match the "
                    "kernel's built struct module size at run time")),
          "ENOEXEC", since=(6, 12)),
