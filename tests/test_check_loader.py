@@ -56,7 +56,8 @@ module_exit(m_exit);
 MODULE_LICENSE("GPL");
 """
 
-VARIANTS = {"plain": "", "weak": "-DWEAK", "dup": "-DDUP", "percpu": "-DPERCPU=16384"}
+VARIANTS = {"plain": "", "weak": "-DWEAK", "dup": "-DDUP", "percpu": "-DPERCPU=16384",
+            "percpu-huge": "-DPERCPU=40000"}
 
 SET_A = r"""
 #include <linux/module.h>
@@ -199,10 +200,14 @@ def test_relocations_write_live_memory(kernel, tmp_path) -> None:
     assert findings[0].kernel[0].startswith("module: x86/modules: Skipping invalid relocation")
 
 
-def test_percpu_larger_than_the_reserve(kernel) -> None:
-    findings, _ = _verdict(_build("percpu"), kernel)
-    assert findings[0].kind == "percpu-reserve"
-    assert findings[0].kernel[0].startswith("m: Could not allocate 16")
+@pytest.mark.parametrize("variant, kind, line", [
+    ("percpu", "percpu-reserve", "m: Could not allocate 16384 bytes percpu data"),
+    ("percpu-huge", "percpu-illegal", "illegal size (40000) or align ("),
+])
+def test_percpu_data_the_loader_cannot_place(variant: str, kind: str, line: str, kernel) -> None:
+    """Larger than the reserve modules share: not allocated; larger than a unit: "illegal"."""
+    findings, _ = _verdict(_build(variant), kernel)
+    assert findings[0].kind == kind and findings[0].kernel[0].startswith(line)
 
 
 def test_unparsable_signature(kernel, tmp_path) -> None:

@@ -67,7 +67,9 @@ def format_report(findings: list[Finding], path: str | Path) -> str:
         if f.errno and not f.kernel:
             lines.append(f"  = kernel: (no line; the load fails with {f.errno})")
         if f.explanation:
-            lines.append(f"  = note: {f.explanation}")
+            lines.append(f"  = note: {f.explanation}" if f.explanation not in said
+                         else "  = note: as above")
+            said.add(f.explanation)
         if f.hint:
             lines.append(f"  = help: {f.hint}" if f.hint not in said else "  = help: as above")
             said.add(f.hint)
