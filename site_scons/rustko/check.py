@@ -342,12 +342,12 @@ def _check_exports(elf: Elf, syms: Symbols, name: str, view: KernelView, version
                    path: str) -> list[Finding]:
     if view.exports is None:
         return []
-    for export in elf.exports(syms):
-        owner = view.exports.get(export.name)
+    for symbol in elf.export_names(syms):
+        owner = view.exports.get(symbol)
         if owner is not None and owner.owner == "vmlinux":
             return [_finding(path, "export", "duplicate-export", version,
                              "the kernel already exports this name: rename the module's symbol "
-                             "(prefix it with the module name)", name=name, symbol=export.name,
+                             "(prefix it with the module name)", name=name, symbol=symbol,
                              owner="kernel")]
     return []
 
