@@ -16,6 +16,7 @@ import pytest
 from conftest import require_kdir, tool
 from rustko import check
 from rustko.cache import cached_dir
+from rustko.cli import main
 from rustko.elf import RELA64, Elf
 from rustko.kernel import KernelInfo, probe
 from rustko.vm import debian_kernel, vmtest
@@ -231,6 +232,10 @@ def test_modules_checked_as_a_set(kernel, kdir61: Path, tmp_path) -> None:
     _verdict(b, kernel, alone)
     together = dict(check.check_paths([a, b], kdir=str(kdir61)))
     assert together == {str(a): [], str(b): []}
+    # As KBUILD_EXTRA_SYMBOLS: the exporter's Module.symvers instead of the exporter itself.
+    symvers = folder / "Module.symvers"
+    assert "rkset_fn" in symvers.read_text()
+    assert main(["check", "--kdir", str(kdir61), "--extra-symbols", str(symvers), str(b)]) == 0
     subprocess.run(["strip", "--strip-debug", "-o", str(tmp_path / "b.ko"), str(b)], check=True)
     stripped = (tmp_path / "b.ko").read_bytes()
     load_b = ("base64 -d > /tmp/rksetb.ko <<'EOF'\n" + base64.encodebytes(stripped).decode()
