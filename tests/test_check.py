@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_kdir
+from conftest import copy_example, require_kdir, scons
 from rustko import check, relocs, vm
 from rustko.cache import cached_dir
 from rustko.cli import main
@@ -330,3 +330,52 @@ def test_every_debian_61_module_passes(kernel) -> None:
     assert len(results) > 3000
     refused = {p: r for p, r in results if r}
     assert refused == {}
+
+
+# --- source lines on a linked .ko: what addr2line -f -i says ---------------------------------
+def _addr2line(ko: Path, section: str, offset: int) -> list[tuple[str, str]]:
+    out = subprocess.run(["addr2line", "-f", "-i", "-C", "-e", str(ko), "-j", section, hex(offset)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    return [(CRATE_HASH.sub("", out[i]), out[i + 1]) for i in range(0, len(out) - 1, 2)]
+
+
+CRATE_HASH = re.compile(r"\[[0-9a-f]{8,16}\]")
+# c++filt spells v0 const generics with their type (`[u32; 6: usize]`), addr2line -C does not.
+CONST_TYPE = re.compile(r": (usize|isize|u\d+|i\d+|bool|char)\b")
+
+
+def _assert_like_addr2line(ko: Path, findings: list[check.Finding]) -> int:
+    """Each located finding: its inlined frames, then its own, are addr2line's frames in order."""
+    compared = 0
+    for f in findings:
+        if not f.source or f.offset is None:
+            continue
+        ours = [frame.rsplit(" at ", 1) for frame in f.inlined] + [[f.function, f.source]]
+        theirs = _addr2line(ko, f.section, f.offset)[:len(ours)]
+        assert len(theirs) == len(ours), (f, theirs)
+        for (name, where), (their_name, their_where) in zip(ours, theirs):
+            # Same file and line (a C file may be shown where it is now, see _local_source).
+            assert their_where.rsplit("/", 1)[-1] == where.rsplit("/", 1)[-1], (f, theirs)
+            assert CONST_TYPE.sub("", name) == their_name, (f, theirs)
+        compared += 1
+    return compared
+
+
+def test_source_lines_match_addr2line_on_a_linked_ko(kdir61: Path, tmp_path, c_modules) -> None:
+    """UML's 32S overflows give findings all over a kernel-model .ko: in the C module (static
+    inlines from headers) and in a rustko-built hello (core inlined into the crate, LTO)."""
+    c = check.check_module(c_modules["good"], arch="um")
+    assert _assert_like_addr2line(c_modules["good"], c) >= 1
+    project = copy_example(tmp_path / "hello")
+    done = scons(project, f"KDIR={kdir61}")
+    assert done.returncode == 0, done.stderr
+    ko = project / "build/hello.ko"
+    findings = check.check_module(ko, arch="um")
+    assert _assert_like_addr2line(ko, findings) >= 5
+    # The user's own frame is reported, with what was inlined into it.
+    assert any(f.source.startswith("src/lib.rs:") and "/rustc/library/core/" in f.inlined[0]
+               for f in findings if f.inlined)
+    # The C shim, compiled by Kbuild from KDIR, is shown in the build folder where it is.
+    shim = [f for f in findings if "hello_shim.c" in f.source]
+    assert shim and all(f.source.startswith(f"{project}/build/.rustko/hello/kbuild/hello_shim.c:")
+                        for f in shim)

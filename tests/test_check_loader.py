@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import sys
 import subprocess
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pytest
 from conftest import require_kdir, tool
 from rustko import check
 from rustko.cache import cached_dir
+from rustko.cli import main
 from rustko.elf import RELA64, Elf
 from rustko.kernel import KernelInfo, probe
-from rustko.vm import vmtest
+from rustko.vm import debian_kernel, vmtest
 from test_check import CACHE, _key
 
 SOURCE = r"""
@@ -55,7 +57,8 @@ module_exit(m_exit);
 MODULE_LICENSE("GPL");
 """
 
-VARIANTS = {"plain": "", "weak": "-DWEAK", "dup": "-DDUP", "percpu": "-DPERCPU=16384"}
+VARIANTS = {"plain": "", "weak": "-DWEAK", "dup": "-DDUP", "percpu": "-DPERCPU=16384",
+            "percpu-huge": "-DPERCPU=40000"}
 
 SET_A = r"""
 #include <linux/module.h>
@@ -198,10 +201,14 @@ def test_relocations_write_live_memory(kernel, tmp_path) -> None:
     assert findings[0].kernel[0].startswith("module: x86/modules: Skipping invalid relocation")
 
 
-def test_percpu_larger_than_the_reserve(kernel) -> None:
-    findings, _ = _verdict(_build("percpu"), kernel)
-    assert findings[0].kind == "percpu-reserve"
-    assert findings[0].kernel[0].startswith("m: Could not allocate 16")
+@pytest.mark.parametrize("variant, kind, line", [
+    ("percpu", "percpu-reserve", "m: Could not allocate 16384 bytes percpu data"),
+    ("percpu-huge", "percpu-illegal", "illegal size (40000) or align ("),
+])
+def test_percpu_data_the_loader_cannot_place(variant: str, kind: str, line: str, kernel) -> None:
+    """Larger than the reserve modules share: not allocated; larger than a unit: "illegal"."""
+    findings, _ = _verdict(_build(variant), kernel)
+    assert findings[0].kind == kind and findings[0].kernel[0].startswith(line)
 
 
 def test_unparsable_signature(kernel, tmp_path) -> None:
@@ -225,6 +232,10 @@ def test_modules_checked_as_a_set(kernel, kdir61: Path, tmp_path) -> None:
     _verdict(b, kernel, alone)
     together = dict(check.check_paths([a, b], kdir=str(kdir61)))
     assert together == {str(a): [], str(b): []}
+    # As KBUILD_EXTRA_SYMBOLS: the exporter's Module.symvers instead of the exporter itself.
+    symvers = folder / "Module.symvers"
+    assert "rkset_fn" in symvers.read_text()
+    assert main(["check", "--kdir", str(kdir61), "--extra-symbols", str(symvers), str(b)]) == 0
     subprocess.run(["strip", "--strip-debug", "-o", str(tmp_path / "b.ko"), str(b)], check=True)
     stripped = (tmp_path / "b.ko").read_bytes()
     load_b = ("base64 -d > /tmp/rksetb.ko <<'EOF'\n" + base64.encodebytes(stripped).decode()
@@ -232,3 +243,82 @@ def test_modules_checked_as_a_set(kernel, kdir61: Path, tmp_path) -> None:
     _, result = _verdict(a, kernel, [], run=[load_b])
     assert result.commands and result.commands[0][1] == 0, result.commands
     assert "rksetb 42" in result.console
+
+
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+def test_overflow_and_nonzero_in_the_loaders_order(series: str, tmp_path) -> None:
+    """One R_X86_64_32 field that both overflows and holds a nonzero byte: 6.1 checks the bytes
+    first, 6.3 and later the overflow (arch/x86/kernel/module.c); the checker follows each."""
+    kdir = require_kdir(series)
+    tool("qemu-system-x86_64")
+
+    def fill(tmp: Path) -> None:
+        (tmp / "m.c").write_text(SOURCE)
+        (tmp / "Kbuild").write_text("obj-m += m.o\nccflags-y += -mcmodel=small\n")
+        _make(tmp, kdir)
+
+    src = cached_dir(CACHE / f"loader-small-{series}-{_key(SOURCE, str(kdir))}", fill) / "m.ko"
+    kernel = probe(kdir)
+    first = next(f for f in check.check_module(src, kernel) if f.kind == "overflow")
+    elf = Elf(src.read_bytes(), str(src))
+    data = bytearray(src.read_bytes())
+    data[int(elf.shdrs["offset"][elf.find(first.section)]) + first.offset] = 0x5A
+    bad = tmp_path / "m.ko"
+    bad.write_bytes(bytes(data))
+    findings, _ = _verdict(bad, kernel)
+    assert (findings[0].section, findings[0].offset) == (first.section, first.offset)
+    assert findings[0].kind == ("nonzero-target" if series == "6.1" else "overflow")
+
+
+ARM64_SOURCE = r"""
+#include <linux/module.h>
+#include <linux/jiffies.h>
+#ifdef ABS32
+/* A 32-bit absolute field holding a kernel address: arm64's kernel lives at 0xffff.... */
+asm(".pushsection .data\n.globl rk_abs\nrk_abs: .long jiffies\n.popsection");
+#endif
+static int __init m_init(void) { pr_info("m %lu\n", jiffies); return 0; }
+static void __exit m_exit(void) { }
+module_init(m_init);
+module_exit(m_exit);
+MODULE_LICENSE("GPL");
+"""
+
+
+def test_arm64_overflow(tmp_path) -> None:
+    """R_AARCH64_ABS32 against a kernel symbol overflows in arm64's loader (reloc_data)."""
+    tool("qemu-system-aarch64")
+    kdir = Path(subprocess.run([sys.executable, "-m", "rustko.cli", "kdir", "--arch", "arm64"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+
+    def fill(tmp: Path) -> None:
+        (tmp / "m.c").write_text(ARM64_SOURCE)
+        (tmp / "Kbuild").write_text("obj-m += m.o\nccflags-y += -DABS32\n")
+        done = subprocess.run(["make", "-s", "-C", str(kdir), f"M={tmp}", "ARCH=arm64",
+                               "CROSS_COMPILE=aarch64-linux-gnu-", "modules"],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    ko = cached_dir(CACHE / f"loader-arm64-abs32-{_key(ARM64_SOURCE, str(kdir))}", fill) / "m.ko"
+    kernel = probe(kdir)
+    findings = check.check_module(ko, kernel)
+    assert [f.kind for f in findings] == ["overflow"] and findings[0].reloc_type == 258
+    assert findings[0].kernel == ["module m: overflow in relocation type 258 val <val>"]
+    result = vmtest(ko, arch="arm64")
+    assert not result.loaded
+    assert findings[0].kernel_regex().search(result.console), result.console[-2000:]
+    assert INSMOD_SAYS[findings[0].errno] in (result.insmod_error or "")
+
+
+def test_struct_module_of_another_kernel() -> None:
+    """A module built for 6.1 in 6.12: refused at its struct module's size, before any CRC."""
+    kernel = probe(require_kdir("6.12"))
+    ko = _build("plain")
+    findings = check.check_module(ko, kernel)
+    assert findings[0].kind == "this-module-size"
+    assert findings[0].kernel == ["module m: .gnu.linkonce.this_module section size must match "
+                                  "the kernel's built struct module size at run time"]
+    result = vmtest(ko, kernel=debian_kernel(kernel.release), arch="x86_64")
+    assert not result.loaded
+    assert findings[0].kernel_regex().search(result.console), result.console[-2000:]
+    assert INSMOD_SAYS[findings[0].errno] in (result.insmod_error or "")

@@ -481,5 +481,6 @@ def check(target: Target, ko: Path, extra_symbols: Sequence[Path] = ()) -> None:
     findings = check_module(ko, kernel=view)
     if findings:
         print(format_report(findings, ko).rstrip(), file=sys.stderr)
+    if any(f.severity == "error" for f in findings):
         raise RustkoError(f"{ko.name} would be refused by kernel {target.kernel.release}: "
                           f"{len(findings)} finding(s) above", exit_code=1)

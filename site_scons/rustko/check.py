@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -344,12 +343,12 @@ def _check_exports(elf: Elf, syms: Symbols, name: str, view: KernelView, version
                    path: str) -> list[Finding]:
     if view.exports is None:
         return []
-    for export in elf.exports(syms):
-        owner = view.exports.get(export.name)
+    for symbol in elf.export_names(syms):
+        owner = view.exports.get(symbol)
         if owner is not None and owner.owner == "vmlinux":
             return [_finding(path, "export", "duplicate-export", version,
                              "the kernel already exports this name: rename the module's symbol "
-                             "(prefix it with the module name)", name=name, symbol=export.name,
+                             "(prefix it with the module name)", name=name, symbol=symbol,
                              owner="kernel")]
     return []
 
@@ -476,6 +475,9 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         problems.append(_overflows(rows, rtype, symidx, syms, rules, elf.find(".data..percpu"), ok,
                                    zero, sibling))
         labels.append("overflow")
+    if rules.range_checks:
+        problems.append(_range_overflows(rows, rtype, symidx, syms, targets, zero, ok, rules))
+        labels.append("overflow")
     found = sorted(((int(i), label) for idx, label in zip(problems, labels) for i in idx.tolist()),
                    key=lambda item: (item[0], label_rank[item[1]]))
     if rules.branch_partition and found:
@@ -598,6 +600,41 @@ def _overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sy
         mine = rtype[sel] == t
         bad |= mine & ~(_fits(lo, kind) & _fits(hi, kind))
     return sel[bad]
+
+
+def _range_overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Symbols,
+                     targets: np.ndarray, zero: np.ndarray, ok: np.ndarray,
+                     rules: ArchRules) -> np.ndarray:
+    """arm64 rows that overflow wherever the module lands (`rules.range_checks`)."""
+    out: list[np.ndarray] = []
+    table = syms.table
+    for t, rc in rules.range_checks.items():
+        sel = np.flatnonzero((rtype == t) & ok)
+        if not len(sel):
+            continue
+        s = symidx[sel]
+        shndx = table["shndx"][s].astype(np.int64)
+        known = zero[s] | (shndx == SHN_ABS) | (s == 0)
+        with np.errstate(over="ignore"):
+            value = np.where(zero[s], 0, table["value"][s].astype(np.int64)) + rows["addend"][sel]
+            if rc.pc_relative:
+                decided = (shndx == targets[sel]) & ~known
+                sval = value - rows["offset"][sel].astype(np.int64)
+            else:
+                decided = np.ones(len(sel), dtype=bool)
+                # Kernel and module addresses are negative as s64: any width below 64 overflows.
+                sval = np.where(known, value, np.int64(-1))
+        if rc.how == "data" and not rc.pc_relative:
+            fits = (sval >= 0) & (sval < (1 << rc.bits))
+        elif rc.how == "data":
+            fits = (sval >= -(1 << (rc.bits - 1))) & (sval < (1 << (rc.bits - 1)))
+        elif rc.how == "movw":
+            fits = (sval >= 0) & ((sval >> rc.lsb) <= 0xFFFF)
+        else:
+            shifted = sval >> rc.lsb
+            fits = (shifted >= -(1 << (rc.bits - 1))) & (shifted < (1 << (rc.bits - 1)))
+        out.append(sel[decided & ~fits])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kind: str,
@@ -727,7 +764,24 @@ def check_module(path: str | Path, kernel: "KernelInfo | KernelView | None" = No
     elf = Elf(read_module_bytes(p), str(p))
     if arch is None and view is None:
         arch = _uml_by_release(elf)
-    return check_elf(elf, view, arch, version)
+    findings = check_elf(elf, view, arch, version)
+    for f in findings:
+        f.source = _local_source(p, f.source)
+    return findings
+
+
+def _local_source(module: Path, source: str) -> str:
+    """A C file Kbuild compiled with KDIR as its working folder (`make -C KDIR M=...` leaves
+    KDIR/NAME.c in DWARF) shown where it is: beside the module, or in rustko's Kbuild folder
+    for it (build/.rustko/NAME/kbuild)."""
+    where, sep, line = source.rpartition(":")
+    if not sep or not where.startswith("/") or not where.endswith(".c") or Path(where).exists():
+        return source
+    name = Path(where).name
+    for folder in (module.parent, *sorted(module.parent.glob(".rustko/*/kbuild"))):
+        if (folder / name).is_file():
+            return f"{folder / name}:{line}"
+    return source
 
 
 def _as_view(kernel: object) -> KernelView | None:
@@ -769,6 +823,8 @@ def _pool_map(function, work: list, jobs: int | None) -> list:
     workers = min(jobs or os.cpu_count() or 1, max(1, len(work) // 16))
     if workers <= 1:
         return [function(w) for w in work]
+    from concurrent.futures import ProcessPoolExecutor
+
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(function, work, chunksize=max(1, len(work) // (workers * 8))))
 

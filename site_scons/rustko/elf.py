@@ -193,6 +193,17 @@ class Elf:
         blob = self.section_bytes(shndx)
         return blob[start:start + size] if start + size <= len(blob) else b""
 
+    def export_names(self, syms: Symbols) -> list[str]:
+        """Just the names of `exports` (from the `__ksymtab_X` symbol names), cheaply."""
+        strtab = syms.strtab
+        names: list[str] = []
+        at = strtab.find(b"\0__ksymtab_")
+        while at >= 0:
+            end = strtab.find(b"\0", at + 1)
+            names.append(strtab[at + 11:end if end >= 0 else len(strtab)].decode("utf-8", "replace"))
+            at = strtab.find(b"\0__ksymtab_", at + 1)
+        return names
+
     def exports(self, syms: Symbols) -> list[ModuleExport]:
         """The symbols this module exports, read the way modpost's Module.symvers has them.
 

@@ -143,8 +143,61 @@ def kernel_view(kdir: str) -> KernelView:
         vermagic=expected_vermagic(info), force_load=info.enabled("MODULE_FORCE_LOAD"),
         allow_missing_ns=info.enabled("MODULE_ALLOW_MISSING_NAMESPACE_IMPORTS"),
         percpu_reserve=percpu_reserve(info.enabled, tuple(info.version)),
+        module_struct_size=(struct_module_size(info) if tuple(info.version) >= THIS_MODULE_SINCE
+                            else None),
         sig_enforce=info.enabled("MODULE_SIG_FORCE"),
     )
+
+
+# kernel/module/main.c elf_validity_cache_index_mod compares the size of the module's
+# .gnu.linkonce.this_module with sizeof(struct module) (6.12.117; not in 6.1.192).
+THIS_MODULE_SINCE: Version = (6, 12)
+STRUCT_MODULE_PROBE = ("#include <linux/module.h>\n"
+                       "const char rustko_struct_module_size[sizeof(struct module)] = { 1 };\n")
+
+
+def struct_module_size(info: "KernelInfo") -> int | None:
+    """sizeof(struct module) for KDIR's .config: one object compiled by its own Kbuild (the
+    headers do not say it), cached per KDIR and .config. None when it cannot be compiled."""
+    import subprocess
+    import tempfile
+
+    from .elf import Elf
+    from .kbuild import KbuildJob
+
+    config = info.kdir / ".config"
+    try:
+        stamp = config.stat()
+    except OSError:
+        return None
+    key = hashlib.sha256(f"{info.kdir.resolve()}|{stamp.st_size}|{stamp.st_mtime_ns}|"
+                         f"{STRUCT_MODULE_PROBE}".encode()).hexdigest()[:24]
+    cached = cache_root() / "struct-module" / key
+    try:
+        return int(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    with tempfile.TemporaryDirectory(prefix="rustko-struct-module-") as tmp:
+        folder = Path(tmp)
+        (folder / "rustko_struct_module.c").write_text(STRUCT_MODULE_PROBE)
+        (folder / "Kbuild").write_text("obj-m := rustko_struct_module.o\n")
+        command = KbuildJob(info, folder).make_command()[:-1] + ["rustko_struct_module.o"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        obj = folder / "rustko_struct_module.o"
+        if done.returncode != 0 or not obj.is_file():
+            return None
+        elf = Elf(obj.read_bytes(), str(obj))
+        syms = elf.symbols()
+        sizes = [int(syms.table["size"][i]) for i in range(len(syms.table))
+                 if syms.name(i) == "rustko_struct_module_size"]
+    if not sizes:
+        return None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(str(sizes[0]))
+    except OSError:
+        pass
+    return sizes[0]
 
 
 def percpu_reserve(enabled, version: Version) -> int:

@@ -58,7 +58,8 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
          "unless CONFIG_MODULE_SIG_FORCE)",
          _v(((0,), "module: not signed with expected PKCS#7 message")), "", severity="warning"),
     # elf_validity_cache_index_mod (6.12.117): the section modpost fills with struct module.
-    Rule("this-module-size", 20, f"{_MAIN} elf_validity_cache_index_mod (6.12.117; not in 6.1.192)",
+    Rule("this-module-size", 20, f"{_MAIN} elf_validity_cache_index_mod (6.12.117; not in 6.1.192); "
+         "sizeof(struct module) from kernelview.struct_module_size",
          _v(((0,), "module {name}: .gnu.linkonce.this_module section size must match the "
                    "kernel's built struct module size at run time")),
          "ENOEXEC", since=(6, 12)),
@@ -78,9 +79,9 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     # percpu_modalloc -> __alloc_reserved_percpu (mm/percpu.c pcpu_alloc): larger than
     # PCPU_MIN_UNIT_SIZE (32 KiB) is "illegal" (a WARN with a backtrace); larger than the
     # reserved chunk (PERCPU_MODULE_RESERVE) simply does not fit.
+    # A WARN: a backtrace follows the line, then "NAME: Could not allocate N bytes percpu data".
     Rule("percpu-illegal", 60, "mm/percpu.c pcpu_alloc, kernel/module/main.c percpu_modalloc",
-         _v(((0,), "illegal size ({size}) or align ({align}) for percpu allocation\n"
-                   "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),
+         _v(((0,), "illegal size ({size}) or align ({align}) for percpu allocation")), "ENOMEM"),
     Rule("percpu-reserve", 60, "kernel/module/main.c percpu_modalloc; include/linux/percpu.h "
          "PERCPU_MODULE_RESERVE",
          _v(((0,), "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),

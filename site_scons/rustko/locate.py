@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,12 +47,38 @@ def function_at(elf: Elf, syms: Symbols, section: str, offset: int) -> str:
     return syms.name(int(hit[0])) if len(hit) else ""
 
 
-def source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
-    """(section index, offset) -> "file:line" from the DWARF line program, when there is DWARF.
+# Paths of code the user did not write: a frame there is shown as inlined into the user's.
+LIBRARY_PATHS = re.compile(r"^/rustc/|/library/(core|alloc|std|compiler-builtins|portable-simd|"
+                           r"stdarch)/|/\.cargo/registry/|/linux-headers-[^/]+/(include|arch)/|"
+                           r"^(include|arch)/")
 
-    In a relocatable object every section starts at address 0; each line-program sequence starts
+# Address relocation types DWARF uses in relocatable objects: R_X86_64_64, R_AARCH64_ABS64,
+# R_RISCV_64.
+ADDRESS_RELOCS = (1, 257, 2)
+
+
+@dataclass
+class Location:
+    """Where a place in a section is in the sources: the addr2line -f -i frames, innermost
+    first, and the frame in the user's own code."""
+
+    frames: list[tuple[str, str]]  # (function, "file:line")
+
+    def user_frame(self) -> tuple[str, str]:
+        for frame in self.frames:
+            if not LIBRARY_PATHS.search(frame[1]):
+                return frame
+        return self.frames[-1]
+
+
+def source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], Location]:
+    """(section index, offset) -> Location, from the DWARF line program and the inlined-call
+    tree in .debug_info, when there is DWARF.
+
+    In a relocatable object every section starts at address 0: each line-program sequence starts
     with a DW_LNE_set_address relocated against its own section, so sequences are matched to
-    sections through those relocations (.rela.debug_line), in order.
+    sections through those relocations (.rela.debug_line), in order; functions are matched to
+    sections through the relocation of their DW_AT_low_pc (.rela.debug_info).
     """
     from io import BytesIO
 
@@ -61,36 +88,199 @@ def source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, int
 
     if elf.find(".debug_line") is None or elf.find(".debug_info") is None:
         return {}
-    found: dict[tuple[int, int], str] = {}
+    lines: dict[tuple[int, int], str] = {}
+    found: dict[tuple[int, int], Location] = {}
     try:
-        dwarf: DWARFInfo = ELFFile(BytesIO(elf.data)).get_dwarf_info(relocate_dwarf_sections=True)
-        seq_sections = _line_sequence_sections(elf)
-        seq_no = 0
+        dwarf: DWARFInfo = ELFFile(BytesIO(_debug_relocated(elf))).get_dwarf_info(
+            relocate_dwarf_sections=False)
+        addr_sections = _address_sections(elf, ".debug_line", sort=True)
+        addr_no = 0
+        section = prev_section = -1
+        programs = {}
         for cu in dwarf.iter_CUs():
             program = dwarf.line_program_for_CU(cu)
             if program is None:
                 continue
+            programs[cu.cu_offset] = program
             prev = None
             for entry in program.get_entries():
                 state = entry.state
                 if entry.command == 2 and entry.is_extended:  # DW_LNE_set_address
-                    prev = None
+                    # A sequence may set its address more than once (GCC does): each one is
+                    # relocated, and the rows after it belong to that relocation's section.
+                    section = addr_sections[addr_no] if addr_no < len(addr_sections) else -1
+                    addr_no += 1
                 if state is None:
                     continue
-                section = seq_sections[seq_no] if seq_no < len(seq_sections) else -1
-                if prev is not None:
+                if prev is not None and prev_section == section:
                     for key in wanted:
-                        if key not in found and key[0] == section and prev.address <= key[1] < state.address:
-                            found[key] = f"{_file_name(program, prev.file)}:{prev.line}"
-                prev = state
+                        if key not in lines and key[0] == section and prev.address <= key[1] < state.address:
+                            lines[key] = f"{_file_name(program, prev.file)}:{prev.line or '?'}"
+                prev, prev_section = state, section
                 if state.end_sequence:
-                    seq_no += 1
                     prev = None
+        chains = _inline_chains(dwarf, programs, _address_map(elf), [k for k in wanted if k in lines])
+        for key, where in lines.items():
+            found[key] = Location(chains.get(key, lambda loc: [("", loc)])(where))
     except (ELFError, DWARFError, ValueError, KeyError, IndexError, AttributeError, TypeError, AssertionError,
             UnicodeDecodeError, OverflowError, MemoryError, RecursionError):
-        # Source lines decorate a finding; a corrupt DWARF section must not hide the finding.
-        return found
+        # Source lines decorate a finding; corrupt DWARF must not hide the finding.
+        return {k: Location([("", v)]) for k, v in lines.items()}
     return found
+
+
+# Relocation types in debug sections, by how many bytes they write S+A: the absolute ones
+# (R_X86_64_64/32/32S, R_AARCH64_ABS64/ABS32, R_RISCV_64/32, per e_machine).
+DEBUG_RELOCS: dict[int, dict[int, int]] = {62: {1: 8, 10: 4, 11: 4}, 183: {257: 8, 258: 4},
+                                           243: {2: 8, 1: 4}}
+
+
+def _debug_relocated(elf: Elf) -> bytes:
+    """The file with the .rela.debug_* relocations applied (S+A, as pyelftools would, in bulk):
+    pyelftools applies them one construct parse at a time, seconds for a Kbuild module."""
+    widths = DEBUG_RELOCS.get(elf.machine)
+    if not widths:
+        return elf.data
+    data = np.frombuffer(elf.data, dtype=np.uint8).copy()
+    syms = elf.symbols()
+    for rsec in np.flatnonzero(elf.shdrs["type"] == SHT_RELA).tolist():
+        target = int(elf.shdrs["info"][rsec])
+        if target >= len(elf.names) or not elf.names[target].startswith(".debug_"):
+            continue
+        rows = elf.section_array(rsec, RELA64)
+        rtype = (rows["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        idx = (rows["info"] >> np.uint64(32)).astype(np.int64)
+        if len(idx) and int(idx.max()) >= len(syms.table):
+            continue
+        value = syms.table["value"][idx] + rows["addend"].astype(np.uint64)
+        base = int(elf.shdrs["offset"][target])
+        size = int(elf.shdrs["size"][target])
+        for rt, width in widths.items():
+            mine = (rtype == rt) & (rows["offset"] + np.uint64(width) <= np.uint64(size))
+            if not mine.any():
+                continue
+            at = (rows["offset"][mine].astype(np.int64) + base)[:, None] + np.arange(width)
+            if int(at.max()) >= len(data):
+                continue
+            data[at] = value[mine].astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width]
+    return data.tobytes()
+
+
+def _address_map(elf: Elf) -> dict[int, int]:
+    """.debug_info offset of each address-sized relocated field -> the section it points into."""
+    index = elf.find(".debug_info")
+    out: dict[int, int] = {}
+    syms = elf.symbols()
+    for rsec in np.flatnonzero(elf.shdrs["type"] == SHT_RELA).tolist():
+        if int(elf.shdrs["info"][rsec]) != index:
+            continue
+        rows = elf.section_array(rsec, RELA64)
+        rtype = (rows["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        keep = np.isin(rtype, ADDRESS_RELOCS)
+        idx = (rows["info"][keep] >> np.uint64(32)).astype(np.int64)
+        idx = np.minimum(idx, max(len(syms.table) - 1, 0))
+        shndx = syms.table["shndx"][idx] if len(syms.table) else idx
+        out.update(zip(rows["offset"][keep].tolist(), shndx.tolist()))
+    return out
+
+
+def _die_name(die) -> str:
+    """A DIE's linkage name (mangled, demangled later) or name, through abstract origins."""
+    for _ in range(8):
+        for attr in ("DW_AT_linkage_name", "DW_AT_MIPS_linkage_name", "DW_AT_name"):
+            if attr in die.attributes:
+                value = die.attributes[attr].value
+                return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        for ref in ("DW_AT_abstract_origin", "DW_AT_specification"):
+            if ref in die.attributes:
+                die = die.get_DIE_from_attribute(ref)
+                break
+        else:
+            return ""
+    return ""
+
+
+def _ranges(die, dwarf, base: int) -> list[tuple[int, int]]:
+    """The [low, high) address ranges of a DIE (section-relative in a relocatable object)."""
+    attrs = die.attributes
+    if "DW_AT_low_pc" in attrs and "DW_AT_high_pc" in attrs:
+        low = attrs["DW_AT_low_pc"].value
+        high = attrs["DW_AT_high_pc"]
+        return [(low, high.value if high.form == "DW_FORM_addr" else low + high.value)]
+    if "DW_AT_ranges" in attrs and attrs["DW_AT_ranges"].form == "DW_FORM_sec_offset":
+        lists = dwarf.range_lists()
+        if lists is None:
+            return []
+        out = []
+        for entry in lists.get_range_list_at_offset(attrs["DW_AT_ranges"].value, cu=die.cu):
+            if hasattr(entry, "base_address"):
+                base = entry.base_address
+            elif entry.is_absolute:
+                out.append((entry.begin_offset, entry.end_offset))
+            else:
+                out.append((base + entry.begin_offset, base + entry.end_offset))
+        return out
+    return []
+
+
+def _inline_chains(dwarf, programs: dict, addresses: dict[int, int],
+                   wanted: list[tuple[int, int]]):
+    """For each wanted place inside a function, a maker of its addr2line -i frames from the
+    line table's location: (innermost function, that location), then each caller with the
+    call_file:call_line of the call inlined into it."""
+    out = {}
+    if not wanted:
+        return out
+    by_section: dict[int, list[int]] = {}
+    for section, offset in wanted:
+        by_section.setdefault(section, []).append(offset)
+    for cu in dwarf.iter_CUs():
+        top = cu.get_top_DIE()
+        program = programs.get(cu.cu_offset)
+        base = top.attributes["DW_AT_low_pc"].value if "DW_AT_low_pc" in top.attributes else 0
+        stack = list(top.iter_children())
+        while stack:
+            die = stack.pop()
+            if die.tag in ("DW_TAG_namespace", "DW_TAG_structure_type", "DW_TAG_module"):
+                stack.extend(die.iter_children())
+                continue
+            if die.tag != "DW_TAG_subprogram" or "DW_AT_low_pc" not in die.attributes:
+                continue
+            section = addresses.get(die.attributes["DW_AT_low_pc"].offset)
+            if section not in by_section:
+                continue
+            spans = _ranges(die, dwarf, base)
+            for offset in by_section[section]:
+                if (section, offset) in out or not any(lo <= offset < hi for lo, hi in spans):
+                    continue
+                chain = [die]
+                node = die
+                while True:
+                    inner = next((c for c in node.iter_children()
+                                  if c.tag in ("DW_TAG_inlined_subroutine", "DW_TAG_lexical_block")
+                                  and any(lo <= offset < hi for lo, hi in _ranges(c, dwarf, base))),
+                                 None)
+                    if inner is None:
+                        break
+                    if inner.tag == "DW_TAG_inlined_subroutine":
+                        chain.append(inner)
+                    node = inner
+                out[(section, offset)] = _frames_maker(chain, program)
+    return out
+
+
+def _frames_maker(chain: list, program):
+    def frames(innermost: str) -> list[tuple[str, str]]:
+        result = [(_die_name(chain[-1]), innermost)]
+        for outer, inner in zip(reversed(chain[:-1]), reversed(chain[1:])):
+            attrs = inner.attributes
+            call = "?"
+            if program is not None and "DW_AT_call_file" in attrs:
+                line = attrs["DW_AT_call_line"].value if "DW_AT_call_line" in attrs else 0
+                call = f"{_file_name(program, attrs['DW_AT_call_file'].value)}:{line or '?'}"
+            result.append((_die_name(outer), call))
+        return result
+    return frames
 
 
 def _file_name(program: object, index: int) -> str:
@@ -108,22 +298,21 @@ def _file_name(program: object, index: int) -> str:
     return name
 
 
-def _line_sequence_sections(elf: Elf) -> list[int]:
-    """For each DW_LNE_set_address in .debug_line (file order), the section it is relative to."""
-    line = elf.find(".debug_line")
+def _address_sections(elf: Elf, name: str, sort: bool) -> list[int]:
+    """For each address-sized relocated field of section NAME (file order), its section:
+    in .debug_line, the DW_LNE_set_address of each sequence."""
+    target = elf.find(name)
     for rsec in np.flatnonzero(elf.shdrs["type"] == SHT_RELA):
-        if int(elf.shdrs["info"][rsec]) != line:
+        if int(elf.shdrs["info"][rsec]) != target:
             continue
         rows = elf.section_array(int(rsec), RELA64)
         syms = elf.symbols()
-        rows = np.sort(rows, order="offset")
+        rows = np.sort(rows, order="offset") if sort else rows
         rtype = rows["info"] & np.uint64(0xFFFFFFFF)
-        is_addr = np.isin(rtype, [1, 257, 2])  # R_X86_64_64, R_AARCH64_ABS64, R_RISCV_64
+        is_addr = np.isin(rtype, ADDRESS_RELOCS)
         idx = (rows["info"][is_addr] >> np.uint64(32)).astype(np.int64)
         return [int(syms.table["shndx"][i]) for i in idx if i < len(syms.table)]
     return []
-
-
 
 
 def locate_findings(elf: Elf, syms: Symbols, findings: list) -> None:
@@ -134,6 +323,17 @@ def locate_findings(elf: Elf, syms: Symbols, findings: list) -> None:
     names = demangle([f.function for f in sites if f.function])
     for f in sites:
         f.function = names.get(f.function, f.function)
-    keys = {(elf.find(f.section), f.offset): f for f in sites}
-    for key, where in source_lines(elf, list(keys)).items():
-        keys[key].source = where
+    keys: dict[tuple[int, int], list] = {}
+    for f in sites:
+        keys.setdefault((elf.find(f.section), f.offset), []).append(f)
+    located = source_lines(elf, list(keys))
+    mangled = [name for loc in located.values() for name, _ in loc.frames if name]
+    readable = demangle(mangled)
+    for key, location in located.items():
+        frames = [(readable.get(n, n), where) for n, where in location.frames]
+        function, where = Location(frames).user_frame()
+        for f in keys[key]:
+            f.source = where
+            if function:
+                f.function = function
+            f.inlined = [f"{n or '?'} at {w}" for n, w in frames[:frames.index((function, where))]]

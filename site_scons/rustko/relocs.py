@@ -57,6 +57,19 @@ class AddressRange:
 
 
 @dataclass(frozen=True)
+class RangeCheck:
+    """An arm64 overflow check: arch/arm64/kernel/module.c apply_relocate_add (6.1.192,
+    6.12.117), through reloc_data (`data`: ABS unsigned, PREL signed, `bits` wide),
+    reloc_insn_movw (`movw`: (S+A) >> lsb must fit 16 unsigned bits) or reloc_insn_imm (`imm`:
+    (S+A-P) >> lsb must fit `bits` signed bits)."""
+
+    how: str  # "data" | "movw" | "imm"
+    pc_relative: bool
+    bits: int
+    lsb: int = 0
+
+
+@dataclass(frozen=True)
 class ArchRules:
     """One architecture's loader: accepted types, refusal messages, fix hints."""
 
@@ -90,6 +103,11 @@ class ArchRules:
     pc_relative: frozenset[int] = frozenset()
     # Said beside every overflow finding (UML: the verdict depends on the kernel's mem=).
     overflow_note: str = ""
+    # arm64: overflow-checked types. Decided where the value is known: absolute fields against
+    # any symbol in kernel or module memory (all of it in the top half of the address space, so
+    # negative as the loader's s64), exact values (absolute symbols, weak symbols left at 0), and
+    # PC-relative fields whose symbol is in the relocated section itself.
+    range_checks: dict[int, RangeCheck] = field(default_factory=dict)
 
     def name(self, rtype: int) -> str:
         prefix = arches.resolve(self.arch).reloc_prefix
@@ -268,6 +286,16 @@ ARM64_GOT_HINT = (
     "function from the C shim (e.g. `int mymod_get_counter(void)`) instead of declaring "
     "`extern \"C\" { static ... }`"
 )
+# JUMP26/CALL26 are not here: out of range they go through a module PLT (module_emit_plt_entry;
+# 6.1 with CONFIG_ARM64_MODULE_PLTS, as Debian's config has; 6.12 always).
+ARM64_RANGE_CHECKS: dict[int, RangeCheck] = {
+    258: RangeCheck("data", False, 32), 259: RangeCheck("data", False, 16),
+    261: RangeCheck("data", True, 32), 262: RangeCheck("data", True, 16),
+    263: RangeCheck("movw", False, 16, 0), 265: RangeCheck("movw", False, 16, 16),
+    267: RangeCheck("movw", False, 16, 32),
+    273: RangeCheck("imm", True, 19, 2), 274: RangeCheck("imm", True, 21, 0),
+    279: RangeCheck("imm", True, 14, 2), 280: RangeCheck("imm", True, 19, 2),
+}
 ARM64 = ArchRules(
     arch="arm64", e_machine=arches.ARM64.elf_machine, loader="arch/arm64/kernel/module.c apply_relocate_add",
     names=ARM64_NAMES, accepted=ARM64_ACCEPTED,
@@ -285,6 +313,14 @@ ARM64 = ArchRules(
     # CONFIG_RANDOMIZE_BASE, as every distribution config has; 6.12: always). Seen here: a PIC
     # module with ADR_GOT_PAGE (311) before LD64_GOT_LO12_NC (312) is refused with "312".
     branch_partition=(282, 283),
+    range_checks=ARM64_RANGE_CHECKS,
+    overflow=Versioned((
+        ((0,), "module {name}: overflow in relocation type {type} val {val}"),
+        ((6, 5), "Modules: module {name}: overflow in relocation type {type} val {val}"),
+    )),
+    overflow_hint="a 16/32-bit field cannot hold a kernel address on arm64 (kernel and modules "
+                  "live at 0xffff...): use 64-bit fields (`.quad`/ABS64) or PC-relative ones "
+                  "(PREL32), and keep short branches within their range",
 )
 
 # --- riscv64 ----------------------------------------------------------------------------------

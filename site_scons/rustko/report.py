@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -25,6 +25,8 @@ class Finding:
     explanation: str = ""
     function: str = ""
     source: str = ""
+    # The calls inlined into `function` at `source`, innermost first ("name at file:line").
+    inlined: list[str] = field(default_factory=list)
     severity: str = "error"
     # The error the loader returns (insmod shows it in its own words), e.g. "ENOEXEC".
     errno: str = ""
@@ -54,6 +56,8 @@ def format_report(findings: list[Finding], path: str | Path) -> str:
             lines.append(f"  --> {where}  {f.reloc_name} ({f.reloc_type}){against}{more}")
             if f.function or f.source:
                 lines.append(f"   |  in {f.function or '?'}" + (f" at {f.source}" if f.source else ""))
+                for frame in f.inlined:
+                    lines.append(f"   |    inlined from {frame}")
         elif f.symbol:
             lines.append(f"  --> symbol {f.symbol}  ({f.kind})")
         else:
@@ -63,7 +67,9 @@ def format_report(findings: list[Finding], path: str | Path) -> str:
         if f.errno and not f.kernel:
             lines.append(f"  = kernel: (no line; the load fails with {f.errno})")
         if f.explanation:
-            lines.append(f"  = note: {f.explanation}")
+            lines.append(f"  = note: {f.explanation}" if f.explanation not in said
+                         else "  = note: as above")
+            said.add(f.explanation)
         if f.hint:
             lines.append(f"  = help: {f.hint}" if f.hint not in said else "  = help: as above")
             said.add(f.hint)
