@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "kdir": "kdir:add_parser",
     "new": "new:add_parser",
     "doctor": "doctor:add_parser",
+    "dkms": "dkms:add_parser",
 }
 
 
