@@ -1,14 +1,16 @@
 """A debootstrapped Debian 12 root to install rustko's .deb into and run Debian's DKMS in (chroot).
 
-The base root (`debootstrap --variant=minbase` + Debian's `dkms`, the 6.1 headers, and every
-package the tests install later already downloaded) is made once and kept under
-/var/tmp/rustko-roots, outside any clone; each test session works on a fresh copy of it. Commands
-run through `unshare --mount`: the proc/sys/dev mounts live in a private mount namespace and end
-with the command, so no mount ever outlives it and a copy can be deleted safely.
+The base root (`debootstrap --variant=minbase`, Debian's `dkms`, the 6.1 headers and the packages
+rustko's .deb depends on; the headers a test installs later already downloaded) is made once and
+kept under /var/tmp/rustko-roots, outside any clone, named by what it holds. Each test session
+works on an overlay of it (the base stays untouched, the session's changes are small and go away
+with it). Commands run through `unshare --mount`: their proc/sys/dev mounts live in a private
+mount namespace and end with the command.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -84,29 +86,40 @@ def _make_base(tmp: Path) -> None:
 
 def base_root() -> Path:
     """The cached base root, made on first use (about five minutes, network to Debian's archive)."""
-    base = ROOTS / "bookworm-dkms"
+    digest = hashlib.sha256(" ".join(BASE_PACKAGES + LATER_PACKAGES).encode()).hexdigest()[:10]
+    base = ROOTS / f"bookworm-dkms-{digest}"
     if (base / ".complete").is_file():
         return base
     ROOTS.mkdir(parents=True, exist_ok=True)
-    tmp = ROOTS / "bookworm-dkms.tmp"
+    tmp = ROOTS / f"{base.name}.tmp"
     if tmp.exists():
         remove(tmp)
     _make_base(tmp)
     (tmp / ".complete").touch()
-    if base.exists():
-        remove(base)
     os.rename(tmp, base)
     return base
 
 
-def fresh_root(name: str) -> Path:
-    """A copy of the base root for one test session (hard links would share dpkg's files: copy)."""
+def overlay_root(name: str) -> Path:
+    """A writable root for one session: an overlay mount whose lower layer is the base root.
+    `close_root` unmounts it; a session killed before that leaves a mount the next one removes."""
     base = base_root()
-    target = ROOTS / name
-    if target.exists():
-        remove(target)
-    subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(target)], check=True)
-    return target
+    folder = ROOTS / name
+    close_root(folder / "root")
+    for part in ("upper", "work", "root"):
+        (folder / part).mkdir(parents=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={base},upperdir={folder / 'upper'},workdir={folder / 'work'}", str(folder / "root")],
+                   check=True)
+    return folder / "root"
+
+
+def close_root(merged: Path) -> None:
+    """Unmount a session's overlay and delete its changes."""
+    if merged.is_dir() and str(merged.resolve()) in [line.split()[4] for line in open("/proc/self/mountinfo")]:
+        subprocess.run(["umount", str(merged)], check=True)
+    if merged.parent.exists() and merged.parent != ROOTS:
+        remove(merged.parent)
 
 
 if __name__ == "__main__":

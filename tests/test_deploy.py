@@ -50,11 +50,11 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def root(deb: Path) -> Iterator[Path]:
     """A fresh bookworm root with the .deb installed by apt-get (dependencies from the archive)."""
-    path = debroot.fresh_root("deploy-test")
+    path = debroot.overlay_root("deploy-test")
     shutil.copy(deb, path / "tmp" / deb.name)
     ok(path, f"apt-get install -y -q --no-install-recommends /tmp/{deb.name}")
     yield path
-    debroot.remove(path)
+    debroot.close_root(path)
 
 
 def test_deb_installs_the_command_library_and_scons_tool(root: Path, deb: Path) -> None:
