@@ -21,11 +21,14 @@ MIRROR = "http://deb.debian.org/debian"
 # The host's sources name bookworm's point releases and security suite (newer headers, rustc-web);
 # a debootstrapped root names bookworm alone (FIELD-NOTES "Containers on this machine").
 HOST_APT = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/apt.conf.d/99artifact-registry"))
-BASE_PACKAGES = ("dkms", "openssl", "linux-headers-6.1.0-56-amd64")
-# Fetched into the base root's apt archive, not installed: rustko's Depends and the kernel
-# headers a test installs after `dkms add`.
-LATER_PACKAGES = ("scons", "python3-pyelftools", "python3-numpy", "rustc-web", "rust-web-src",
-                  "libc6-dev", "linux-headers-6.12.117+deb12-amd64")
+# Debian's DKMS (openssl: it makes its signing key), one kernel's headers, what rustko's .deb
+# depends on, and the 6.12 kernel image (its headers depend on it; installing an image builds an
+# initramfs, slow, so once here): installed ahead, so each session's overlay holds only what the
+# tests change.
+BASE_PACKAGES = ("dkms", "openssl", "linux-headers-6.1.0-56-amd64", "scons", "python3-pyelftools",
+                 "python3-numpy", "rustc-web", "rust-web-src", "libc6-dev", "linux-image-6.12.117+deb12-amd64")
+# Fetched into the base root's apt archive, not installed: headers a test installs after `dkms add`.
+LATER_PACKAGES = ("linux-headers-6.12.117+deb12-amd64",)
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
        "DEBIAN_FRONTEND": "noninteractive"}
 # rustko's machine-wide cache (/var/cache/rustko for root) outlives each copy, as on a real machine.
@@ -80,6 +83,10 @@ def _make_base(tmp: Path) -> None:
     (tmp / "etc/dpkg/dpkg.cfg.d/unsafe-io").write_text("force-unsafe-io\n")
     must(tmp, "apt-get", "update", "-q")
     must(tmp, "apt-get", "install", "-y", "-q", "--no-install-recommends", *BASE_PACKAGES, timeout=1800)
+    # No initramfs is ever booted from this root: DKMS's `update-initramfs -u` after each install
+    # becomes a no-op (initramfs-tools' update-initramfs.conf).
+    conf = tmp / "etc/initramfs-tools/update-initramfs.conf"
+    conf.write_text(conf.read_text().replace("update_initramfs=yes", "update_initramfs=no"))
     must(tmp, "apt-get", "install", "-y", "-q", "--no-install-recommends", "--download-only", *LATER_PACKAGES,
          timeout=1800)
 
