@@ -223,3 +223,10 @@ def test_rustko_dkms_refuses_what_dkms_could_not_use(tmp_path: Path) -> None:
     assert not (tmp_path / "dkms.conf").exists()
     assert rustko("dkms", str(tmp_path), "--version", "2.0").returncode == 0
     assert 'PACKAGE_NAME="solo"' in (tmp_path / "dkms.conf").read_text()
+
+
+def test_rustko_new_projects_carry_a_dkms_conf(tmp_path: Path) -> None:
+    created = rustko("new", "fresh", "--dir", str(tmp_path / "fresh"))
+    assert created.returncode == 0, created.stderr
+    conf = (tmp_path / "fresh" / "dkms.conf").read_text().splitlines()
+    assert 'PACKAGE_NAME="fresh"' in conf and 'BUILT_MODULE_NAME[0]="fresh"' in conf
