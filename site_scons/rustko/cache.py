@@ -15,13 +15,23 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+# Root's builds (DKMS run from a kernel package's hook, `scons install`) share one machine-wide
+# cache, as system programs keep theirs (FHS 3.0, 5.5 /var/cache), not one in a home directory.
+SYSTEM_CACHE = Path("/var/cache/rustko")
+
+
 def cache_root() -> Path:
-    """`$RUSTKO_CACHE`, else `$XDG_CACHE_HOME/rustko`, else `~/.cache/rustko`."""
+    """`$RUSTKO_CACHE`, else `$XDG_CACHE_HOME/rustko`, else /var/cache/rustko for root, else
+    `~/.cache/rustko`."""
     env = os.environ.get("RUSTKO_CACHE")
     if env:
         return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "rustko"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg) / "rustko"
+    if os.geteuid() == 0:
+        return SYSTEM_CACHE
+    return Path(os.path.expanduser("~")) / ".cache" / "rustko"
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "new": "new:add_parser",
     "doctor": "doctor:add_parser",
     "repro": "repro:add_parser",
+    "dkms": "dkms:add_parser",
 }
 
 

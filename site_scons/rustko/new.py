@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import dkms
 from .errors import RustkoError
 from .project import check_name
 
@@ -53,6 +54,8 @@ rustko check --kdir <the same KDIR> build/{name}.ko
 - `Cargo.toml`: name, license, author and description (`[package.metadata.kernel]`), and
   module parameters (`[package.metadata.kernel.params.NAME]`).
 - `SConstruct`: one `env.RustKernelModule()` call.
+- `dkms.conf`: for Debian's DKMS, which rebuilds the module for every kernel installed
+  (`rustko dkms` rewrites it after a change of name, version or modules).
 """
 
 
@@ -85,6 +88,7 @@ def create(name: str, template: str = "hello", dest: Path | None = None, author:
         (target / "README.md").write_text(README.format(
             name=name, template=template, summary=info.summary.replace("NAME", name),
             try_it=info.try_it.format(name=name)))
+        dkms.write(target)
     except OSError as err:
         raise RustkoError(f"cannot write {target}: {err.strerror}") from None
     return target
