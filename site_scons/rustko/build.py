@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,17 +48,16 @@ class Target:
     kernel: KernelInfo
     toolchain: toolchain.Toolchain
     flags: list[str]
-    _sysroot: sysroot.Sysroot | None = field(default=None, repr=False)
 
     @functools.cached_property
     def sysroot_key(self) -> str:
         return sysroot.key(self.toolchain, self.flags)
 
-    def sysroot(self, log: Callable[[str, list[str]], None] | None = None) -> sysroot.Sysroot:
-        if self._sysroot is None:
-            self._sysroot = sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log,
-                                           self.sysroot_key)
-        return self._sysroot
+    def sysroot(self, log: Callable[[str, list[str]], None] | None = None,
+                crates: Sequence[str] = sysroot.ALWAYS) -> sysroot.Sysroot:
+        """The sysroot with at least `crates`: the missing ones built now (a few stats otherwise)."""
+        return sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log, self.sysroot_key,
+                              crates)
 
     @property
     def linker(self) -> str:
@@ -146,7 +145,7 @@ def with_rustflags(target: Target, extra: list[str]) -> Target:
     """`target`, or a copy whose sysroot also gets the module's own code-model, relocation-model
     and target-feature overrides: fat LTO cannot link core built with others."""
     shared = flagset.sysroot_shared(extra)
-    return replace(target, flags=[*target.flags, *shared], _sysroot=None) if shared else target
+    return replace(target, flags=[*target.flags, *shared]) if shared else target
 
 
 def _rustc(target: Target, cmd: list[str], cwd: Path, what: str, log: Log | None) -> None:
@@ -304,7 +303,13 @@ def build_module(target: Target, info: kbuild.ModuleInfo, source: Path, project_
     compilation overlap rustc; Kbuild links the Rust object in as soon as it exists."""
     log = log or (lambda line: None)
     target = with_rustflags(target, extra or [])
-    target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"))
+    rust_files, todo = {*mod_files(source), *source.parent.rglob("*.rs")}, list(deps)
+    while todo:  # the path dependencies, transitively: what they link, the module links
+        dep = todo.pop()
+        rust_files.update([*mod_files(dep.root), *dep.root.parent.rglob("*.rs")])
+        todo.extend(dep.deps)
+    target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"),
+                   crates=sysroot.uses(sorted(rust_files)))
     kbuild_dir = kbuild.safe_dir((work / "kbuild").resolve())
     kbuild.prepare(kbuild_dir, info, c_sources)
     job = kbuild.KbuildJob(kernel=target.kernel, build_dir=kbuild_dir,
