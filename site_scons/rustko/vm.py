@@ -430,9 +430,10 @@ def init_script(token: str, module: ModuleInfo, commands: Sequence[str], params:
         f"  step RMMOD rmmod {module.name}",
         "fi",
         "say DMESG",
-        # The first line (the kernel's banner, which names it) and those from the marker on: the
-        # boot's few hundred other lines would only slow the serial console.
-        f"dmesg | sed -n '1p; /{kmsg_marker(token)}/,$p'",
+        # The kernel's banner (which names it) and the lines from the marker on: the boot's few
+        # hundred other lines would only slow the serial console.
+        "dmesg | grep -m 1 ' Linux version '",
+        f"dmesg | sed -n '/{kmsg_marker(token)}/,$p'",
         "say END",
         "say DONE",
         "poweroff -f",
