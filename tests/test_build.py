@@ -125,6 +125,9 @@ def test_sysroot_cache_is_shared_atomic_and_survives_interruption(tmp_path: Path
     assert len(entries) == 1 and not entries[0].name.startswith("."), "the killed build's leftovers are gone"
     third = build_ok(projects[2], kdir61, env=env)
     assert "SYSROOT" not in third
+    libdir = next(entries[0].glob("lib/rustlib/*/lib"))
+    assert sorted(p.name for p in libdir.iterdir()) == ["libcompiler_builtins.rlib", "libcore.rlib"], \
+        "hello names neither alloc nor rustko: they are not built"
 
 
 # Bad input: one clear paragraph, a non-zero exit, never a traceback.

@@ -48,17 +48,16 @@ class Target:
     kernel: KernelInfo
     toolchain: toolchain.Toolchain
     flags: list[str]
-    _sysroot: sysroot.Sysroot | None = field(default=None, repr=False)
 
     @functools.cached_property
     def sysroot_key(self) -> str:
         return sysroot.key(self.toolchain, self.flags)
 
-    def sysroot(self, log: Callable[[str, list[str]], None] | None = None) -> sysroot.Sysroot:
-        if self._sysroot is None:
-            self._sysroot = sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log,
-                                           self.sysroot_key)
-        return self._sysroot
+    def sysroot(self, log: Callable[[str, list[str]], None] | None = None,
+                crates: Sequence[str] = sysroot.ALWAYS) -> sysroot.Sysroot:
+        """The sysroot with at least `crates`: the missing ones built now (a few stats otherwise)."""
+        return sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log, self.sysroot_key,
+                              crates)
 
     @property
     def linker(self) -> str:
@@ -158,7 +157,7 @@ def with_rustflags(target: Target, extra: list[str]) -> Target:
     """`target`, or a copy whose sysroot also gets the module's own code-model, relocation-model
     and target-feature overrides: fat LTO cannot link core built with others."""
     shared = flagset.sysroot_shared(extra)
-    return replace(target, flags=[*target.flags, *shared], _sysroot=None) if shared else target
+    return replace(target, flags=[*target.flags, *shared]) if shared else target
 
 
 def _rustc(target: Target, cmd: list[str], cwd: Path, what: str, log: Log | None) -> None:
@@ -444,13 +443,30 @@ def kbuild_job(target: Target, spec: ModuleSpec) -> kbuild.KbuildJob:
                             verbose=target.options.verbose, extra_symbols=spec.extra_symbols)
 
 
+def rust_files(spec: ModuleSpec) -> list[Path]:
+    """The Rust files a module and its path dependencies may compile: which sysroot crates they
+    name decides which ones the sysroot needs (`sysroot.uses`)."""
+    found, todo = {*mod_files(spec.source), *spec.source.parent.rglob("*.rs")}, list(spec.deps)
+    while todo:  # the path dependencies, transitively: what they link, the module links
+        dep = todo.pop()
+        found.update([*mod_files(dep.root), *dep.root.parent.rglob("*.rs")])
+        todo.extend(dep.deps)
+    return sorted(found)
+
+
+def ensure_sysroot(target: Target, spec: ModuleSpec, log: Log) -> None:
+    """The sysroot crates this module's files name, built now if the cache lacks them."""
+    target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"),
+                   crates=sysroot.uses(rust_files(spec)))
+
+
 def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None = None) -> CrateOutput:
     """The crate and Kbuild, run side by side: make's own start-up (half a second) and the shim's
     compilation overlap rustc; Kbuild links the Rust object in as soon as it exists."""
     log = log or (lambda line: None)
     planned = plan(target, spec)
     target = planned.target
-    target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"))
+    ensure_sysroot(target, spec, log)
     kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text)
     with kbuild.Kbuild(kbuild_job(target, spec), spec.name) as running:
         linked = (compile_dependencies(target, spec.deps, spec.work / "deps", crate_flags(target, spec), log)

@@ -35,7 +35,7 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock beside `path`, so two builds do not do the same slow work twice."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{path}.lock", "a") as handle:
@@ -54,7 +54,7 @@ def cached_dir(path: Path, fill: Callable[[Path], None]) -> Path:
     """
     if path.is_dir():
         return path
-    with _locked(path):
+    with locked(path):
         if path.is_dir():
             return path
         # Under the lock, a temporary folder for this entry can only be a killed build's leftover.

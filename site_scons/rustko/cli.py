@@ -1,31 +1,48 @@
-"""The `rustko` command: each subcommand lives in the module that owns its job."""
+"""The `rustko` command: a registry of subcommands, each living in the module that owns its job.
+
+Like pip's command registry: the table below names each subcommand's module and summary, and only
+the chosen subcommand's module is imported, so `rustko --help` and `rustko new` never pay for the
+checker's numpy or the VM code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 from . import __version__
 from .errors import RustkoError, internal_error
 
-# Subcommand name -> "module:function" registering its parser; imported lazily so that
-# `rustko check` never pays for the VM code and the other way round.
-SUBCOMMANDS: dict[str, str] = {
-    "check": "check:add_parser",
-    "vmtest": "vm:add_parser",
-    "kdir": "kdir:add_parser",
-    "new": "new:add_parser",
-    "doctor": "doctor:add_parser",
-    "repro": "repro:add_parser",
-    "dkms": "dkms:add_parser",
+
+class Command(NamedTuple):
+    module: str    # rustko.<module> defines add_parser(subparsers), which sets `run`
+    summary: str   # one line for `rustko --help`
+
+
+COMMANDS: dict[str, Command] = {
+    "check": Command("check", "prove .ko files loadable by the target kernel"),
+    "vmtest": Command("vm", "boot the module's kernel in QEMU, insmod and rmmod it, show its log"),
+    "kdir": Command("kdir", "prepare a KDIR for another kernel release or architecture from Debian's packages"),
+    "new": Command("new", "create a module project from a template"),
+    "doctor": Command("doctor", "show what rustko sees for a KDIR and what is missing"),
+    "repro": Command("repro", "rebuild a module from its build record, compare two modules"),
+    "dkms": Command("dkms", "write dkms.conf so Debian's DKMS rebuilds the module for every kernel"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
+def chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line: the first argument that is not an option."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand listed; only `command`'s module is imported to fill its options."""
     parser = argparse.ArgumentParser(
         prog="rustko",
         description="Build Linux kernel modules in Rust and prove them loadable.",
@@ -33,18 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rustko {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, target in SUBCOMMANDS.items():
-        module_name, func = target.split(":")
-        module = importlib.import_module(f"rustko.{module_name}")
-        getattr(module, func)(sub)
+    for name, entry in COMMANDS.items():
+        if name == command:
+            importlib.import_module(f"rustko.{entry.module}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=entry.summary, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     # `rustko check ... | head` ends quietly, like any Unix tool.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(chosen(argv)).parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

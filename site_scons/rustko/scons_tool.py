@@ -245,11 +245,11 @@ def _object_action(target: list[Any], source: list[Any], env: Any) -> int:
     try:
         tgt = build.with_rustflags(_target(env), list(spec.rustflags))
         spec.work.mkdir(parents=True, exist_ok=True)
-        tgt.sysroot(log=lambda crate, cmd: _say(env, f"  SYSROOT {crate} (once per rustc and flag set)"))
-        linked = (build.compile_dependencies(tgt, spec.deps, spec.work / "deps", list(spec.rustflags))
-                  if spec.deps else [])
+        build.ensure_sysroot(tgt, spec, lambda line: _say(env, line))
+        flags = build.crate_flags(tgt, spec)
+        linked = build.compile_dependencies(tgt, spec.deps, spec.work / "deps", flags) if spec.deps else []
         build.compile_crate(tgt, spec.crate, spec.source, Path(target[0].abspath), spec.dep_file,
-                            spec.project_dir, spec.edition, [*spec.rustflags, *linked], entry=None)
+                            spec.project_dir, spec.edition, [*flags, *linked], entry=None)
         for companion in target[1:]:  # Kbuild's .X.o.cmd: empty, so modpost asks nothing more
             Path(companion.abspath).write_text("")
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback

@@ -1,37 +1,73 @@
-"""The Rust sysroot for one kernel flag set: core, compiler_builtins and alloc, built once.
+"""The Rust sysroot for one kernel flag set: core, compiler_builtins, alloc and rustko's support
+crate, each built once, when a module first needs it.
 
 Entries live under `<cache>/sysroot/<key>`, where the key hashes everything that changes the
 bytes: rustc's `-vV`, the library sources (names and sizes, plus their release), the flags, and
 rustko's own recipe. Every project and build on the machine shares them.
+
+Three things keep the first build short (bench/build.py measures them):
+- The crates are bitcode only (`-Clinker-plugin-lto`): a module's fat LTO generates machine code
+  from their bitcode anyway, so rustc skips generating it here.
+- Only the crates a module uses are built: a module that mentions neither `alloc` nor `rustko`
+  needs core and compiler_builtins alone; the others join the entry when a module first needs them.
+- Crates build in parallel where the graph allows: a crate starts as soon as its dependencies'
+  metadata exists (rustc's `--emit=metadata` and `--json=artifacts`, as cargo pipelines), while
+  they are still generating their bitcode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import selectors
+import shutil
 import subprocess
+import tempfile
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 from . import cache
 from .errors import RustkoError
 from .toolchain import Toolchain, INSTALL_HINT, interrupted
 
-RECIPE_VERSION = "3"  # 3: the build folder remapped (it leaked into debug info)
+RECIPE_VERSION = "4"  # 3: the build folder remapped (it leaked into debug info); 4: bitcode only
 RUST_DIR = Path(__file__).parent / "rust"
 
-# (crate, source, extra rustc arguments), in build order. Sources starting with "library/" are
-# in rustc's library sources; the others are rustko's own (rust/).
-CRATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("core", "library/core/src/lib.rs", ("--cfg", "no_fp_fmt_parse")),  # rust/Makefile
-    ("compiler_builtins", "compiler_builtins.rs", ()),
-    ("alloc", "library/alloc/src/lib.rs", ()),
-    ("rustko", "rustko/lib.rs", ()),   # the support crate: modules opt in with `use rustko`
-)
+
+@dataclass(frozen=True)
+class Crate:
+    """One sysroot crate. `source` starting with "library/" is in rustc's library sources; the
+    others are rustko's own (rust/). `deps`: the sysroot crates it links (no_std crates other
+    than core and compiler_builtins get `extern crate compiler_builtins` injected by rustc)."""
+
+    name: str
+    source: str
+    deps: tuple[str, ...]
+    extra: tuple[str, ...] = ()
+
+
+# In build order (dependencies first).
+CRATES: dict[str, Crate] = {crate.name: crate for crate in (
+    Crate("core", "library/core/src/lib.rs", (), ("--cfg", "no_fp_fmt_parse")),  # rust/Makefile
+    Crate("compiler_builtins", "compiler_builtins.rs", ("core",)),
+    Crate("alloc", "library/alloc/src/lib.rs", ("core", "compiler_builtins")),
+    Crate("rustko", "rustko/lib.rs", ("core", "compiler_builtins", "alloc")),  # the support crate
+)}
+
+# Every module links these; the others only when its sources name them (`uses`).
+ALWAYS: tuple[str, ...] = ("core", "compiler_builtins")
+OPTIONAL: tuple[str, ...] = ("alloc", "rustko")
+COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+NAME_RE = re.compile(r"\b(alloc|rustko)\b")
+
+Log = Callable[[str, list[str]], None]
 
 
 @dataclass(frozen=True)
@@ -46,6 +82,28 @@ class Sysroot:
     @property
     def support_crate(self) -> Path:
         return self.libdir / "librustko.rlib"
+
+
+def uses(sources: Iterable[Path]) -> tuple[str, ...]:
+    """The sysroot crates that Rust files may link: core and compiler_builtins, plus `alloc` and
+    `rustko` when a file names them outside comments (`extern crate alloc`, `use rustko::...`).
+    A crate cannot reach either without naming it, so a word in a string only builds one too many."""
+    named: set[str] = set()
+    for source in sources:
+        try:
+            text = Path(source).read_text(errors="replace")
+        except OSError:
+            return (*ALWAYS, *OPTIONAL)  # unreadable here: rustc will say why; build everything
+        named.update(NAME_RE.findall(COMMENT_RE.sub("", text)))
+    return (*ALWAYS, *(name for name in OPTIONAL if name in named))
+
+
+def _closure(names: Iterable[str]) -> list[str]:
+    """`names` and every crate they depend on, in build order."""
+    wanted = set(names)
+    for name in list(wanted):
+        wanted.update(CRATES[name].deps)
+    return [name for name in CRATES if name in wanted]
 
 
 def _sources_fingerprint(lib_src: Path) -> str:
@@ -77,48 +135,156 @@ def _edition(lib_src: Path, crate: str) -> str:
         return "2021"
 
 
-def _compile(toolchain: Toolchain, flags: list[str], root: Path, target: str, crate: str,
-             source: str, extra: tuple[str, ...], log) -> None:
-    libdir = root / "lib" / "rustlib" / target / "lib"
-    if source.startswith("library/"):
-        src = toolchain.lib_src / source.removeprefix("library/")
-        edition = _edition(toolchain.lib_src, crate)
+def _command(toolchain: Toolchain, flags: list[str], crate: Crate, stage: Path, published: Path,
+             target: str) -> list[str]:
+    """rustc for one crate: its metadata into the stage's libdir, where the crates built after it
+    look (beside links to the crates published before), its bitcode-only rlib into stage/out
+    (published once all succeeded)."""
+    if crate.source.startswith("library/"):
+        src = toolchain.lib_src / crate.source.removeprefix("library/")
+        edition = _edition(toolchain.lib_src, crate.name)
     else:
-        src, edition = RUST_DIR / source, "2024"
-    # -Cembed-bitcode=yes: the module's fat LTO then keeps only the parts of these crates it uses.
-    cmd = [str(toolchain.rustc), *flags, "-Cembed-bitcode=yes", *extra,
-           f"--edition={edition}", "--crate-type=rlib", f"--crate-name={crate}",
-           # `root` is a temporary folder renamed into the cache afterwards: remapped to the name the
-           # module build remaps the cache entry to, so no random path reaches the .ko's debug info.
-           f"--sysroot={root}", f"--remap-path-prefix={root}=/sysroot",
-           f"--remap-path-prefix={toolchain.lib_src}=/rustc/library",
-           f"--remap-path-prefix={RUST_DIR}=/rustko",
-           "-Awarnings", "-o", str(libdir / f"lib{crate}.rlib"), str(src)]
-    log(crate, cmd)
-    env = {**os.environ, "RUSTC_BOOTSTRAP": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
-    if interrupted(result.returncode, result.stderr):
-        raise RustkoError(f"interrupted: building `{crate}` was stopped (Ctrl-C or a signal)",
+        src, edition = RUST_DIR / crate.source, "2024"
+    libdir = stage / "lib" / "rustlib" / target / "lib"
+    return [str(toolchain.rustc), *flags, "-Clinker-plugin-lto", *crate.extra,
+            f"--edition={edition}", "--crate-type=rlib", f"--crate-name={crate.name}", f"--sysroot={stage}",
+            f"--remap-path-prefix={toolchain.lib_src}=/rustc/library", f"--remap-path-prefix={RUST_DIR}=/rustko",
+            f"--remap-path-prefix={stage}=/sysroot", f"--remap-path-prefix={published}=/sysroot",
+            "--error-format=json", "--json=artifacts", "-Awarnings", f"--out-dir={stage / 'out'}",
+            f"--emit=metadata={libdir / f'lib{crate.name}.rmeta'},link={stage / 'out' / f'lib{crate.name}.rlib'}",
+            str(src)]
+
+
+class _Job:
+    """One running rustc: its JSON messages read as they come, its metadata noticed when written."""
+
+    def __init__(self, crate: str, cmd: list[str], cwd: Path) -> None:
+        self.crate = crate
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env={**os.environ, "RUSTC_BOOTSTRAP": "1"})
+        self.buffer = b""
+        self.errors: list[str] = []
+        self.metadata = False
+
+    def read(self) -> bool:
+        """Take what rustc wrote; False at end of output."""
+        assert self.proc.stderr is not None
+        chunk = os.read(self.proc.stderr.fileno(), 65536)
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        if not chunk and self.buffer:
+            lines, self.buffer = [*lines, self.buffer], b""
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                self.errors.append(line.decode(errors="replace"))
+                continue
+            if message.get("emit") == "metadata":
+                self.metadata = True
+            elif message.get("rendered"):
+                self.errors.append(message["rendered"])
+        return bool(chunk)
+
+
+def _build(toolchain: Toolchain, flags: list[str], names: list[str], stage: Path, published: Path,
+           target: str, log: Log) -> None:
+    """Compile `names` (in build order; their other dependencies already in `published`) into
+    `stage`, each crate starting once its dependencies' metadata exists, one rustc per CPU."""
+    waiting = list(names)
+    ready = {name for name in CRATES if name not in names}
+    running: dict[int, _Job] = {}
+    slots = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    selector = selectors.DefaultSelector()
+    try:
+        while waiting or running:
+            for name in list(waiting):
+                if len(running) >= slots or not all(dep in ready for dep in CRATES[name].deps):
+                    continue
+                waiting.remove(name)
+                cmd = _command(toolchain, flags, CRATES[name], stage, published, target)
+                log(name, cmd)
+                job = _Job(name, cmd, stage)
+                assert job.proc.stderr is not None
+                running[job.proc.stderr.fileno()] = job
+                selector.register(job.proc.stderr, selectors.EVENT_READ, job)
+            if not running:
+                raise RustkoError(f"cannot order the sysroot crates {waiting}")  # a bug in CRATES
+            for event, _ in selector.select():
+                job = event.data
+                if job.read():
+                    if job.metadata:
+                        ready.add(job.crate)
+                    continue
+                selector.unregister(event.fileobj)
+                del running[event.fd]
+                _finish(toolchain, job)
+                ready.add(job.crate)
+    finally:
+        for job in running.values():
+            job.proc.kill()
+            job.proc.wait()
+        selector.close()
+
+
+def _finish(toolchain: Toolchain, job: _Job) -> None:
+    code = job.proc.wait()
+    if job.proc.stderr is not None:
+        job.proc.stderr.close()
+    if interrupted(code, "\n".join(job.errors)):
+        raise RustkoError(f"interrupted: building `{job.crate}` was stopped (Ctrl-C or a signal)",
                           "nothing was cached; the next build starts it again")
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+    if code != 0:
+        tail = "\n".join("\n".join(job.errors).strip().splitlines()[-15:])
         raise RustkoError(
-            f"building `{crate}` for the kernel target failed (rustc {toolchain.version}, sources "
+            f"building `{job.crate}` for the kernel target failed (rustc {toolchain.version}, sources "
             f"{toolchain.lib_src}):\n{tail}",
             "the library sources must be those of this exact rustc; " + INSTALL_HINT)
 
 
-def ensure(toolchain: Toolchain, flags: list[str], target: str, log=None, digest: str | None = None) -> Sysroot:
-    """The sysroot for `flags`, built now if no build on this machine has made it yet.
-    `digest`: `key(toolchain, flags)` when the caller has it already."""
+def ensure(toolchain: Toolchain, flags: list[str], target: str, log: Log | None = None,
+           digest: str | None = None, crates: Iterable[str] = tuple(CRATES)) -> Sysroot:
+    """The sysroot for `flags` with at least `crates` (and what they depend on), the missing ones
+    built now. `digest`: `key(toolchain, flags)` when the caller has it already.
+
+    The entry appears with one atomic rename of a complete folder the first time; crates added
+    later are renamed into it one file at a time, dependencies first. Either way, under the
+    entry's lock, so parallel builds never compile a crate twice or see half a file."""
     log = log or (lambda crate, cmd: None)
     path = cache.cache_root() / "sysroot" / (digest or key(toolchain, flags))
+    sysroot = Sysroot(path=path, target=target)
+    wanted = _closure(crates)
 
-    def fill(tmp: Path) -> None:
-        (tmp / "lib" / "rustlib" / target / "lib").mkdir(parents=True)
-        for crate, source, extra in CRATES:
-            _compile(toolchain, flags, tmp, target, crate, source, extra, log)
-        (tmp / "flags.txt").write_text("\n".join([toolchain.verbose_version, *flags]) + "\n")
+    def missing() -> list[str]:
+        return [name for name in wanted if not (sysroot.libdir / f"lib{name}.rlib").is_file()]
 
-    return Sysroot(path=cache.cached_dir(path, fill), target=target)
-
+    if not missing():
+        return sysroot
+    with cache.locked(path):
+        todo = missing()
+        if not todo:
+            return sysroot
+        for stale in path.parent.glob(f".{path.name}.*"):  # a killed build's leftovers
+            shutil.rmtree(stale, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            staged = Sysroot(path=stage, target=target).libdir
+            staged.mkdir(parents=True)
+            for name in wanted:
+                if name not in todo:  # published by an earlier build: linked, not copied
+                    os.link(sysroot.libdir / f"lib{name}.rlib", staged / f"lib{name}.rlib")
+            _build(toolchain, flags, todo, stage, path, target, log)
+            for rmeta in staged.glob("*.rmeta"):
+                rmeta.unlink()
+            if path.is_dir():
+                for name in todo:
+                    os.replace(stage / "out" / f"lib{name}.rlib", sysroot.libdir / f"lib{name}.rlib")
+            else:
+                for name in todo:
+                    os.replace(stage / "out" / f"lib{name}.rlib", staged / f"lib{name}.rlib")
+                shutil.rmtree(stage / "out")
+                (stage / "flags.txt").write_text("\n".join([toolchain.verbose_version, *flags]) + "\n")
+                os.rename(stage, path)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return sysroot
