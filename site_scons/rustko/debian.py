@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .cache import _locked, cache_root
+from .cache import locked, cache_root
 from .errors import RustkoError
 
 ARCHIVE = "http://deb.debian.org/debian"
@@ -141,7 +141,7 @@ def update(release: str, force: bool = False) -> None:
         return
     lists = _apt_dir(release) / "lists"
     stamp = _apt_dir(release) / "updated"
-    with _locked(_apt_dir(release)):
+    with locked(_apt_dir(release)):
         fresh = stamp.is_file() and (not force or time.time() - stamp.stat().st_mtime < LISTS_MAX_AGE)
         if fresh and any(lists.glob("*Packages*")):
             return

@@ -24,7 +24,7 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,54}$")  # a C identifier that fi
 # sysroot already has (sysroot.CRATES): rustc then finds two crates of that name (E0519, E0463).
 RESERVED_NAMES: dict[str, str] = {
     **{crate: "a crate of the sysroot rustko builds for the kernel (core, compiler_builtins, alloc, "
-              "and rustko's support crate)" for crate, _source, _extra in CRATES},
+              "and rustko's support crate)" for crate in CRATES},
     "std": "the name of Rust's standard library, which kernel code cannot use",
 }
 

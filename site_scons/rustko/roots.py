@@ -28,7 +28,7 @@ from typing import Sequence
 
 from . import arch as arches
 from . import debian
-from .cache import _locked, cached_dir
+from .cache import locked, cached_dir
 from .errors import RustkoError
 
 # A file every rustko root has: which release it is (and that it is rustko's to run make in).
@@ -69,7 +69,7 @@ def ensure(release: str) -> Path:
     path = root_path(release)
     if (path / MARKER).is_file():
         if not all(installed(path, p) for p in BASE_PACKAGES):
-            with _locked(path / "var" / "rustko-packages"):
+            with locked(path / "var" / "rustko-packages"):
                 install(path, BASE_PACKAGES)
         return path
     _require_root(f"a Debian {release} root for Kbuild")
@@ -147,7 +147,7 @@ def headers(release: str, kernel: str, debian_arch: str) -> Path:
     kdir = root / "usr" / "src" / package
     if (kdir / ".config").is_file() and (kdir / "Makefile").is_file():
         return kdir
-    with _locked(root / "var" / "rustko-headers"):
+    with locked(root / "var" / "rustko-headers"):
         if (kdir / ".config").is_file():
             return kdir
         if debian_arch == debian.host_arch():
