@@ -486,14 +486,11 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
 def check(target: Target, ko: Path, extra_symbols: Sequence[Path] = ()) -> None:
     """Fail the build, with the checker's report, when the target kernel would refuse `ko`;
     `extra_symbols` (KBUILD_EXTRA_SYMBOLS) are exports of modules loaded before it."""
-    from .check import check_module, format_report, kernel_view, read_symvers
+    from .check import check_module, format_report, kernel_view, read_extra_symbols
 
     view = kernel_view(str(target.kernel.kdir))
-    if extra_symbols and view.exports is not None:
-        exports = dict(view.exports)
-        for symvers in extra_symbols:
-            exports.update(read_symvers(Path(symvers)))
-        view = replace(view, exports=exports)
+    if extra_symbols:  # as siblings: the kernel's own exports win, as when the modules are loaded
+        view = view.with_siblings(read_extra_symbols([str(path) for path in extra_symbols]))
     findings = check_module(ko, kernel=view)
     if findings:
         print(format_report(findings, ko).rstrip(), file=sys.stderr)
