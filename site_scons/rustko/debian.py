@@ -106,6 +106,7 @@ APT::Architectures {{ {" ".join(f'"{a}";' for a in ARCHITECTURES)} }};
 APT::Sandbox::User "root";
 Acquire::Languages "none";
 Acquire::Retries "3";
+Acquire::Check-Valid-Until "false";
 '''
     if not conf.is_file() or conf.read_text() != text:  # written once; again if the folder moved
         tmp = conf.with_suffix(f".{os.getpid()}.tmp")
@@ -168,14 +169,22 @@ def find(packages: str | Sequence[str], arch: str, hint_release: str | None = No
     are refreshed once before giving up."""
     names = [packages] if isinstance(packages, str) else list(packages)
     order = [r for r in dict.fromkeys([hint_release, host_release(), *RELEASES]) if r]
+    unreachable: dict[str, str] = {}  # a release whose lists cannot be fetched is skipped, and named
     for force in (False, True):
         for release in order:
-            if force and release != host_release():
-                update(release, force=True)
-            for name in names:
-                if has(name, arch, None if release == host_release() else release):
-                    return release, name
-    raise RustkoError(f"no Debian release ({', '.join(order)}) has {' or '.join(f'{n}:{arch}' for n in names)}",
+            if release in unreachable:
+                continue
+            try:
+                if force and release != host_release():
+                    update(release, force=True)
+                for name in names:
+                    if has(name, arch, None if release == host_release() else release):
+                        return release, name
+            except RustkoError as err:
+                unreachable[release] = err.message
+    skipped = "".join(f"; {release} skipped: {why}" for release, why in unreachable.items())
+    raise RustkoError(f"no Debian release ({', '.join(order)}) has {' or '.join(f'{n}:{arch}' for n in names)}"
+                      + skipped,
                       "check the name: `apt-cache search linux-headers` lists what the host's release has")
 
 
