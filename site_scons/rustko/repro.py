@@ -57,15 +57,13 @@ def _sha256(data: bytes) -> str:
 
 def library_hash(lib_src: Path) -> str:
     """Content hash of the library sources rustko compiles (core, alloc): names and bytes."""
+    from .sysroot import library_files
+
     digest = hashlib.sha256()
-    for crate in ("core", "alloc"):
-        for root, dirs, files in os.walk(lib_src / crate):
-            dirs.sort()
-            for name in sorted(files):
-                path = os.path.join(root, name)
-                digest.update(os.path.relpath(path, lib_src).encode() + b"\0")
-                with open(path, "rb") as handle:
-                    digest.update(hashlib.sha256(handle.read()).digest())
+    for path in library_files(lib_src):
+        digest.update(os.path.relpath(path, lib_src).encode() + b"\0")
+        with open(path, "rb") as handle:
+            digest.update(hashlib.sha256(handle.read()).digest())
     return digest.hexdigest()
 
 

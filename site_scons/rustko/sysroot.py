@@ -31,7 +31,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import cache
 from .errors import RustkoError
@@ -106,15 +106,20 @@ def _closure(names: Iterable[str]) -> list[str]:
     return [name for name in CRATES if name in wanted]
 
 
-def _sources_fingerprint(lib_src: Path) -> str:
-    """Names and sizes of every file rustko compiles: cheap enough for every build's start-up."""
-    digest = hashlib.sha256()
+def library_files(lib_src: Path) -> Iterator[str]:
+    """Every file of the library sources rustko compiles (core, alloc), in a stable order."""
     for crate in ("core", "alloc"):
         for root, dirs, files in os.walk(lib_src / crate):
             dirs.sort()
             for name in sorted(files):
-                path = os.path.join(root, name)
-                digest.update(f"{os.path.relpath(path, lib_src)}:{os.path.getsize(path)}\n".encode())
+                yield os.path.join(root, name)
+
+
+def _sources_fingerprint(lib_src: Path) -> str:
+    """Names and sizes of every file rustko compiles: cheap enough for every build's start-up."""
+    digest = hashlib.sha256()
+    for path in library_files(lib_src):
+        digest.update(f"{os.path.relpath(path, lib_src)}:{os.path.getsize(path)}\n".encode())
     for own in sorted(RUST_DIR.rglob("*.rs")):
         digest.update(own.relative_to(RUST_DIR).as_posix().encode() + b"\0" + own.read_bytes())
     return digest.hexdigest()
