@@ -25,7 +25,8 @@ from pathlib import Path
 
 from check_tree import newest_61_headers
 from rustko.kernel import probe
-from rustko.vm import ARCHES, Cpio, debian_kernel, vmtest
+from rustko import arch
+from rustko.vm import Cpio, debian_kernel, vmtest
 
 REPO = Path(__file__).resolve().parent.parent
 HELLO = """\
@@ -118,7 +119,7 @@ def main() -> None:
             flow_dir = work / f"flow{index}"
             flow_dir.mkdir()
             flow.append(new_build_vmtest(flow_dir, kdir))
-    print(f"kernel {vmlinuz.name} ({' '.join(ARCHES['x86_64'].qemu)}), {args.boots} runs each, medians")
+    print(f"kernel {vmlinuz.name} ({' '.join(arch.X86_64.vm.command)}), {args.boots} runs each, medians")
     row("rustko vmtest (C hello) vs naive boot", statistics.median(ours), statistics.median(naive), 0.6)
     row("rustko new -> scons -> rustko vmtest vs naive boot", statistics.median(flow), statistics.median(naive), 2.0)
 

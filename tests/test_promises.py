@@ -249,7 +249,7 @@ def test_float_hint_names_no_flag_rustko_already_passes() -> None:
 
     why, fix = explain_undefined("__mulsf3")
     assert "floating point" in why
-    used = {arg for _crate, _src, extra in CRATES for arg in extra}
+    used = {arg for crate in CRATES.values() for arg in crate.extra}
     assert "no_fp_fmt_parse" in used and "no_fp_fmt_parse" not in fix
 
 
