@@ -271,7 +271,7 @@ class KbuildJob:
         cmd.append(f"V={int(self.verbose)}")
         cmd.extend(self.extra_make_args)
         cmd.append("modules")
-        return roots.kbuild_command(cmd, self.kernel.kdir, self.build_dir)
+        return roots.kbuild_command(cmd, self.kernel.kdir, self.build_dir, [Path(p) for p in self.extra_symbols])
 
 
 # Characters that make cannot carry in M= or in a target name, even quoted.

@@ -178,6 +178,7 @@ def make_record(target: Any, spec: Any, ko: Path) -> dict[str, Any]:
         "module": {
             "name": spec.name, "source": _relative(spec.source, project_dir), "edition": spec.edition,
             "rustflags": list(spec.rustflags), "ccflags": list(spec.ccflags),
+            "extra_symbols": [_relative(p, project_dir) for p in spec.extra_symbols],
             "c_sources": [_relative(p, project_dir) for p in c_sources],
             "info": dataclasses.asdict(spec.info),
             "sha256": _sha256(strip_signature(ko.read_bytes())),
@@ -255,6 +256,7 @@ def rebuild(record_file: Path, source_dir: Path, out_dir: Path,
     spec = build.ModuleSpec(info=info, source=source_dir / module["source"], project_dir=source_dir,
                             work=out_dir / ".rustko" / module["name"], edition=module["edition"],
                             rustflags=tuple(module["rustflags"]), ccflags=tuple(module["ccflags"]),
+                            extra_symbols=tuple(source_dir / p for p in module["extra_symbols"]),
                             c_sources=tuple(source_dir / p for p in module["c_sources"]),
                             deps=project.path_dependencies(manifest, source_dir))
     build.build_module(target, spec, ko, lambda line: None)

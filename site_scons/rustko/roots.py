@@ -193,7 +193,9 @@ def wrap(cmd: list[str], root: Path, binds: Sequence[Path]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *inside]
 
 
-def kbuild_command(cmd: list[str], kdir: Path, build_dir: Path) -> list[str]:
-    """The make command for `kdir`: unchanged on the host, wrapped when KDIR lies in a root."""
+def kbuild_command(cmd: list[str], kdir: Path, build_dir: Path, also: Sequence[Path] = ()) -> list[str]:
+    """The make command for `kdir`: unchanged on the host, wrapped when KDIR lies in a root, with
+    the build folder and the folders of `also` (files Kbuild reads, e.g. KBUILD_EXTRA_SYMBOLS) visible."""
     root = owning(kdir)
-    return cmd if root is None else wrap(cmd, root, [build_dir])
+    binds = list(dict.fromkeys([build_dir, *(path.parent for path in also)]))
+    return cmd if root is None else wrap(cmd, root, binds)

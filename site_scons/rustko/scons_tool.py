@@ -214,6 +214,7 @@ def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         # A failed build leaves no module behind: not even the last one that was checked.
         Path(env["RUSTKO_PUBLISHED"]).unlink(missing_ok=True)
+        repro.record_path(Path(env["RUSTKO_PUBLISHED"])).unlink(missing_ok=True)
         return _fail(err)
     return 0
 
@@ -279,6 +280,7 @@ def _check_action(target: list[Any], source: list[Any], env: Any) -> int:
         if record.is_file():  # a RustKernelModule's build record goes beside the module it describes
             shutil.copyfile(record, repro.record_path(Path(target[0].abspath)))
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
+        repro.record_path(Path(target[0].abspath)).unlink(missing_ok=True)  # it described the refused module
         status = _fail(err)
         print(f"  note: {source[0].get_path()} is the refused module, kept for inspection "
               f"(rustko check, rustko vmtest); {target[0].get_path()} is not written", file=sys.stderr)
@@ -328,13 +330,15 @@ def KbuildModule(env: Any, target: str, source: list[Any] | str, extra_symbols: 
         overrides = {"RUSTKO_SIGNATURE": _signature(_command_text(job.make_command())),
                      "RUSTKO_MAKE": job.make_command()}
         env.Depends(ko, [*_kernel_files(env, tgt), *waits])
-    return KBUILD(env, ko, source, **overrides)[0]
+    built = KBUILD(env, ko, source, **overrides)[0]
+    _SYMVERS[built] = Path(ko.dir.abspath) / "Module.symvers"  # what modpost writes beside it
+    return built
 
 
 # --- the pseudo-builders a user calls ------------------------------------------------------------
 
 _PUBLISHED: dict[str, set[str]] = {}  # build folder -> the modules published there
-_SYMVERS: dict[Any, Path] = {}   # a RustKernelModule's .ko node -> the Module.symvers Kbuild writes
+_SYMVERS: dict[Any, Path] = {}   # a module's .ko node (RustKernelModule, KbuildModule) -> its Module.symvers
 
 
 def _symvers(env: Any, entries: list[Any] | str | None) -> tuple[list[Path], list[Any]]:
