@@ -773,12 +773,12 @@ def check_module(path: str | Path, kernel: "KernelInfo | KernelView | None" = No
 def _local_source(module: Path, source: str) -> str:
     """A C file Kbuild compiled with KDIR as its working folder (`make -C KDIR M=...` leaves
     KDIR/NAME.c in DWARF) shown where it is: beside the module, or in rustko's Kbuild folder
-    for it (build/.rustko/NAME/kbuild)."""
+    for it (build/.rustko/NAME/kbuild, beside the unpublished build/.rustko/NAME/NAME.ko)."""
     where, sep, line = source.rpartition(":")
     if not sep or not where.startswith("/") or not where.endswith(".c") or Path(where).exists():
         return source
     name = Path(where).name
-    for folder in (module.parent, *sorted(module.parent.glob(".rustko/*/kbuild"))):
+    for folder in (module.parent, module.parent / "kbuild", *sorted(module.parent.glob(".rustko/*/kbuild"))):
         if (folder / name).is_file():
             return f"{folder / name}:{line}"
     return source

@@ -19,7 +19,7 @@ from .errors import RustkoError
 from .project import check_name, read_manifest
 
 # `env.RustKernelModule("NAME", ...)` in an SConstruct, with an optional build_dir="...".
-MODULE_CALL = re.compile(r"""RustKernelModule\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']([^)]*)\)""")
+MODULE_CALL = re.compile(r"""RustKernelModule\(\s*["']([A-Za-z_][A-Za-z0-9_-]*)["']([^)]*)\)""")
 BUILD_DIR_ARG = re.compile(r"""build_dir\s*=\s*["']#?([^"']*)["']""")
 # A DKMS name or version becomes a folder under /var/lib/dkms and part of `NAME/VERSION`.
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
@@ -92,7 +92,7 @@ def package(project: Path, version: str | None = None) -> Package:
         raise RustkoError(f"version '{version}' cannot be a DKMS version",
                           "use letters, digits, '.', '+', '~' and '-' (e.g. 0.1.0)")
     for module in modules:
-        check_name(module.name)
+        check_name(module.name.replace("-", "_"))  # a dashed file name is the kernel's underscored one
     return Package(name, version, modules)
 
 
