@@ -26,6 +26,7 @@ from .errors import RustkoError
 SHT_SYMTAB, SHT_RELA, SHT_NOBITS, SHT_REL = 2, 4, 8, 9
 SHF_ALLOC = 0x2
 SHF_EXECINSTR = 0x4
+SHF_COMPRESSED = 0x800          # include/uapi/linux/elf.h: section data compressed (Elf64_Chdr first)
 SHF_RELA_LIVEPATCH = 0x00100000
 SHN_UNDEF, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFFF1, 0xFFF2, 0xFFFF
 STB_GLOBAL, STB_WEAK = 1, 2

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .elf import RELA64, SHT_RELA, STT_FUNC, Elf, Symbols
+from .elf import RELA64, SHF_COMPRESSED, SHT_RELA, STT_FUNC, Elf, Symbols
 
 # Rust v0 crate disambiguators (`core[1eb95a942f2852f8]`) say nothing to a reader.
 CRATE_HASH = re.compile(r"\[[0-9a-f]{8,16}\]")
@@ -91,8 +91,9 @@ def source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, int
     lines: dict[tuple[int, int], str] = {}
     found: dict[tuple[int, int], Location] = {}
     try:
-        dwarf: DWARFInfo = ELFFile(BytesIO(_debug_relocated(elf))).get_dwarf_info(
-            relocate_dwarf_sections=False)
+        relocated = _debug_relocated(elf)
+        dwarf: DWARFInfo = ELFFile(BytesIO(elf.data if relocated is None else relocated)).get_dwarf_info(
+            relocate_dwarf_sections=relocated is None)
         addr_sections = _address_sections(elf, ".debug_line", sort=True)
         addr_no = 0
         section = prev_section = -1
@@ -135,12 +136,17 @@ DEBUG_RELOCS: dict[int, dict[int, int]] = {62: {1: 8, 10: 4, 11: 4}, 183: {257: 
                                            243: {2: 8, 1: 4}}
 
 
-def _debug_relocated(elf: Elf) -> bytes:
+def _debug_relocated(elf: Elf) -> bytes | None:
     """The file with the .rela.debug_* relocations applied (S+A, as pyelftools would, in bulk):
-    pyelftools applies them one construct parse at a time, seconds for a Kbuild module."""
+    pyelftools applies them one construct parse at a time, seconds for a Kbuild module. None when
+    a debug section is compressed (SHF_COMPRESSED, e.g. UML's CONFIG_DEBUG_INFO_COMPRESSED):
+    relocations apply to its decompressed bytes, which pyelftools' own path handles."""
     widths = DEBUG_RELOCS.get(elf.machine)
     if not widths:
         return elf.data
+    debug = np.array([name.startswith(".debug_") for name in elf.names])
+    if ((elf.shdrs["flags"] & np.uint64(SHF_COMPRESSED)) != 0)[debug].any():
+        return None
     data = np.frombuffer(elf.data, dtype=np.uint8).copy()
     syms = elf.symbols()
     for rsec in np.flatnonzero(elf.shdrs["type"] == SHT_RELA).tolist():
