@@ -295,6 +295,10 @@ def test_c_kbuild_module_links_a_rust_object_in_the_real_kernel(tmp_path: Path, 
     result = vm.vmtest(project / "checked/cmod.ko")
     assert result.ok, result.console[-2000:]
     assert "cmod: rust_triple(14) = 42" in result.module_log, result.module_log
+    (project / "cmod/notes.txt").write_text("mine\n")
+    ok(project, f"KDIR={kdir61}", "-c")
+    left = sorted(p.name for p in (project / "cmod").iterdir() if p.name != ".sconsign.dblite")
+    assert left == ["Kbuild", "main.c", "notes.txt"], "Kbuild's files stay after scons -c"
 
 
 EXPORTER_C = """\

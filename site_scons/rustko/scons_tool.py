@@ -316,6 +316,28 @@ KBUILD = SCons.Builder.Builder(
     action=SCons.Action.Action(_kbuild_action, _kbuild_string, varlist=["RUSTKO_SIGNATURE"]))
 
 
+# What `make M=` writes beside a module (scripts/Makefile.build, Makefile.modpost, Makefile.modfinal of
+# 5.10-7.3): `scons -c` removes these names and nothing else, so a user's own files stay.
+_KBUILD_DIR_OUTPUTS = ("modules.order", ".modules.order.cmd", "Module.symvers", ".Module.symvers.cmd",
+                       ".module-common.o", ".module-common.o.cmd")
+_KBUILD_MODULE_OUTPUTS = ("{m}.o", ".{m}.o.cmd", "{m}.mod", ".{m}.mod.cmd", "{m}.mod.c", "{m}.mod.o",
+                          ".{m}.mod.o.cmd", ".{m}.ko.cmd")
+
+
+def kbuild_outputs(ko_name: str, sources: list[str]) -> list[str]:
+    """File names Kbuild makes in a module's folder for these sources: each C file's or `_shipped`
+    object's .o (and its .cmd), the module's intermediate files, and modpost's lists."""
+    module = ko_name.removesuffix(".ko")
+    names = [n.format(m=module) for n in _KBUILD_MODULE_OUTPUTS] + list(_KBUILD_DIR_OUTPUTS)
+    for source in sources:
+        base = Path(source).name
+        for suffix in (".c", ".S", ".o_shipped"):
+            if base.endswith(suffix):
+                stem = base.removesuffix(suffix)
+                names += [f"{stem}.o", f".{stem}.o.cmd"]
+    return names
+
+
 def KbuildModule(env: Any, target: str, source: list[Any] | str, extra_symbols: list[Any] | None = None) -> Any:
     """Build a project's own Kbuild module (its Kbuild file and sources in the target's folder,
     e.g. a C module linking a RustObject) with the KDIR's Kbuild; returns the .ko node."""
@@ -332,6 +354,7 @@ def KbuildModule(env: Any, target: str, source: list[Any] | str, extra_symbols: 
         env.Depends(ko, [*_kernel_files(env, tgt), *waits])
     built = KBUILD(env, ko, source, **overrides)[0]
     _SYMVERS[built] = Path(ko.dir.abspath) / "Module.symvers"  # what modpost writes beside it
+    env.Clean(built, [ko.dir.File(name) for name in kbuild_outputs(ko.name, [str(s) for s in env.Flatten([source])])])
     return built
 
 
