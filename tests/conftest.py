@@ -11,7 +11,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -97,3 +99,12 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
             info = os.lstat(path)
             files[os.path.relpath(path, root)] = (info.st_size, info.st_mtime_ns)
     return files
+
+
+def world_readable_tmp(prefix: str) -> Iterator[Path]:
+    """A folder another user (or a container's user) can enter: pytest's tmp_path is private to
+    root. Under /var/tmp, removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

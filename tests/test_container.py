@@ -11,13 +11,12 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import REPO, copy_example, tool
+from conftest import REPO, copy_example, tool, world_readable_tmp
 
 CONF = REPO / "container" / "containers.conf"
 IMAGE = "localhost/rustko-test:bookworm"
@@ -58,10 +57,7 @@ def image(kdir61: Path) -> str:
 @pytest.fixture(scope="session")
 def shared() -> Iterator[Path]:
     """Folders the container's user can write, and a cache volume kept between runs."""
-    folder = Path(tempfile.mkdtemp(prefix="rustko-container-", dir="/var/tmp"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from world_readable_tmp("rustko-container-")
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,12 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import SITE, copy_example, rustko, tool
+from conftest import SITE, copy_example, rustko, tool, world_readable_tmp
 
 NOBODY = 65534
 
@@ -33,10 +32,7 @@ def build_hello(project: Path, kdir: Path, *, env: dict[str, str], umask: int, j
 @pytest.fixture(scope="module")
 def shared_tmp() -> Iterator[Path]:
     """A folder another user can enter (pytest's tmp_path is private to root)."""
-    folder = Path(tempfile.mkdtemp(prefix="rustko-repro-", dir="/var/tmp"))
-    folder.chmod(0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from world_readable_tmp("rustko-repro-")
 
 
 @pytest.fixture(scope="module")
