@@ -304,3 +304,10 @@ def apply(choice: Choice, flags: Sequence[str]) -> list[str]:
     if rest[:1] == ["--target"]:
         rest = rest[2:]
     return ["--target", choice.target, *choice.flags, *rest]
+
+
+def portable(flags: Sequence[str]) -> list[str]:
+    """`flags` with the kernel's target.json named relative to the cache (`<cache>/targetspec/...`):
+    its digest says what it holds, and build records then match across caches."""
+    root = str(cache.cache_root())
+    return [f"<cache>{flag[len(root):]}" if flag.startswith(f"{root}/targetspec/") else flag for flag in flags]
