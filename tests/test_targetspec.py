@@ -47,6 +47,8 @@ HELLO = "hello from Rust: sorted [2, 3, 5, 7, 11, 13], sum 41"
 def _source_version(release: str | None, package: str, kernel: KernelInfo) -> str:
     """The source package version of exactly this kernel (`6.1.192-2` for 6.1.192)."""
     upstream = ".".join(map(str, kernel.version))
+    if release is not None:
+        debian.update(release)
     out = debian.apt(release, ["apt-cache", "madison", package])
     versions = re.findall(r"\|\s*(\S+)\s*\|", out)
     found = [v for v in versions if v.startswith(f"{upstream}-")]
@@ -63,8 +65,6 @@ def _generator(release: str | None, package: str, kernel: KernelInfo) -> Path:
         return binary
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        if release is not None:
-            debian.update(release)
         deb = debian.download(package, "all", Path(tmp), release=release, version=version)
         series = package.removeprefix("linux-source-")
         member = f"linux-source-{series}/scripts/generate_rust_target.rs"

@@ -236,9 +236,10 @@ def differences(builtin: dict[str, object], kernel: dict[str, object], flags: Se
     out: list[Difference] = []
     for field in sorted(set(left) | set(right)):
         a, b = left.get(field, DEFAULTS.get(field)), right.get(field, DEFAULTS.get(field))
-        if field == "features":
-            a, b = ({k: v for k, v in f.items() if f.get(k) != (g or {}).get(k)}  # type: ignore[union-attr]
-                    for f, g in ((a, b), (b, a)))
+        if field == "features":  # only the features whose final sign differs
+            mine, theirs = dict(a), dict(b)  # type: ignore[call-overload]
+            a = {name: on for name, on in mine.items() if theirs.get(name) != on}
+            b = {name: on for name, on in theirs.items() if mine.get(name) != on}
         if a != b:
             out.append(Difference(field, a, b, field not in NO_CODE))
     return out
