@@ -59,7 +59,7 @@ class Target:
     def sysroot(self, log: Callable[[str, list[str]], None] | None = None,
                 crates: Sequence[str] = sysroot.ALWAYS) -> sysroot.Sysroot:
         """The sysroot with at least `crates`: the missing ones built now (a few stats otherwise)."""
-        return sysroot.ensure(self.toolchain, self.flags, self.spec.name, log, self.sysroot_key,
+        return sysroot.ensure(self.toolchain, self.flags, targetspec.target_name(self.flags), log, self.sysroot_key,
                               crates)
 
     @property
@@ -126,7 +126,7 @@ class CrateOutput:
 def planned_sysroot(target: Target) -> sysroot.Sysroot:
     """Where `target.sysroot()` puts the sysroot: known before it is built, so that the rustc
     command line (part of each object's SCons signature) can be written down first."""
-    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=target.spec.name)
+    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=targetspec.target_name(target.flags))
 
 
 def scratch_dir(obj: Path) -> Path:

@@ -65,13 +65,15 @@ def kbuild_place(kernel: KernelInfo) -> list[tuple[str, str]]:
 def print_spec(target: build.Target) -> None:
     """The --target in use, where it comes from, and what it changes against the other choice."""
     choice, kernel, tools = target.spec, target.kernel, target.toolchain
-    builtin = arch.resolve(kernel.arch).rust_target
+    builtin = arch.resolve(kernel.arch).rust_target if choice.custom else targetspec.target_name(target.flags)
     minor = targetspec.rustc_minor(tools)
     if choice.custom:
         print(f"target spec: the kernel's own target.json, written from scripts/generate_rust_target.rs's "
-              f"logic for this .config and rustc {tools.version}: {choice.target}")
+              f"logic for this .config and rustc {tools.version}: {choice.path}")
     elif choice.kernel is None:
-        print(f"target spec: rustc's builtin {builtin} ({arch.resolve(kernel.arch).rust_target_source})")
+        why = (f"Linux {kernel.version[0]}.{kernel.version[1]} predates Rust and its generated target.json"
+               if kernel.arch in targetspec.GENERATED_FOR else arch.resolve(kernel.arch).rust_target_source)
+        print(f"target spec: rustc's builtin {builtin} ({why})")
     else:
         print(f"target spec: rustc's builtin {builtin} plus flags: rustc {tools.version} refuses the target.json "
               f"this kernel's generator writes ({choice.refused})")
@@ -80,8 +82,8 @@ def print_spec(target: build.Target) -> None:
     if choice.kernel is None:
         return
     builtin_spec, _ = targetspec.printed(tools, builtin)
-    kernel_spec, _ = targetspec.printed(tools, choice.target) if choice.custom else (choice.kernel, "")
-    rest = targetspec.apply(choice, target.flags)[2:]
+    kernel_spec, _ = targetspec.printed(tools, str(choice.path)) if choice.path else (choice.kernel, "")
+    rest = [flag for flag in target.flags[2:] if flag != "-Zunstable-options"]
     changed = [d for d in targetspec.differences(builtin_spec or {}, kernel_spec or {}, rest) if d.code]
     if changed:
         print(f"  kernel's target.json against {builtin} (both with the flags below), fields that change code:")
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     print("flags (each mirrors the kernel Makefile line after it):")
     for flag, source in flags.explain(kernel):
         if flag.startswith("--target ") and target.spec.custom:
-            flag, source = (f"--target {target.spec.target} -Zunstable-options",
+            flag, source = (f"--target {target.spec.path} -Zunstable-options",
                             "arch/x86/Makefile (6.12, 7.3.4): KBUILD_RUSTFLAGS += --target=$(objtree)/scripts/target.json "
                             "(a custom target needs -Zunstable-options)")
         print(f"  {flag:<48} {source}")

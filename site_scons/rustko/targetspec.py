@@ -250,17 +250,15 @@ def differences(builtin: dict[str, object], kernel: dict[str, object], flags: Se
 
 @dataclass(frozen=True)
 class Choice:
-    """The `--target` a build passes, and why."""
+    """The kernel's target.json a build passes as `--target`, or why it keeps the builtin target."""
 
-    target: str                          # a builtin name, or the path of the kernel's target.json
-    name: str                            # the target's name: the sysroot's lib/rustlib/<name>
+    path: Path | None                    # the kernel's target.json in the cache (None: the builtin)
     kernel: dict[str, object] | None     # the kernel's spec (None: the kernel names a builtin)
     refused: str                         # rustc's refusal of the kernel's spec ("" when accepted)
-    flags: tuple[str, ...]               # extra rustc flags the choice needs
 
     @property
     def custom(self) -> bool:
-        return self.target.endswith(".json")
+        return self.path is not None
 
 
 def render(spec: dict[str, object]) -> str:
@@ -285,26 +283,29 @@ def _write(spec: dict[str, object], toolchain: Toolchain) -> tuple[Path, str]:
 
 
 def choose(kernel: KernelInfo, toolchain: Toolchain) -> Choice:
-    """The kernel's own target.json when its kernel uses one and rustc accepts it, else the builtin.
-
-    Custom targets need `-Zunstable-options` (rustc >= 1.85; RUSTC_BOOTSTRAP is set for every rustc
-    rustko runs, as the kernel's Makefile exports it)."""
-    builtin = arch.resolve(kernel.arch).rust_target
+    """The kernel's own target.json when its kernel uses one and rustc accepts it, else the builtin."""
     spec = kernel_spec(kernel, rustc_minor(toolchain))
     if spec is None:
-        return Choice(builtin, builtin, None, "", ())
+        return Choice(None, None, "")
     path, refused = _write(spec, toolchain)
-    if refused:
-        return Choice(builtin, builtin, spec, refused, ())
-    return Choice(str(path), path.stem, spec, "", ("-Zunstable-options",))
+    return Choice(None if refused else path, spec, refused)
 
 
 def apply(choice: Choice, flags: Sequence[str]) -> list[str]:
-    """`flags` (from flags.codegen_flags, `--target BUILTIN` first) with the chosen target."""
-    rest = list(flags)
-    if rest[:1] == ["--target"]:
-        rest = rest[2:]
-    return ["--target", choice.target, *choice.flags, *rest]
+    """`flags` (flags.codegen_flags: `--target BUILTIN` first) with the kernel's target.json instead
+    of the builtin, when chosen. A custom target needs `-Zunstable-options` (RUSTC_BOOTSTRAP is set
+    for every rustc rustko runs, as the kernel's Makefile exports it)."""
+    if choice.path is None:
+        return list(flags)
+    assert flags[0] == "--target", flags  # codegen_flags' first pair
+    return ["--target", str(choice.path), "-Zunstable-options", *flags[2:]]
+
+
+def target_name(flags: Sequence[str]) -> str:
+    """The name of the `--target` in `flags`, where rustc looks in a sysroot: lib/rustlib/<name>
+    (a spec file's stem, `target` for the kernel's target.json)."""
+    target = flags[flags.index("--target") + 1]
+    return Path(target).stem if target.endswith(".json") else target
 
 
 def portable(flags: Sequence[str]) -> list[str]:
