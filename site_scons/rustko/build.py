@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from . import flags as flagset
 from . import arch as arches
-from . import cache, kbuild, project, repro, sysroot, toolchain
+from . import cache, kbuild, project, repro, sysroot, targetspec, toolchain
 from .errors import RustkoError
 from .kernel import KernelInfo, normalize_arch, probe
 
@@ -48,15 +48,18 @@ class Target:
     kernel: KernelInfo
     toolchain: toolchain.Toolchain
     flags: list[str]
+    spec: targetspec.Choice
 
     @functools.cached_property
     def sysroot_key(self) -> str:
-        return sysroot.key(self.toolchain, self.flags)
+        """The flags name the kernel's target.json by a path; its text is hashed too."""
+        text = [targetspec.render(self.spec.kernel)] if self.spec.custom and self.spec.kernel else []
+        return sysroot.key(self.toolchain, [*self.flags, *text])
 
     def sysroot(self, log: Callable[[str, list[str]], None] | None = None,
                 crates: Sequence[str] = sysroot.ALWAYS) -> sysroot.Sysroot:
         """The sysroot with at least `crates`: the missing ones built now (a few stats otherwise)."""
-        return sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log, self.sysroot_key,
+        return sysroot.ensure(self.toolchain, self.flags, targetspec.target_name(self.flags), log, self.sysroot_key,
                               crates)
 
     @property
@@ -88,7 +91,9 @@ def resolve(options: Options) -> Target:
                               "e.g. openssl req -new -x509 -newkey rsa:4096 -nodes -days 3650 -subj "
                               "'/CN=my modules/' -keyout signing_key.pem -out signing_key.x509 -outform DER")
     tools = toolchain.find(options.rustc, options.rust_lib_src)
-    target = Target(options=options, kernel=kernel, toolchain=tools, flags=flagset.codegen_flags(kernel))
+    spec = targetspec.choose(kernel, tools)
+    target = Target(options=options, kernel=kernel, toolchain=tools,
+                    flags=targetspec.apply(spec, flagset.codegen_flags(kernel)), spec=spec)
     _require_c_tools(target)
     return target
 
@@ -121,7 +126,7 @@ class CrateOutput:
 def planned_sysroot(target: Target) -> sysroot.Sysroot:
     """Where `target.sysroot()` puts the sysroot: known before it is built, so that the rustc
     command line (part of each object's SCons signature) can be written down first."""
-    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=flagset.target(target.kernel))
+    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=targetspec.target_name(target.flags))
 
 
 def scratch_dir(obj: Path) -> Path:

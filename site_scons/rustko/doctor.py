@@ -1,15 +1,17 @@
 """`rustko doctor`: what rustko sees on this machine for a KDIR, and what is missing.
 
-Prints the kernel, the compiler, every Rust flag with the kernel Makefile line it mirrors, the
-sysroot cache entry, and the tools each step needs. Exit 0 when a build can run, 1 otherwise.
+Prints the kernel, the compiler, the target spec (the kernel's own target.json or rustc's builtin
+target, field by field), every Rust flag with the kernel Makefile line it mirrors, the sysroot cache
+entry, and the tools each step needs. Exit 0 when a build can run, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 
-from . import arch, build, flags, roots, sysroot
+from . import arch, build, flags, roots, sysroot, targetspec
 from .errors import RustkoError
 from .kernel import KernelInfo, normalize_arch
 
@@ -60,6 +62,37 @@ def kbuild_place(kernel: KernelInfo) -> list[tuple[str, str]]:
                        f"compiler: {kernel.compiler})")]
 
 
+def print_spec(target: build.Target) -> None:
+    """The --target in use, where it comes from, and what it changes against the other choice."""
+    choice, kernel, tools = target.spec, target.kernel, target.toolchain
+    builtin = arch.resolve(kernel.arch).rust_target if choice.custom else targetspec.target_name(target.flags)
+    minor = targetspec.rustc_minor(tools)
+    if choice.custom:
+        print(f"target spec: the kernel's own target.json, written from scripts/generate_rust_target.rs's "
+              f"logic for this .config and rustc {tools.version}: {choice.path}")
+    elif choice.kernel is None:
+        why = (f"Linux {kernel.version[0]}.{kernel.version[1]} predates Rust and its generated target.json"
+               if kernel.arch in targetspec.GENERATED_FOR else arch.resolve(kernel.arch).rust_target_source)
+        print(f"target spec: rustc's builtin {builtin} ({why})")
+    else:
+        print(f"target spec: rustc's builtin {builtin} plus flags: rustc {tools.version} refuses the target.json "
+              f"this kernel's generator writes ({choice.refused})")
+    for field, source in targetspec.explain(kernel, minor):
+        print(f"  {field:<48} {source}")
+    if choice.kernel is None:
+        return
+    builtin_spec, _ = targetspec.printed(tools, builtin)
+    kernel_spec, _ = targetspec.printed(tools, str(choice.path)) if choice.path else (choice.kernel, "")
+    rest = [flag for flag in target.flags[2:] if flag != "-Zunstable-options"]
+    changed = [d for d in targetspec.differences(builtin_spec or {}, kernel_spec or {}, rest) if d.code]
+    if changed:
+        print(f"  kernel's target.json against {builtin} (both with the flags below), fields that change code:")
+    for diff in changed:
+        mark = "used" if choice.custom else "NOT used"
+        print(f"    {diff.field:<24} kernel {json.dumps(diff.kernel)}, builtin {json.dumps(diff.builtin)} "
+              f"(the kernel's value {mark})")
+
+
 def run(args: argparse.Namespace) -> int:
     options = build.Options(kdir=args.kdir, arch=args.arch, rustc=args.rustc, rust_lib_src=args.rust_lib_src)
     problems = 0
@@ -89,8 +122,13 @@ def run(args: argparse.Namespace) -> int:
         found = shutil.which(program)
         problems += found is None and step != "vmtest"
         print(_line(found is not None, program, f"{found or f'not found (apt-get install {package})'}  [{step}]"))
+    print_spec(target)
     print("flags (each mirrors the kernel Makefile line after it):")
     for flag, source in flags.explain(kernel):
+        if flag.startswith("--target ") and target.spec.custom:
+            flag, source = (f"--target {target.spec.path} -Zunstable-options",
+                            "arch/x86/Makefile (6.12, 7.3.4): KBUILD_RUSTFLAGS += --target=$(objtree)/scripts/target.json "
+                            "(a custom target needs -Zunstable-options)")
         print(f"  {flag:<48} {source}")
     for flag in flags.config_cfgs(kernel):
         print(f"  {flag:<48} scripts/Makefile.lib: rust_flags = ... @$(objtree)/include/generated/rustc_cfg "

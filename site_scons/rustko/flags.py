@@ -55,9 +55,10 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              "arch/x86/Makefile: KBUILD_RUSTFLAGS += -Cno-redzone=y, -Ccode-model=kernel", arches=("x86_64",)),
     FlagRule(("-Ztune-cpu=generic",), "arch/x86/Makefile: rustflags-$(CONFIG_GENERIC_CPU) += -Ztune-cpu=generic",
              arches=("x86_64",), when=("GENERIC_CPU",)),
-    # 7.3 has no CPU choice left but X86_NATIVE_CPU; its -Ctarget-cpu=x86-64 is already the
-    # builtin x86_64-unknown-none's cpu. The `unless` list is 6.12's choice (arch/x86/Kconfig.cpu).
-    FlagRule(("-Ztune-cpu=generic",),
+    # 7.3 has no CPU choice left but X86_NATIVE_CPU. -Ctarget-cpu=x86-64 is the builtin
+    # x86_64-unknown-none's cpu, but not the kernel's target.json's (rustc's default, generic).
+    # The `unless` list is 6.12's choice (arch/x86/Kconfig.cpu).
+    FlagRule(("-Ctarget-cpu=x86-64", "-Ztune-cpu=generic"),
              "arch/x86/Makefile (7.3.4): ifdef CONFIG_X86_NATIVE_CPU ... else KBUILD_RUSTFLAGS += "
              "-Ctarget-cpu=x86-64 -Ztune-cpu=generic",
              arches=("x86_64",), when=("X86_64",),

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__, cache
+from . import __version__, cache, targetspec
 from .errors import RustkoError
 
 RECORD_FORMAT = 1
@@ -189,7 +189,7 @@ def make_record(target: Any, spec: Any, ko: Path) -> dict[str, Any]:
         "rustc": {"path": str(target.toolchain.rustc), "version": target.toolchain.version,
                   "verbose_version": target.toolchain.verbose_version, "library": str(target.toolchain.lib_src),
                   "library_sha256": _library_hash_once(target)},
-        "flags": list(target.flags),
+        "flags": targetspec.portable(target.flags),
         "packages": packages(_tool_paths(target)),
     }
 
