@@ -344,7 +344,7 @@ def installed_kdirs() -> list[Path]:
 
 
 def prebuild(kdirs: list[Path], rustc: str | None = None, rust_lib_src: str | None = None,
-             skip_unusable: bool = False) -> int:
+             skip_unusable: bool = False) -> None:
     """Every crate of CRATES for each KDIR's flags, into the cache. KDIRs whose flags agree share
     one entry. `skip_unusable`: a KDIR rustko cannot build for is named and skipped (a package's
     postinst must not fail on it)."""
@@ -364,7 +364,6 @@ def prebuild(kdirs: list[Path], rustc: str | None = None, rust_lib_src: str | No
         mark_complete(built)
         state = "already there" if ready else f"built in {time.monotonic() - started:.1f} s"
         print(f"sysroot for {target.kernel.release} ({target.kernel.arch}): {built.path} ({state})")
-    return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -390,4 +389,5 @@ def run(args: argparse.Namespace) -> int:
             return 0
         raise RustkoError("no KDIR given", "name kernel build directories, or pass --installed for "
                           "every installed kernel's headers")
-    return prebuild(kdirs, args.rustc, args.rust_lib_src, skip_unusable=args.installed)
+    prebuild(kdirs, args.rustc, args.rust_lib_src, skip_unusable=args.installed)
+    return 0
