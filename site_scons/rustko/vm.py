@@ -34,6 +34,7 @@ from . import debian
 from .arch import Arch
 from .cache import cache_root, cached_dir
 from .errors import RustkoError
+from .pvh import boot_image
 
 
 # Lines the kernel's module loader prints when it refuses a module (kernel/module/main.c,
@@ -496,7 +497,7 @@ def vmtest(
                 "-nic",
                 "none",
                 "-kernel",
-                str(vmlinuz),
+                str(boot_image(vmlinuz) if spec.name == "x86_64" else vmlinuz),
                 "-initrd",
                 str(initrd),
                 "-append",
