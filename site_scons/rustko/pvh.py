@@ -1,7 +1,7 @@
 """An x86 kernel's uncompressed vmlinux, which QEMU boots through its PVH entry point.
 
 A bzImage makes the guest decompress the kernel first: under TCG that is slow (Debian 6.1's xz
-payload: QEMU spent 9.3-9.8 s of CPU per boot with the bzImage, 3.9-4.3 s with its vmlinux, in
+payload: QEMU spent 9.7-9.8 s of CPU per boot with the bzImage, 4.2-4.5 s with its vmlinux, in
 one run on this project's machine). A kernel built with CONFIG_PVH (Debian's are) carries a
 `XEN_ELFNOTE_PHYS32_ENTRY` note (arch/x86/platform/pvh/head.S), and QEMU's `-kernel` starts an ELF
 with that note there directly (hw/i386/x86.c, since QEMU 4.0). The vmlinux is the bzImage's own
