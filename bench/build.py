@@ -7,7 +7,10 @@ Prints four comparisons (median of several runs each, the first build once):
      (goal: at most 1.2x);
   3. an edit of one source file then a build, Rust vs C (goal: at most 1.2x);
   4. the first build with an empty cache (the sysroot crates examples/hello needs: core and
-     compiler_builtins) vs the C module's clean build (goal: at most 5x).
+     compiler_builtins) vs the C module's clean build (goal: at most 5x);
+  5. what a machine that installed rustko's .deb (or a container of its image) pays instead:
+     `rustko sysroot` once, at install time, then the first build with an empty cache of its own
+     reading that prebuilt sysroot, each vs the C module's clean build.
 
     .venv/bin/python bench/build.py [--kdir DIR] [--runs N]
 """
@@ -23,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from table import note, row
 
 REPO = Path(__file__).resolve().parent.parent
 SCONS = str(Path(sys.executable).parent / "scons")
@@ -55,10 +60,6 @@ def default_kdir() -> Path:
     return found[-1]
 
 
-def row(label: str, ours: float, ref: float, goal: float) -> None:
-    ratio = ours / ref
-    verdict = "  ok" if ratio <= goal else f"  ABOVE GOAL {goal}x"
-    print(f"{label:<52} rustko {ours:7.3f} s   kbuild {ref:7.3f} s   ratio {ratio:5.2f}x{verdict}")
 
 
 def main() -> None:
@@ -101,15 +102,34 @@ def main() -> None:
                 source.write(f"\nstatic const int edit_{index} __attribute__((unused)) = {index};\n")
             edit_c.append(timed(make, c_mod))
 
-        cold_cache = work / "cache"
+        # A machine without a prebuilt sysroot: nothing in the machine-wide cache either.
+        cold_cache, nowhere = work / "cache", work / "no-system-cache"
         timed(scons + ["-c"], rust, env)
-        first = timed(scons, rust, {**env, "RUSTKO_CACHE": str(cold_cache)})
+        first = timed(scons, rust, {**env, "RUSTKO_CACHE": str(cold_cache), "RUSTKO_SYSTEM_CACHE": str(nowhere)})
 
-    print(f"KDIR {kdir}, {args.runs} runs each, medians")
-    row("no-op build (scons vs make M=)", noop_rust, noop_c, 0.5)
-    row("clean build, warm sysroot cache", median(clean_rust), median(clean_c), 1.2)
-    row("edit one source file, then build", median(edit_rust), median(edit_c), 1.2)
-    row("first build, empty cache (core, compiler_builtins)", first, median(clean_c), 5.0)
+        # A machine with rustko's .deb: its postinst ran `rustko sysroot` as root (every crate).
+        system, user = work / "system-cache", work / "user-cache"
+        as_root = {**env, "RUSTKO_CACHE": str(system), "RUSTKO_SYSTEM_CACHE": str(system)}
+
+        def clean_c_build() -> float:
+            timed(["make", "-C", str(kdir), f"M={c_mod}", "clean"], c_mod)
+            return timed(make, c_mod)
+
+        c_ref = [clean_c_build()]  # the reference of the two rows below, interleaved with them
+        prebuild = timed([sys.executable, "-m", "rustko.cli", "sysroot", str(kdir)], work, as_root)
+        c_ref.append(clean_c_build())
+        timed(scons + ["-c"], rust, env)
+        prebuilt = timed(scons, rust, {**env, "RUSTKO_CACHE": str(user), "RUSTKO_SYSTEM_CACHE": str(system)})
+        c_ref.append(clean_c_build())
+
+    note(f"bench/build.py: KDIR {kdir}, {args.runs} runs each, medians; reference: Kbuild, C hello module")
+    row("no-op build: `scons` vs Kbuild's no-op `make -C KDIR M=`", noop_rust, noop_c, 0.5)
+    row("clean build, warm sysroot cache, vs the C module's clean build", median(clean_rust), median(clean_c), 1.2)
+    row("edit one source file, then build (Rust vs C)", median(edit_rust), median(edit_c), 1.2)
+    row("first build, empty cache (core, compiler_builtins), vs the C module", first, median(clean_c), 5.0)
+    row("`rustko sysroot` (the .deb's postinst, the image build; once per flag set) vs the C module",
+        prebuild, median(c_ref), None)
+    row("first build, empty user cache, sysroot prebuilt by the .deb, vs the C module", prebuilt, median(c_ref), 5.0)
 
 
 if __name__ == "__main__":

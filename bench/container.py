@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from table import note, row
+
 REPO = Path(__file__).resolve().parent.parent
 SCONS = str(Path(sys.executable).parent / "scons")
 CONF = REPO / "container" / "containers.conf"
@@ -71,11 +73,9 @@ def main() -> None:
                 took = timed(cmd, project, env)
                 if run:
                     samples[label].append(took)
-        ours, ref = statistics.median(samples["container"]), statistics.median(samples["host"])
-        ratio = ours / ref
-        verdict = "  ok" if ratio <= GOAL else f"  ABOVE GOAL {GOAL}x"
-        print(f"{'clean build: container vs host':<44} container {ours:7.3f} s   host {ref:7.3f} s   "
-              f"ratio {ratio:5.2f}x{verdict}")
+        note(f"bench/container.py: {args.image}, {args.runs} runs each, medians; reference: the host's build")
+        row("clean build in the Containerfile's image (podman, warm cache volume) vs the host's",
+            statistics.median(samples["container"]), statistics.median(samples["host"]), GOAL)
 
 
 if __name__ == "__main__":

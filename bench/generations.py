@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from table import note, row
+
 REPO = Path(__file__).resolve().parent.parent
 SCONS = str(Path(sys.executable).parent / "scons")
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "site_scons")}
@@ -43,7 +45,7 @@ def main() -> int:
     start = time.perf_counter()
     other = subprocess.run([sys.executable, "-m", "rustko.cli", "kdir", "--release", args.release], env=ENV,
                            check=True, capture_output=True, text=True).stdout.strip()
-    print(f"rustko kdir --release {args.release}: {time.perf_counter() - start:.1f} s -> {other}")
+    note(f"bench/generations.py: rustko kdir --release {args.release}: {time.perf_counter() - start:.1f} s -> {other}")
     with tempfile.TemporaryDirectory(prefix="rustko-bench-") as tmp:
         project = Path(tmp) / "hello"
         shutil.copytree(REPO / "examples" / "hello", project, ignore=shutil.ignore_patterns("build", ".sconsign*"))
@@ -51,9 +53,8 @@ def main() -> int:
         clean_build(project, args.kdir)
         theirs = statistics.median(clean_build(project, other) for _ in range(args.runs))
         ours = statistics.median(clean_build(project, args.kdir) for _ in range(args.runs))
-    print(f"clean build, {args.release} (Kbuild in its root): {theirs:.2f} s")
-    print(f"clean build, host headers {Path(args.kdir).name}: {ours:.2f} s")
-    print(f"ratio: {theirs / ours:.2f}x (goal: at most 1.5x)")
+    row(f"clean build for {args.release} (Kbuild in its Debian root) vs for the host's {Path(args.kdir).name}",
+        theirs, ours, 1.5)
     return 0
 
 

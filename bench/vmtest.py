@@ -27,6 +27,7 @@ from check_tree import newest_61_headers
 from rustko.kernel import probe
 from rustko import arch
 from rustko.vm import Cpio, debian_kernel, vmtest
+from table import note, row
 
 REPO = Path(__file__).resolve().parent.parent
 HELLO = """\
@@ -89,12 +90,6 @@ def new_build_vmtest(folder: Path, kdir: Path) -> float:
     return time.monotonic() - started
 
 
-def row(label: str, ours: float, ref: float, goal: float) -> None:
-    ratio = ours / ref
-    verdict = "  ok" if ratio <= goal else f"  ABOVE GOAL {goal}x"
-    print(f"{label:<52} rustko {ours:6.1f} s   naive boot {ref:6.1f} s   ratio {ratio:5.2f}x{verdict}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--boots", type=int, default=3)
@@ -119,9 +114,12 @@ def main() -> None:
             flow_dir = work / f"flow{index}"
             flow_dir.mkdir()
             flow.append(new_build_vmtest(flow_dir, kdir))
-    print(f"kernel {vmlinuz.name} ({' '.join(arch.X86_64.vm.command)}), {args.boots} runs each, medians")
-    row("rustko vmtest (C hello) vs naive boot", statistics.median(ours), statistics.median(naive), 0.6)
-    row("rustko new -> scons -> rustko vmtest vs naive boot", statistics.median(flow), statistics.median(naive), 2.0)
+    note(f"bench/vmtest.py: kernel {vmlinuz.name} ({' '.join(arch.X86_64.vm.command)}), {args.boots} runs each, "
+         "medians; reference: a naive boot (console=ttyS0 panic=-1, /init powers off)")
+    row("`rustko vmtest` (C hello: boot, insmod, rmmod, power off) vs a naive boot", statistics.median(ours),
+        statistics.median(naive), 0.6)
+    row("`rustko new` -> `scons` -> `rustko vmtest`, warm sysroot, vs a naive boot", statistics.median(flow),
+        statistics.median(naive), 2.0)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ VENV_BIN = Path(sys.executable).parent
 
 # Subprocesses (scons, rustko) import the working tree's library, like pytest itself does.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
+# A machine-wide prebuilt sysroot (`rustko sysroot` as root) would make the tests' empty caches warm:
+# the tests that want one name it (test_prebuilt.py).
+os.environ["RUSTKO_SYSTEM_CACHE"] = "/nonexistent/rustko-system-cache"
 
 
 def _newest(pattern: str) -> Path | None:

@@ -130,3 +130,19 @@ def test_scons_clean_in_a_separate_build_folder_keeps_what_it_did_not_make(
     assert result.returncode == 0, result.stdout + result.stderr
     # SCons's own database stays where it is kept (the build folder), as after any scons run.
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".sconsign")) == ["notes.txt"]
+
+
+def test_image_starts_warm_with_the_sysroot_built_into_it(container_build: Path, image: str, shared: Path,
+                                                          kdir61: Path) -> None:
+    """An empty cache volume (a CI job's first build): the image's prebuilt sysroot serves it, read
+    only; no sysroot crate is compiled and the module is the same bytes."""
+    empty = shared / "empty-cache"
+    empty.mkdir()
+    empty.chmod(0o1777)
+    project = copy_example(shared / "warm" / "hello")
+    for path in [project, *project.rglob("*")]:
+        os.chown(path, USER, USER)
+    result = run_in(image, empty, [f"{project}:/src"], "/src", kdir61)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SYSROOT" not in result.stdout and not (empty / "sysroot").exists(), result.stdout
+    assert (project / "build/hello.ko").read_bytes() == container_build.read_bytes()

@@ -66,6 +66,9 @@ def test_deb_installs_the_command_library_and_scons_tool(root: Path, deb: Path) 
     assert "dkms" in out and "vmtest" in out
     assert "/usr/lib/python3/dist-packages/rustko/__init__.py" in out
     assert "/usr/share/scons/site_scons/site_tools/rustko/__init__.py" in out
+    # The postinst built the sysroot for the installed headers into root's machine-wide cache.
+    again = ok(root, "rustko sysroot --installed")
+    assert f"sysroot for {RELEASES[0]} (x86_64): /var/cache/rustko/sysroot/" in again and "(already there)" in again
 
 
 def test_debian_scons_builds_a_project_with_the_installed_tool(root: Path) -> None:

@@ -56,7 +56,7 @@ def test_hello_is_the_same_bytes_for_another_user_path_and_machine_state(root_bu
     cache.mkdir()
     for path in [shared_tmp / "somewhere", *shared_tmp.joinpath("somewhere").rglob("*"), cache]:
         os.chown(path, NOBODY, NOBODY)
-    env = {"HOME": str(cache), "RUSTKO_CACHE": str(cache), "TZ": "Pacific/Chatham", "LC_ALL": "C.UTF-8",
+    env = {"HOME": str(cache), "RUSTKO_CACHE": str(cache), "RUSTKO_SYSTEM_CACHE": str(cache), "TZ": "Pacific/Chatham", "LC_ALL": "C.UTF-8",
            "LANG": "C.UTF-8", "SOURCE_DATE_EPOCH": "1234567890", "USER": "nobody",
            "PATH": "/usr/local/bin:/usr/bin:/bin"}
     # A new UTS namespace for the host name, then drop to nobody for the build itself.

@@ -106,7 +106,7 @@ ALL: tuple[Arch, ...] = (UM, X86_64, ARM64, RISCV64)
 ALIASES: dict[str, str] = {alias: a.name for a in ALL for alias in (a.name, *a.aliases)}
 
 # ELF machine -> rustko's name; x86-64 objects are x86_64 unless their release says UML.
-BY_MACHINE: dict[int, str] = {a.elf_machine: a.name for a in reversed(ALL)}
+BY_MACHINE: dict[int, str] = {a.elf_machine: a.name for a in ALL if a is not UM}
 
 
 def resolve(name: str) -> Arch:

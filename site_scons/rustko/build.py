@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from . import flags as flagset
 from . import arch as arches
-from . import cache, kbuild, project, repro, sysroot, targetspec, toolchain
+from . import kbuild, project, repro, sysroot, targetspec, toolchain
 from .errors import RustkoError
 from .kernel import KernelInfo, normalize_arch, probe
 
@@ -126,7 +126,7 @@ class CrateOutput:
 def planned_sysroot(target: Target) -> sysroot.Sysroot:
     """Where `target.sysroot()` puts the sysroot: known before it is built, so that the rustc
     command line (part of each object's SCons signature) can be written down first."""
-    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=targetspec.target_name(target.flags))
+    return sysroot.Sysroot(path=sysroot.location(target.sysroot_key), target=targetspec.target_name(target.flags))
 
 
 def scratch_dir(obj: Path) -> Path:

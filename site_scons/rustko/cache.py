@@ -20,6 +20,13 @@ from typing import Callable, Iterator
 SYSTEM_CACHE = Path("/var/cache/rustko")
 
 
+def system_root() -> Path:
+    """The machine-wide cache every user reads: root's (`rustko sysroot`, run by rustko's .deb and
+    container image, fills it ahead of the first build). `$RUSTKO_SYSTEM_CACHE` moves it (tests,
+    benches: a machine with or without a prebuilt one)."""
+    return Path(os.environ.get("RUSTKO_SYSTEM_CACHE") or SYSTEM_CACHE)
+
+
 def cache_root() -> Path:
     """`$RUSTKO_CACHE`, else `$XDG_CACHE_HOME/rustko`, else /var/cache/rustko for root, else
     `~/.cache/rustko`."""

@@ -27,6 +27,7 @@ COMMANDS: dict[str, Command] = {
     "vmtest": Command("vm", "boot the module's kernel in QEMU, insmod and rmmod it, show its log"),
     "kdir": Command("kdir", "prepare a KDIR for another kernel release or architecture from Debian's packages"),
     "new": Command("new", "create a module project from a template"),
+    "sysroot": Command("sysroot", "build the Rust sysroot for installed kernel headers ahead of the first build"),
     "doctor": Command("doctor", "show what rustko sees for a KDIR and what is missing"),
     "repro": Command("repro", "rebuild a module from its build record, compare two modules"),
     "dkms": Command("dkms", "write dkms.conf so Debian's DKMS rebuilds the module for every kernel"),

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     for label, detail in kernel_rust(kernel) + kbuild_place(kernel):
         print(_line(True, label, detail))
     print(_line(True, "rustc", f"{tools.rustc} {tools.version}, library sources {tools.lib_src}"))
-    entry = sysroot.cache.cache_root() / "sysroot" / target.sysroot_key
+    entry = sysroot.location(target.sysroot_key)
     print(_line(True, "sysroot", f"{entry} ({'cached' if entry.is_dir() else 'built on the first build, ~30 s'})"))
     cross = arch.default_cross_compile(kernel.arch)
     for step, program, package in (*TOOLS, *_vm_tools(kernel.arch), ("link", target.linker, "binutils"),

@@ -8,6 +8,7 @@ import hashlib
 import os
 import pickle
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import astuple, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +38,7 @@ class KernelView:
 
     arch: str
     version: Version
-    exports: dict[str, Export] | None = None
+    exports: Mapping[str, Export] | None = None
     vermagic: str | None = None
     force_load: bool = False
     allow_missing_ns: bool = False
@@ -63,7 +64,28 @@ class KernelView:
         return replace(self, siblings={**self.siblings, **siblings})
 
 
-def read_symvers(path: Path) -> dict[str, Export]:
+class Exports(Mapping[str, Export]):
+    """Module.symvers rows as the cache keeps them (tuples), an Export made only for the names a
+    check looks up: one module needs a few dozen of 25,000, and making them all took longer than
+    checking it."""
+
+    def __init__(self, rows: dict[str, tuple[int, str, bool, str]]) -> None:
+        self.rows = rows
+
+    def __getitem__(self, name: str) -> Export:
+        return Export(*self.rows[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read_symvers(path: Path) -> Mapping[str, Export]:
     """Parse Module.symvers (scripts/mod/modpost.c write_dump: crc, symbol, owner, export, ns).
 
     Parsed once per file version and kept in the cache: every build checks its module against
@@ -78,7 +100,7 @@ def read_symvers(path: Path) -> dict[str, Export]:
     cached = cache_root() / "symvers" / f"{key}.pickle"
     try:
         with open(cached, "rb") as handle:
-            return {name: Export(*row) for name, row in pickle.load(handle).items()}
+            return Exports(pickle.load(handle))
     except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError):
         pass
     exports = _parse_symvers(path)

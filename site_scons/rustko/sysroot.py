@@ -13,10 +13,18 @@ Three things keep the first build short (bench/build.py measures them):
 - Crates build in parallel where the graph allows: a crate starts as soon as its dependencies'
   metadata exists (rustc's `--emit=metadata` and `--json=artifacts`, as cargo pipelines), while
   they are still generating their bitcode.
+
+Where a cold start is frequent, the sysroot is built ahead: `rustko sysroot` builds every crate for
+the installed kernel headers (rustko's .deb runs it from its postinst, the container image while it
+is built), into root's machine-wide cache; every user's build looks there first (`location`), read
+only, before its own cache. The key holds no kernel release, so a kernel upgrade whose flags agree
+(a new ABI of the same series) finds the same entry.
 """
 
 from __future__ import annotations
 
+import argparse
+import glob
 import hashlib
 import json
 import os
@@ -25,6 +33,7 @@ import selectors
 import shutil
 import subprocess
 import tempfile
+import time
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -247,6 +256,18 @@ def _finish(toolchain: Toolchain, job: _Job) -> None:
             "the library sources must be those of this exact rustc; " + INSTALL_HINT)
 
 
+def location(digest: str) -> Path:
+    """Where the sysroot `digest` is read from: the machine-wide prebuilt entry when it holds every
+    crate (then nothing is ever added to it, so it may be read only), else the user's cache."""
+    prebuilt = cache.system_root() / "sysroot" / digest
+    try:
+        if (prebuilt / "complete").is_file():
+            return prebuilt
+    except PermissionError:  # another user's private entry (made before entries were 0755)
+        pass
+    return cache.cache_root() / "sysroot" / digest
+
+
 def ensure(toolchain: Toolchain, flags: list[str], target: str, log: Log | None = None,
            digest: str | None = None, crates: Iterable[str] = tuple(CRATES)) -> Sysroot:
     """The sysroot for `flags` with at least `crates` (and what they depend on), the missing ones
@@ -256,7 +277,7 @@ def ensure(toolchain: Toolchain, flags: list[str], target: str, log: Log | None 
     later are renamed into it one file at a time, dependencies first. Either way, under the
     entry's lock, so parallel builds never compile a crate twice or see half a file."""
     log = log or (lambda crate, cmd: None)
-    path = cache.cache_root() / "sysroot" / (digest or key(toolchain, flags))
+    path = location(digest or key(toolchain, flags))
     sysroot = Sysroot(path=path, target=target)
     wanted = _closure(crates)
 
@@ -272,6 +293,7 @@ def ensure(toolchain: Toolchain, flags: list[str], target: str, log: Log | None 
         for stale in path.parent.glob(f".{path.name}.*"):  # a killed build's leftovers
             shutil.rmtree(stale, ignore_errors=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        stage.chmod(0o755)  # mkdtemp's 0700 would hide root's prebuilt entry from every other user
         try:
             staged = Sysroot(path=stage, target=target).libdir
             staged.mkdir(parents=True)
@@ -290,6 +312,82 @@ def ensure(toolchain: Toolchain, flags: list[str], target: str, log: Log | None 
                 shutil.rmtree(stage / "out")
                 (stage / "flags.txt").write_text("\n".join([toolchain.verbose_version, *flags]) + "\n")
                 os.rename(stage, path)
+            mark_complete(sysroot)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return sysroot
+
+
+def missing_any(sysroot: Sysroot) -> bool:
+    """Whether a crate of CRATES is not in `sysroot` yet."""
+    return any(not (sysroot.libdir / f"lib{name}.rlib").is_file() for name in CRATES)
+
+
+def mark_complete(sysroot: Sysroot) -> None:
+    """The `complete` file `location` looks for, once every crate is there (one stat per build);
+    the entry made readable by every user (older entries kept mkdtemp's 0700)."""
+    marker = sysroot.path / "complete"
+    if not marker.exists() and not missing_any(sysroot):
+        try:
+            sysroot.path.chmod(0o755)
+        except PermissionError:  # another user's entry in a shared cache: theirs to open
+            pass
+        marker.touch()
+
+
+# --- `rustko sysroot`: build ahead what a first build would ---------------------------------------
+
+def installed_kdirs() -> list[Path]:
+    """The build folders of the kernels whose headers are installed, as DKMS finds them
+    (`/lib/modules/RELEASE/build`, a link the headers package makes)."""
+    return sorted(Path(path).resolve() for path in glob.glob("/lib/modules/*/build") if Path(path, "Makefile").is_file())
+
+
+def prebuild(kdirs: list[Path], rustc: str | None = None, rust_lib_src: str | None = None,
+             skip_unusable: bool = False) -> None:
+    """Every crate of CRATES for each KDIR's flags, into the cache. KDIRs whose flags agree share
+    one entry. `skip_unusable`: a KDIR rustko cannot build for is named and skipped (a package's
+    postinst must not fail on it)."""
+    from .build import Options, planned_sysroot, resolve  # build uses this module
+
+    for kdir in kdirs:
+        try:
+            target = resolve(Options(kdir=str(kdir), rustc=rustc, rust_lib_src=rust_lib_src))
+        except RustkoError as err:
+            if not skip_unusable:
+                raise
+            print(f"rustko sysroot: skipped {kdir}: {err.message}")
+            continue
+        started = time.monotonic()
+        ready = not missing_any(planned_sysroot(target))
+        built = target.sysroot(crates=tuple(CRATES))
+        mark_complete(built)
+        state = "already there" if ready else f"built in {time.monotonic() - started:.1f} s"
+        print(f"sysroot for {target.kernel.release} ({target.kernel.arch}): {built.path} ({state})")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sysroot", help="build the Rust sysroot for installed kernel headers ahead of the first build",
+        description="Build every sysroot crate (core, compiler_builtins, alloc, rustko) for each KDIR's "
+                    "flags into the cache, so that the first module build does not. Run as root it fills "
+                    "the machine-wide cache that every user's build reads first (rustko's .deb runs "
+                    "`rustko sysroot --installed` from its postinst, the container image when it is built).")
+    parser.add_argument("kdirs", nargs="*", type=Path, metavar="KDIR", help="kernel build directories")
+    parser.add_argument("--installed", action="store_true",
+                        help="every /lib/modules/*/build; one rustko cannot build for is skipped, not an error")
+    parser.add_argument("--rustc", help="rustc to use (default: the first with library sources)")
+    parser.add_argument("--rust-lib-src", help="that rustc's `library` sources")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    kdirs = list(args.kdirs) + (installed_kdirs() if args.installed else [])
+    if not kdirs:
+        if args.installed:
+            print("rustko sysroot: no kernel headers installed (/lib/modules/*/build): nothing to build")
+            return 0
+        raise RustkoError("no KDIR given", "name kernel build directories, or pass --installed for "
+                          "every installed kernel's headers")
+    prebuild(kdirs, args.rustc, args.rust_lib_src, skip_unusable=args.installed)
+    return 0
