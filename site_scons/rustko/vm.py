@@ -1,4 +1,4 @@
-"""`rustko vmtest`: boot a real kernel under QEMU (TCG), insmod and rmmod a module, report the log.
+"""`rustko vmtest`: boot a real kernel under QEMU (TCG), insmod and rmmod modules, report the log.
 
 User-Mode Linux needs no QEMU: its kernel is a host program, run with the same initramfs.
 
