@@ -1,4 +1,4 @@
-"""`rustko vmtest`: boot a real kernel under QEMU (TCG), insmod and rmmod a module, report the log.
+"""`rustko vmtest`: boot a real kernel under QEMU (TCG), insmod and rmmod modules, report the log.
 
 User-Mode Linux needs no QEMU: its kernel is a host program, run with the same initramfs.
 
@@ -332,14 +332,23 @@ def kmsg_marker(token: str) -> str:
     return f"rustko {token}: insmod"
 
 
-def init_script(token: str, module: ModuleInfo, commands: Sequence[str], params: Sequence[str] = ()) -> str:
-    """The guest's /init: each step's output framed by `@@<token>:TAG` lines on the console.
+@dataclass(frozen=True)
+class Load:
+    """One module of a boot: the commands run while it is loaded and its insmod parameters."""
+
+    module: ModuleInfo
+    commands: Sequence[str] = ()
+    params: Sequence[str] = ()
+
+
+def init_script(loads: Sequence[tuple[str, Load]]) -> str:
+    """The guest's /init: for each module in turn, each step's output framed by `@@<token>:TAG`
+    lines on the console, the module's own token.
 
     Outputs go to a file first and are printed after, so kernel messages printed while a step
-    runs land outside the frame. The kernel log gets its own marker so that the module's lines
-    are exactly those after it.
+    runs land outside the frame. The kernel log gets a marker before each insmod and is printed
+    after each module's rmmod, so a module's lines are exactly those after its marker.
     """
-    marker = f"@@{token}"
     lines = [
         "#!/bin/sh",
         "/bin/busybox mount -t proc proc /proc",
@@ -347,36 +356,41 @@ def init_script(token: str, module: ModuleInfo, commands: Sequence[str], params:
         "export PATH=/sbin:/bin:/usr/sbin:/usr/bin",
         "mount -t sysfs sysfs /sys",
         "mount -t devtmpfs devtmpfs /dev",
-        f"say() {{ printf '\\n{marker}:%s\\n' \"$*\"; }}",
-        "step() { tag=$1; shift; \"$@\" >/tmp/out 2>&1; rc=$?; say \"$tag $rc\"; cat /tmp/out; say END; return $rc; }",
-        "say BOOTED",
-        f"echo '{kmsg_marker(token)}' >/dev/kmsg",
-        f"if step INSMOD insmod /rustko/{module.path.name}{''.join(' ' + shlex.quote(p) for p in params)}; then",
+        "say() { printf '\\n@@%s\\n' \"$*\"; }",
+        "step() { tag=$1; shift; \"$@\" >/tmp/out 2>&1; rc=$?; say \"$tag $rc\"; cat /tmp/out; say \"${tag%%:*}:END\"; return $rc; }",
     ]
-    for index in range(len(commands)):
-        lines.append(f"  step CMD{index} sh /rustko/cmd{index}")
-    lines += [
-        f"  step RMMOD rmmod {module.name}",
-        "fi",
-        "say DMESG",
-        # The kernel's banner (which names it) and the lines from the marker on: the boot's few
-        # hundred other lines would only slow the serial console.
-        "dmesg | grep -m 1 ' Linux version '",
-        f"dmesg | sed -n '/{kmsg_marker(token)}/,$p'",
-        "say END",
-        "say DONE",
-        "poweroff -f",
-    ]
+    for token, load in loads:
+        folder = f"/rustko/{token}"
+        params = "".join(" " + shlex.quote(p) for p in load.params)
+        lines += [
+            f"say {token}:BOOTED",
+            f"echo '{kmsg_marker(token)}' >/dev/kmsg",
+            f"if step {token}:INSMOD insmod {folder}/{load.module.path.name}{params}; then",
+            *(f"  step {token}:CMD{index} sh {folder}/cmd{index}" for index in range(len(load.commands))),
+            f"  step {token}:RMMOD rmmod {load.module.name}",
+            "fi",
+            f"say {token}:DMESG",
+            # The kernel's banner (which names it) and the lines from the marker on: the boot's few
+            # hundred other lines would only slow the serial console.
+            "dmesg | grep -m 1 ' Linux version '",
+            f"dmesg | sed -n '/{kmsg_marker(token)}/,$p'",
+            f"say {token}:END",
+            f"say {token}:DONE",
+        ]
+    lines.append("poweroff -f")
     return "\n".join(lines) + "\n"
 
 
-def run_initramfs(token: str, module: ModuleInfo, commands: Sequence[str], params: Sequence[str] = ()) -> bytes:
-    """The per-run part: /init, the module and the commands; appended to the cached base."""
+def run_initramfs(loads: Sequence[tuple[str, Load]]) -> bytes:
+    """The per-run part: /init, and each module with its commands in a folder named by its token;
+    appended to the cached base."""
     archive = Cpio()
-    archive.file("init", init_script(token, module, commands, params).encode(), 0o755)
-    archive.file(f"rustko/{module.path.name}", module.path.read_bytes())
-    for index, command in enumerate(commands):
-        archive.file(f"rustko/cmd{index}", (command + "\n").encode(), 0o755)
+    archive.file("init", init_script(loads).encode(), 0o755)
+    for token, load in loads:
+        archive.directory(f"rustko/{token}")
+        archive.file(f"rustko/{token}/{load.module.path.name}", load.module.path.read_bytes())
+        for index, command in enumerate(load.commands):
+            archive.file(f"rustko/{token}/cmd{index}", (command + "\n").encode(), 0o755)
     return archive.gzipped()
 
 
@@ -460,20 +474,44 @@ def vmtest(
 ) -> VmResult:
     """Boot `kernel` (default: Debian's image for the module's vermagic) and load the module in it,
     with module parameters `params` (`NAME=VALUE`, as insmod takes them)."""
+    return _boot([Load(read_module(Path(module)), run, params)], kernel, arch, timeout)[0]
+
+
+def vmtest_many(
+    modules: Sequence[Path | str],
+    kernel: Path | str | None = None,
+    arch: str = "x86_64",
+    timeout: float = 120,
+) -> list[VmResult]:
+    """One boot for several modules of one kernel: each is loaded and unloaded in turn (a refused
+    one leaves the kernel as it was), and gets its own result, in order. A boot costs seconds of
+    TCG; a module's insmod and rmmod, milliseconds."""
+    if not modules:
+        raise RustkoError("vmtest needs at least one module")
+    return _boot([Load(read_module(Path(module))) for module in modules], kernel, arch, timeout)
+
+
+def _boot(loads: Sequence[Load], kernel: Path | str | None, arch: str, timeout: float) -> list[VmResult]:
     spec = resolve_arch(arch)
     boot = spec.vm
     assert boot is not None  # resolve_arch refuses architectures without one
-    info = read_module(Path(module))
-    if info.elf_machine != spec.elf_machine_name:
-        raise RustkoError(
-            f"{info.path} is built for {info.elf_machine}, not for {spec.name}",
-            hint=f"pass the matching --arch ({', '.join(_bootable())})",
-        )
+    for load in loads:
+        if load.module.elf_machine != spec.elf_machine_name:
+            raise RustkoError(
+                f"{load.module.path} is built for {load.module.elf_machine}, not for {spec.name}",
+                hint=f"pass the matching --arch ({', '.join(_bootable())})",
+            )
+    info = loads[0].module
     if kernel is None:
         if not info.release:
             raise RustkoError(
                 f"{info.path} has no vermagic, so its kernel is unknown", hint="pass --kernel VMLINUZ"
             )
+        others = sorted({load.module.release for load in loads} - {info.release})
+        if others:
+            raise RustkoError(f"{info.path} was built for kernel {info.release}, other modules for "
+                              f"{', '.join(others)}: one boot runs one kernel",
+                              hint="run vmtest once per kernel, or pass --kernel VMLINUZ")
         vmlinuz = _uml_kernel(info) if boot.uml else debian_kernel(info.release, spec.name)
     else:
         vmlinuz = Path(kernel).absolute()  # QEMU runs in a temporary folder
@@ -481,11 +519,11 @@ def vmtest(
             raise RustkoError(f"kernel image {vmlinuz} does not exist or is not readable")
     qemu = "" if boot.uml else _require_tool(boot.command[0], boot.package)
     base = base_initramfs(spec)
-    token = secrets.token_hex(6)
-    result = VmResult(module=info.name, kernel=vmlinuz, arch=spec.name)
+    tokens = [secrets.token_hex(6) for _ in loads]
+    failure = None
     with tempfile.TemporaryDirectory(prefix="rustko-vm-") as tmp:
         initrd = Path(tmp) / "initrd.gz"
-        initrd.write_bytes(base.read_bytes() + run_initramfs(token, info, run, params))
+        initrd.write_bytes(base.read_bytes() + run_initramfs(list(zip(tokens, loads))))
         if boot.uml:
             argv = [str(vmlinuz), *boot.command, f"initrd={initrd}", *BOOT_PARAMS]
         else:
@@ -516,16 +554,22 @@ def vmtest(
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.kill()
             output, _ = proc.communicate()
-            result.failure = f"timed out after {timeout:g} s; {'UML' if boot.uml else 'QEMU'} was killed"
-        result.seconds = time.monotonic() - started
-    result.console = output.decode("utf-8", "replace")
-    if proc.returncode not in (0, None) and result.failure is None and "@@" + token not in result.console:
+            failure = f"timed out after {timeout:g} s; {'UML' if boot.uml else 'QEMU'} was killed"
+        seconds = time.monotonic() - started
+    console = output.decode("utf-8", "replace")
+    if proc.returncode not in (0, None) and failure is None and "@@" + tokens[0] not in console:
         raise RustkoError(
-            f"{vmlinuz if boot.uml else boot.command[0]} failed (exit {proc.returncode}): {result.console.strip()[-500:]}",
+            f"{vmlinuz if boot.uml else boot.command[0]} failed (exit {proc.returncode}): {console.strip()[-500:]}",
             hint="check the kernel image path and that it is for this architecture",
         )
-    parse_console(result.console, token, result, run)
-    return result
+    results = []
+    for token, load in zip(tokens, loads):
+        result = VmResult(module=load.module.name, kernel=vmlinuz, arch=spec.name, failure=failure,
+                          seconds=seconds, console=console)
+        parse_console(console, token, result, load.commands)
+        results.append(result)
+    return results
+
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -599,11 +643,18 @@ def _bootable() -> list[str]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    arch = args.arch or arch_of(Path(args.module))
-    result = vmtest(args.module, kernel=args.kernel, arch=arch, run=args.commands, timeout=args.timeout,
-                    params=args.params)
-    report(result)
-    return 0 if result.ok else 1
+    arch = args.arch or arch_of(Path(args.modules[0]))
+    if len(args.modules) > 1:
+        if args.commands or args.params:
+            raise RustkoError("--run and --param apply to one MODULE, and several were given",
+                              hint="run vmtest once for the module that needs them")
+        results = vmtest_many(args.modules, kernel=args.kernel, arch=arch, timeout=args.timeout)
+    else:
+        results = [vmtest(args.modules[0], kernel=args.kernel, arch=arch, run=args.commands,
+                          timeout=args.timeout, params=args.params)]
+    for result in results:
+        report(result)
+    return 0 if all(result.ok for result in results) else 1
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -612,13 +663,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "vmtest",
         help="boot the module's kernel in QEMU, insmod and rmmod it, show its log",
         description=(
-            "Boot a real kernel in QEMU (TCG) with a busybox initramfs, insmod and rmmod MODULE, "
-            "and print its kernel log. UML modules (--arch um, or built for the release of the "
-            "installed user-mode-linux) run in that UML kernel as a process instead. Exit 0: loaded and unloaded cleanly (and every --run "
+            "Boot a real kernel in QEMU (TCG) with a busybox initramfs, insmod and rmmod each MODULE "
+            "in turn, and print its kernel log. UML modules (--arch um, or built for the release of the "
+            "installed user-mode-linux) run in that UML kernel as a process instead. Exit 0: every module loaded and unloaded cleanly (and every --run "
             "command exited 0); 1: refused or failed in the kernel; 2: bad usage or missing tools."
         ),
     )
-    parser.add_argument("module", metavar="MODULE.ko")
+    parser.add_argument("modules", nargs="+", metavar="MODULE.ko",
+                        help="one or more modules of one kernel: one boot loads and unloads each in turn")
     parser.add_argument(
         "--kernel",
         metavar="VMLINUZ",
