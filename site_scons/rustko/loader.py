@@ -19,6 +19,28 @@ from .relocs import Version, Versioned
 
 ENOENT, EINVAL = 2, 22
 
+# include/linux/export.h EXPORT_SYMBOL_FOR_MODULES(sym, mods) (7.3.4): the export's namespace is
+# "module:" + a comma-separated list of module names (a trailing `*` globs). kernel/module/main.c
+# verify_module_namespace (7.3.4) lets exactly those modules use it, comparing names with `-`
+# and `_` alike (mod_strncmp); setup_modinfo refuses an explicit import of such a namespace.
+# Neither is in 6.12.117; upstream both came with EXPORT_SYMBOL_GPL_FOR_MODULES in v6.16 (the
+# boundary is not pinned to a commit here).
+MODULE_NS_PREFIX = "module:"
+MODULE_NS_SINCE: Version = (6, 16)
+
+# Module memory is allocated whole (kernel/module/main.c move_module -> module_alloc of
+# core_layout.size, then init_layout.size: 6.1.192) or, since module_memory replaced
+# module_layout (v6.4), one allocation per mod_mem_type (module_memory_alloc: MOD_TEXT,
+# MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT and their init twins; 6.12.117, 7.3.4).
+PER_TYPE_ALLOCATION_SINCE: Version = (6, 4)
+PAGE_SIZE = 4096  # mm/vmalloc.c __get_vm_area_node adds a guard page to every vmalloc area
+# arch/x86/include/asm/pgtable_64_types.h (6.1.192, 6.12.117, 7.3.4): MODULES_VADDR =
+# __START_KERNEL_map + KERNEL_IMAGE_SIZE, MODULES_END = 0xffffffffff000000. KERNEL_IMAGE_SIZE
+# (asm/page_64_types.h) is 512 MiB, or 1 GiB with CONFIG_RANDOMIZE_BASE: the larger area
+# (1520 MiB) is taken, so a KASLR kernel's refusal of 1008..1520 MiB is missed, never invented.
+# Other architectures' areas are not modelled.
+MODULE_AREA_BYTES: dict[str, int] = {"x86_64": 0xFFFFFFFFFF000000 - 0xFFFFFFFFA0000000}
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -85,6 +107,18 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("percpu-reserve", 60, "kernel/module/main.c percpu_modalloc; include/linux/percpu.h "
          "PERCPU_MODULE_RESERVE",
          _v(((0,), "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),
+    # layout_and_allocate -> move_module: module memory larger than the module area. 6.1.192:
+    # module_alloc (arch/x86/kernel/module.c) asks vmalloc with __GFP_NOWARN and move_module
+    # returns -ENOMEM silently; execmem_alloc (mm/execmem.c execmem_vmalloc, added v6.10;
+    # 6.12.117 and 7.3.4, whose pr_fmt is "execmem: ") prints one line.
+    Rule("module-area", 50, f"{_MAIN} layout_and_allocate -> move_module -> module_alloc "
+         "(arch/x86/kernel/module.c, 6.1.192) / module_memory_alloc -> execmem_alloc "
+         "(mm/execmem.c execmem_vmalloc, 6.12.117, 7.3.4)",
+         _v(((0,), ""), ((6, 10), "execmem: unable to allocate memory")), "ENOMEM"),
+    # setup_modinfo (7.3.4): a "module:" namespace cannot be imported (MODULE_NS_SINCE).
+    Rule("import-module-ns", 65, f"{_MAIN} setup_modinfo (7.3.4; not in 6.12.117)",
+         _v(((0,), "{name}: module tries to import module namespace: {ns}")), "EPERM",
+         since=MODULE_NS_SINCE),
     # simplify_symbols -> resolve_symbol_wait -> resolve_symbol (main.c), check_version
     # (version.c), verify_namespace_is_imported (main.c).
     Rule("common", 70, f"{_MAIN} simplify_symbols (SHN_COMMON)",
@@ -96,6 +130,7 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("symbol-version", 70, "kernel/module/version.c check_version via resolve_symbol",
          _v(((0,), "{name}: {first} {symbol}\n{name}: Unknown symbol {symbol} (err {err})")),
          "EINVAL"),
+    # 7.3.4: also for a "module:" namespace the module's name is not in (verify_module_namespace).
     Rule("namespace", 70, f"{_MAIN} verify_namespace_is_imported",
          _v(((0,), "{name}: module uses symbol ({symbol}) from namespace {ns}, but does not "
                    "import it.\n{name}: Unknown symbol {symbol} (err {err})")), "EINVAL"),
