@@ -419,3 +419,16 @@ def test_struct_module_of_another_kernel() -> None:
     assert not result.loaded
     assert findings[0].kernel_regex().search(result.console), result.console[-2000:]
     assert INSMOD_SAYS[findings[0].errno] in (result.insmod_error or "")
+
+
+def test_uml_overflow_says_it_depends_on_mem() -> None:
+    """UML puts modules after its physical memory, so whether a 32-bit absolute field overflows
+    depends on mem=: the finding says so (seen in tests/test_uml.py: refused with mem=3G)."""
+    ko = _build("small")
+    uml = [f for f in check.check_module(ko, arch="um", version=(6, 1)) if f.kind == "overflow"]
+    assert uml and all("mem=" in f.explanation for f in uml)
+    assert uml[0].kernel[0].startswith("subarch: overflow in relocation type ")
+    assert "= note: where a UML module lands depends on the UML kernel's memory size (mem=)" \
+        in check.format_report(uml, ko)
+    x86 = [f for f in check.check_module(ko, arch="x86_64", version=(6, 1)) if f.kind == "overflow"]
+    assert x86 and not any(f.explanation for f in x86)

@@ -255,7 +255,7 @@ def _check_module_area(elf: Elf, name: str, arch: str, version: Version, path: s
     if area is None:
         return []
     largest = max(_allocations(elf, version), default=0)
-    if largest + loader.PAGE_SIZE <= area:
+    if -(-largest // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:  # module_alloc's PAGE_ALIGN
         return []
     return [_finding(path, "module", "module-area", version,
                      f"the module needs {largest} bytes in one piece and the whole module area "

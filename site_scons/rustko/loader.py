@@ -2,7 +2,9 @@
 
 `load_module` (kernel/module/main.c) runs its checks in a fixed order and stops at the first one
 that fails; relocation types live in `rustko.relocs`. Each `Rule` names the function, the file, the
-versions it holds for (read in Debian's 6.1.192 and 6.12.117 sources unless a commit is cited) and
+versions it holds for (read in Debian's 5.10.262, 6.1.192, 6.12.117 and 7.3.4 sources unless a
+commit is cited; before the v5.19 split into kernel/module/, main.c, version.c and signing.c were
+kernel/module.c and kernel/module_signing.c, with the same lines and the same order in 5.10.262) and
 the lines the kernel prints. `order` is the rule's place in `load_module`, so findings sort into the
 order the kernel would meet them and the first one is the line a real `insmod` leaves in the log.
 `errno` is the error the loader returns to insmod (which prints its own words for it).
@@ -33,7 +35,7 @@ MODULE_NS_SINCE: Version = (6, 16)
 # module_layout (v6.4), one allocation per mod_mem_type (module_memory_alloc: MOD_TEXT,
 # MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT and their init twins; 6.12.117, 7.3.4).
 PER_TYPE_ALLOCATION_SINCE: Version = (6, 4)
-PAGE_SIZE = 4096  # mm/vmalloc.c __get_vm_area_node adds a guard page to every vmalloc area
+PAGE_SIZE = 4096
 # arch/x86/include/asm/pgtable_64_types.h (6.1.192, 6.12.117, 7.3.4): MODULES_VADDR =
 # __START_KERNEL_map + KERNEL_IMAGE_SIZE, MODULES_END = 0xffffffffff000000. KERNEL_IMAGE_SIZE
 # (asm/page_64_types.h) is 512 MiB, or 1 GiB with CONFIG_RANDOMIZE_BASE: the larger area
@@ -107,12 +109,13 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("percpu-reserve", 60, "kernel/module/main.c percpu_modalloc; include/linux/percpu.h "
          "PERCPU_MODULE_RESERVE",
          _v(((0,), "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),
-    # layout_and_allocate -> move_module: module memory larger than the module area. 6.1.192:
-    # module_alloc (arch/x86/kernel/module.c) asks vmalloc with __GFP_NOWARN and move_module
-    # returns -ENOMEM silently; execmem_alloc (mm/execmem.c execmem_vmalloc, added v6.10;
-    # 6.12.117 and 7.3.4, whose pr_fmt is "execmem: ") prints one line.
+    # layout_and_allocate -> move_module: module memory larger than the module area. 5.10.262
+    # and 6.1.192: module_alloc (arch/x86/kernel/module.c) returns NULL without a word when
+    # PAGE_ALIGN(size) > MODULES_LEN, and move_module -ENOMEM; since execmem (v6.10; 6.12.117,
+    # 7.3.4) vmalloc fails quietly (__GFP_NOWARN) and execmem_vmalloc prints one line (pr_fmt
+    # "execmem: ").
     Rule("module-area", 50, f"{_MAIN} layout_and_allocate -> move_module -> module_alloc "
-         "(arch/x86/kernel/module.c, 6.1.192) / module_memory_alloc -> execmem_alloc "
+         "(arch/x86/kernel/module.c, 5.10.262, 6.1.192) / module_memory_alloc -> execmem_alloc "
          "(mm/execmem.c execmem_vmalloc, 6.12.117, 7.3.4)",
          _v(((0,), ""), ((6, 10), "execmem: unable to allocate memory")), "ENOMEM"),
     # setup_modinfo (7.3.4): a "module:" namespace cannot be imported (MODULE_NS_SINCE).
