@@ -250,10 +250,14 @@ def _allocations(elf: Elf, version: Version) -> list[int]:
     return [sum(v for (init, _), v in groups.items() if init is part) for part in (False, True)]
 
 
-def _check_module_area(elf: Elf, name: str, arch: str, version: Version, path: str) -> list[Finding]:
-    area = loader.MODULE_AREA_BYTES.get(arch)
+def _check_module_area(elf: Elf, name: str, arch: str, view: KernelView, version: Version,
+                       path: str) -> list[Finding]:
+    area = view.module_area
     if area is None:
-        return []
+        compute = loader.MODULE_AREA.get(arch)
+        if compute is None:
+            return []
+        area = compute(lambda option: False)  # no .config: the largest area (no KASLR)
     largest = max(_allocations(elf, version), default=0)
     if -(-largest // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:  # module_alloc's PAGE_ALIGN
         return []
@@ -803,7 +807,7 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
     if is_module:
         findings += _check_license(modinfo, name, version, path)
         view = kernel or KernelView(rules.arch, version)
-        findings += _check_module_area(elf, name, rules.arch, version, path)
+        findings += _check_module_area(elf, name, rules.arch, view, version, path)
         findings += _check_percpu(elf, name, view, version, path)
         findings += _check_imports(modinfo, name, version, path)
         findings += _check_symbols(elf, syms, modinfo, versions, name, view, version, path)

@@ -16,6 +16,7 @@ Message templates use `str.format` fields: `{name}` module name, `{symbol}`, `{n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .relocs import Version, Versioned
 
@@ -36,12 +37,23 @@ MODULE_NS_SINCE: Version = (6, 16)
 # MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT and their init twins; 6.12.117, 7.3.4).
 PER_TYPE_ALLOCATION_SINCE: Version = (6, 4)
 PAGE_SIZE = 4096
-# arch/x86/include/asm/pgtable_64_types.h (6.1.192, 6.12.117, 7.3.4): MODULES_VADDR =
-# __START_KERNEL_map + KERNEL_IMAGE_SIZE, MODULES_END = 0xffffffffff000000. KERNEL_IMAGE_SIZE
-# (asm/page_64_types.h) is 512 MiB, or 1 GiB with CONFIG_RANDOMIZE_BASE: the larger area
-# (1520 MiB) is taken, so a KASLR kernel's refusal of 1008..1520 MiB is missed, never invented.
-# Other architectures' areas are not modelled.
-MODULE_AREA_BYTES: dict[str, int] = {"x86_64": 0xFFFFFFFFFF000000 - 0xFFFFFFFFA0000000}
+
+
+def _x86_64_modules_len(enabled: Callable[[str], bool]) -> int:
+    """MODULES_LEN = MODULES_END - MODULES_VADDR (arch/x86/include/asm/pgtable_64_types.h,
+    5.10.262, 6.1.192, 6.12.117, 7.3.4): MODULES_VADDR = __START_KERNEL_map (0xffffffff80000000)
+    + KERNEL_IMAGE_SIZE (asm/page_64_types.h: 1 GiB with CONFIG_RANDOMIZE_BASE, else 512 MiB);
+    MODULES_END 0xffffffffff000000, 0xfffffffffe000000 with CONFIG_DEBUG_KMAP_LOCAL_FORCE_MAP.
+    Debian's x86_64 kernels (KASLR): 1008 MiB."""
+    image = (1 << 30) if enabled("RANDOMIZE_BASE") else (512 << 20)
+    end = 0xFFFFFFFFFE000000 if enabled("DEBUG_KMAP_LOCAL_FORCE_MAP") else 0xFFFFFFFFFF000000
+    return end - (0xFFFFFFFF80000000 + image)
+
+
+# Per architecture, the module area's size from the KDIR's .config. Other architectures' areas
+# are not modelled; without a KDIR the largest x86_64 area (1520 MiB) is assumed, so a refusal
+# is only ever missed, never invented.
+MODULE_AREA: dict[str, Callable[[Callable[[str], bool]], int]] = {"x86_64": _x86_64_modules_len}
 
 
 @dataclass(frozen=True)
