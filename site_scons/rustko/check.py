@@ -224,7 +224,50 @@ def _check_license(modinfo: dict[str, list[str]], name: str, version: Version,
                      f"of: {', '.join(sorted(GPL_COMPATIBLE))}", name=name, license=license)]
 
 
-# --- stage 4: per-CPU data (percpu_modalloc) -------------------------------------------------
+# --- stage 4: module memory (layout_and_allocate) --------------------------------------------
+SHF_WRITE = 0x1
+# kernel/module/main.c layout_sections: sections that stay in their own allocation
+# (MOD_RO_AFTER_INIT since v6.4); counted in the whole-module sum only.
+_RO_AFTER_INIT = frozenset({".data..ro_after_init", "__jump_table"})
+
+
+def _allocations(elf: Elf, version: Version) -> list[int]:
+    """Lower bounds of the sizes module memory is allocated in: the SHF_ALLOC sections grouped as
+    kernel/module/main.c layout_sections groups them (alignment padding left out, so never an
+    overestimate); one core and one init sum before v6.4, one per mod_mem_type since."""
+    groups: dict[tuple[bool, str], int] = {}
+    info_sections = {elf.find(".modinfo"), elf.find("__versions")}  # rewrite_section_headers
+    for index, (flags, size) in enumerate(zip(elf.shdrs["flags"].tolist(), elf.shdrs["size"].tolist())):
+        if not flags & SHF_ALLOC or index in info_sections:
+            continue
+        name = elf.names[index]
+        kind = ("text" if flags & SHF_EXECINSTR else "ro_after_init" if name in _RO_AFTER_INIT
+                else "data" if flags & SHF_WRITE else "rodata")
+        key = (name.startswith(".init"), kind)
+        groups[key] = groups.get(key, 0) + size
+    if version >= loader.PER_TYPE_ALLOCATION_SINCE:
+        return list(groups.values())
+    return [sum(v for (init, _), v in groups.items() if init is part) for part in (False, True)]
+
+
+def _check_module_area(elf: Elf, name: str, arch: str, view: KernelView, version: Version,
+                       path: str) -> list[Finding]:
+    area = view.module_area
+    if area is None:
+        compute = loader.MODULE_AREA.get(arch)
+        if compute is None:
+            return []
+        area = compute(lambda option: False)  # no .config: the largest area (no KASLR)
+    largest = max(_allocations(elf, version), default=0)
+    if -(-largest // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:  # module_alloc's PAGE_ALIGN
+        return []
+    return [_finding(path, "module", "module-area", version,
+                     f"the module needs {largest} bytes in one piece and the whole module area "
+                     f"is {area} bytes: allocate large buffers at run time (vmalloc/kvmalloc) "
+                     "instead of static arrays", name=name)]
+
+
+# --- stage 5: per-CPU data (percpu_modalloc) -------------------------------------------------
 def _check_percpu(elf: Elf, name: str, view: KernelView, version: Version,
                   path: str) -> list[Finding]:
     index = elf.find(".data..percpu")
@@ -247,7 +290,32 @@ def _check_percpu(elf: Elf, name: str, view: KernelView, version: Version,
     return []
 
 
-# --- stage 5: symbols (simplify_symbols) ------------------------------------------------------
+# --- stage 6: imported namespaces (setup_modinfo) ---------------------------------------------
+def _check_imports(modinfo: dict[str, list[str]], name: str, version: Version,
+                   path: str) -> list[Finding]:
+    if version < RULES["import-module-ns"].since:
+        return []
+    for ns in modinfo.get("import_ns", []):
+        if ns.startswith(loader.MODULE_NS_PREFIX):
+            return [_finding(path, "symbol", "import-module-ns", version,
+                             "a `module:` namespace (EXPORT_SYMBOL_FOR_MODULES) is only for the "
+                             "modules it names and is never imported: drop this MODULE_IMPORT_NS",
+                             name=name, ns=ns)]
+    return []
+
+
+def _module_ns_allows(ns: str, name: str) -> bool:
+    """kernel/module/main.c verify_module_namespace (7.3.4): `name` is one of the patterns
+    after "module:" (a trailing `*` matches any tail; `-` and `_` are alike)."""
+    mod = name.replace("-", "_")
+    for pattern in ns[len(loader.MODULE_NS_PREFIX):].split(","):
+        pattern = pattern.replace("-", "_")
+        if pattern.endswith("*") and mod.startswith(pattern[:-1]) or pattern == mod:
+            return True
+    return False
+
+
+# --- stage 7: symbols (simplify_symbols) ------------------------------------------------------
 def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
                    versions: dict[str, int] | None, name: str, view: KernelView, version: Version,
                    path: str) -> list[Finding]:
@@ -309,9 +377,16 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
                                 name=name, symbol=symbol, err=-EINVAL,
                                 first=_bad_version_line(symbol, versions)))
         elif export.namespace and export.namespace not in imports and not view.allow_missing_ns:
-            out.append(_finding(path, "symbol", "namespace", version,
-                                f"add MODULE_IMPORT_NS({export.namespace}) to the module",
-                                name=name, symbol=symbol, ns=export.namespace, err=-EINVAL))
+            ns = export.namespace
+            if ns.startswith(loader.MODULE_NS_PREFIX) and version >= loader.MODULE_NS_SINCE:
+                if _module_ns_allows(ns, name):
+                    continue
+                fix = (f"the symbol is exported with EXPORT_SYMBOL_FOR_MODULES for the modules "
+                       f"{ns[len(loader.MODULE_NS_PREFIX):]} only: no other module may use it")
+            else:
+                fix = f"add MODULE_IMPORT_NS({ns}) to the module"
+            out.append(_finding(path, "symbol", "namespace", version, fix,
+                                name=name, symbol=symbol, ns=ns, err=-EINVAL))
     return out
 
 
@@ -338,7 +413,7 @@ def _sibling_resolved(syms: Symbols, view: KernelView | None) -> np.ndarray:
     return out
 
 
-# --- stage 7: exports (after relocations) (complete_formation -> verify_exported_symbols) ------------------------
+# --- stage 9: exports, after relocations (complete_formation -> verify_exported_symbols) --------
 def _check_exports(elf: Elf, syms: Symbols, name: str, view: KernelView, version: Version,
                    path: str) -> list[Finding]:
     if view.exports is None:
@@ -353,7 +428,7 @@ def _check_exports(elf: Elf, syms: Symbols, name: str, view: KernelView, version
     return []
 
 
-# --- stage 6: relocations (apply_relocations) ---------------------------------------------------
+# --- stage 8: relocations (apply_relocations) -----------------------------------------------
 def _fits(values: np.ndarray, kind: str) -> np.ndarray:
     """Whether 64-bit values survive truncation to 32 bits as the x86 loader checks it."""
     if kind == "u32":
@@ -732,7 +807,9 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
     if is_module:
         findings += _check_license(modinfo, name, version, path)
         view = kernel or KernelView(rules.arch, version)
+        findings += _check_module_area(elf, name, rules.arch, view, version, path)
         findings += _check_percpu(elf, name, view, version, path)
+        findings += _check_imports(modinfo, name, version, path)
         findings += _check_symbols(elf, syms, modinfo, versions, name, view, version, path)
     findings += _check_relocations(elf, syms, rules, version, name, path, kernel)
     if kernel is not None and is_module:

@@ -47,6 +47,8 @@ class KernelView:
     # sizeof(struct module) of the running kernel, when known (6.12 compares it, see loader.py).
     module_struct_size: int | None = None
     sig_enforce: bool = False
+    # Bytes of the module area for this .config (loader.module_area; None: not modelled).
+    module_area: int | None = None
     # Exports from the modules checked together and from --extra-symbols files; the kernel's own
     # `exports` win over them, as the loader searches vmlinux first (kernel/module/main.c
     # find_symbol).
@@ -168,6 +170,7 @@ def kernel_view(kdir: str) -> KernelView:
         module_struct_size=(struct_module_size(info) if tuple(info.version) >= THIS_MODULE_SINCE
                             else None),
         sig_enforce=info.enabled("MODULE_SIG_FORCE"),
+        module_area=module_area(info.arch, info.enabled),
     )
 
 
@@ -228,6 +231,14 @@ def percpu_reserve(enabled, version: Version) -> int:
     if version >= (6, 10) and enabled("MEM_ALLOC_PROFILING"):
         return 8 << 13
     return 8 << 10
+
+
+def module_area(arch: str, enabled) -> int | None:
+    """MODULES_LEN for this .config (the table and its sources: loader.MODULE_AREA)."""
+    from .loader import MODULE_AREA
+
+    area = MODULE_AREA.get(arch)
+    return area(enabled) if area else None
 
 
 def read_extra_symbols(paths: list[str]) -> dict[str, Export]:

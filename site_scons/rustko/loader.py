@@ -2,7 +2,9 @@
 
 `load_module` (kernel/module/main.c) runs its checks in a fixed order and stops at the first one
 that fails; relocation types live in `rustko.relocs`. Each `Rule` names the function, the file, the
-versions it holds for (read in Debian's 6.1.192 and 6.12.117 sources unless a commit is cited) and
+versions it holds for (read in Debian's 5.10.262, 6.1.192, 6.12.117 and 7.3.4 sources unless a
+commit is cited; before the v5.19 split into kernel/module/, main.c, version.c and signing.c were
+kernel/module.c and kernel/module_signing.c, with the same lines and the same order in 5.10.262) and
 the lines the kernel prints. `order` is the rule's place in `load_module`, so findings sort into the
 order the kernel would meet them and the first one is the line a real `insmod` leaves in the log.
 `errno` is the error the loader returns to insmod (which prints its own words for it).
@@ -14,10 +16,44 @@ Message templates use `str.format` fields: `{name}` module name, `{symbol}`, `{n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .relocs import Version, Versioned
 
 ENOENT, EINVAL = 2, 22
+
+# include/linux/export.h EXPORT_SYMBOL_FOR_MODULES(sym, mods) (7.3.4): the export's namespace is
+# "module:" + a comma-separated list of module names (a trailing `*` globs). kernel/module/main.c
+# verify_module_namespace (7.3.4) lets exactly those modules use it, comparing names with `-`
+# and `_` alike (mod_strncmp); setup_modinfo refuses an explicit import of such a namespace.
+# Neither is in 6.12.117; upstream both came with EXPORT_SYMBOL_GPL_FOR_MODULES in v6.16 (the
+# boundary is not pinned to a commit here).
+MODULE_NS_PREFIX = "module:"
+MODULE_NS_SINCE: Version = (6, 16)
+
+# Module memory is allocated whole (kernel/module/main.c move_module -> module_alloc of
+# core_layout.size, then init_layout.size: 6.1.192) or, since module_memory replaced
+# module_layout (v6.4), one allocation per mod_mem_type (module_memory_alloc: MOD_TEXT,
+# MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT and their init twins; 6.12.117, 7.3.4).
+PER_TYPE_ALLOCATION_SINCE: Version = (6, 4)
+PAGE_SIZE = 4096
+
+
+def _x86_64_modules_len(enabled: Callable[[str], bool]) -> int:
+    """MODULES_LEN = MODULES_END - MODULES_VADDR (arch/x86/include/asm/pgtable_64_types.h,
+    5.10.262, 6.1.192, 6.12.117, 7.3.4): MODULES_VADDR = __START_KERNEL_map (0xffffffff80000000)
+    + KERNEL_IMAGE_SIZE (asm/page_64_types.h: 1 GiB with CONFIG_RANDOMIZE_BASE, else 512 MiB);
+    MODULES_END 0xffffffffff000000, 0xfffffffffe000000 with CONFIG_DEBUG_KMAP_LOCAL_FORCE_MAP.
+    Debian's x86_64 kernels (KASLR): 1008 MiB."""
+    image = (1 << 30) if enabled("RANDOMIZE_BASE") else (512 << 20)
+    end = 0xFFFFFFFFFE000000 if enabled("DEBUG_KMAP_LOCAL_FORCE_MAP") else 0xFFFFFFFFFF000000
+    return end - (0xFFFFFFFF80000000 + image)
+
+
+# Per architecture, the module area's size from the KDIR's .config. Other architectures' areas
+# are not modelled; without a KDIR the largest x86_64 area (1520 MiB) is assumed, so a refusal
+# is only ever missed, never invented.
+MODULE_AREA: dict[str, Callable[[Callable[[str], bool]], int]] = {"x86_64": _x86_64_modules_len}
 
 
 @dataclass(frozen=True)
@@ -85,6 +121,19 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("percpu-reserve", 60, "kernel/module/main.c percpu_modalloc; include/linux/percpu.h "
          "PERCPU_MODULE_RESERVE",
          _v(((0,), "{name}: Could not allocate {raw} bytes percpu data")), "ENOMEM"),
+    # layout_and_allocate -> move_module: module memory larger than the module area. 5.10.262
+    # and 6.1.192: module_alloc (arch/x86/kernel/module.c) returns NULL without a word when
+    # PAGE_ALIGN(size) > MODULES_LEN, and move_module -ENOMEM; since execmem (v6.10; 6.12.117,
+    # 7.3.4) vmalloc fails quietly (__GFP_NOWARN) and execmem_vmalloc prints one line (pr_fmt
+    # "execmem: ").
+    Rule("module-area", 50, f"{_MAIN} layout_and_allocate -> move_module -> module_alloc "
+         "(arch/x86/kernel/module.c, 5.10.262, 6.1.192) / module_memory_alloc -> execmem_alloc "
+         "(mm/execmem.c execmem_vmalloc, 6.12.117, 7.3.4)",
+         _v(((0,), ""), ((6, 10), "execmem: unable to allocate memory")), "ENOMEM"),
+    # setup_modinfo (7.3.4): a "module:" namespace cannot be imported (MODULE_NS_SINCE).
+    Rule("import-module-ns", 65, f"{_MAIN} setup_modinfo (7.3.4; not in 6.12.117)",
+         _v(((0,), "{name}: module tries to import module namespace: {ns}")), "EPERM",
+         since=MODULE_NS_SINCE),
     # simplify_symbols -> resolve_symbol_wait -> resolve_symbol (main.c), check_version
     # (version.c), verify_namespace_is_imported (main.c).
     Rule("common", 70, f"{_MAIN} simplify_symbols (SHN_COMMON)",
@@ -96,6 +145,7 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
     Rule("symbol-version", 70, "kernel/module/version.c check_version via resolve_symbol",
          _v(((0,), "{name}: {first} {symbol}\n{name}: Unknown symbol {symbol} (err {err})")),
          "EINVAL"),
+    # 7.3.4: also for a "module:" namespace the module's name is not in (verify_module_namespace).
     Rule("namespace", 70, f"{_MAIN} verify_namespace_is_imported",
          _v(((0,), "{name}: module uses symbol ({symbol}) from namespace {ns}, but does not "
                    "import it.\n{name}: Unknown symbol {symbol} (err {err})")), "EINVAL"),

@@ -3,8 +3,9 @@
 The loader applies only relocation sections whose target section is SHF_ALLOC
 (kernel/module/main.c `apply_relocations`), processes them in section order and stops at
 the first relocation it refuses, printing one of the messages below. Every row was read in
-the Debian sources of 6.1.192 (`linux-source-6.1`) and 6.12.117 (`linux-source-6.12`); the
-version where a row starts is the upstream commit cited beside it.
+the Debian sources of 5.10.262 (`linux-source-5.10`, bullseye), 6.1.192 (`linux-source-6.1`),
+6.12.117 (`linux-source-6.12`) and 7.3.4 (`linux-source-7.3`, trixie-backports); the version
+where a row starts is the upstream commit cited beside it.
 
 Message templates use `str.format` fields: `{name}` module name, `{type}` relocation number,
 `{val}` S+A as the kernel prints it with %Lx, `{loc}` the %p-hashed target address (never
@@ -168,7 +169,8 @@ X86_UNKNOWN = Versioned((((0,), "module: {name}: Unknown rela relocation: {type}
 # Patch 'x86/module: Improve relocation error messages' (Josh Poimboeuf, with the klp-build
 # series, v6.19; the exact first release is not pinned here) adds "sec N idx N" to the overflow
 # line and "sec N, idx N" to the nonzero line, and prints loc unhashed (%lx): N are the RELA
-# section's index and the entry's index in it.
+# section's index and the entry's index in it. Text of 7.3.4's __write_relocate_add, and seen
+# in Debian's real 7.3 kernel (tests/test_check_loader.py).
 KLP_MESSAGES: Version = (6, 19)
 X86_OVERFLOW = Versioned((
     ((0,), "module: overflow in relocation type {type} val {val}\n"
@@ -177,7 +179,8 @@ X86_OVERFLOW = Versioned((
                    "module: `{name}' likely not compiled with -mcmodel=kernel"),
 ))
 X86_NONZERO = Versioned((
-    # commit eda9cec4c9a1 'x86/module: Detect and skip invalid relocations' (v5.8); 6.1.192 text.
+    # commit eda9cec4c9a1 'x86/module: Detect and skip invalid relocations' (v5.8); 5.10.262 and
+    # 6.1.192 text (both check the bytes before the overflow, each type in its own case).
     ((5, 8), "module: x86/modules: Skipping invalid relocation target, existing value is nonzero "
              "for type {type}, loc {loc}, val {val}"),
     # commit 0c05e7bd2d01 'livepatch,x86: Clear relocation targets on a module removal' (v6.3);
