@@ -56,7 +56,7 @@ class Target:
     def sysroot(self, log: Callable[[str, list[str]], None] | None = None,
                 crates: Sequence[str] = sysroot.ALWAYS) -> sysroot.Sysroot:
         """The sysroot with at least `crates`: the missing ones built now (a few stats otherwise)."""
-        return sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel), log, self.sysroot_key,
+        return sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel, self.toolchain.version), log, self.sysroot_key,
                               crates)
 
     @property
@@ -88,7 +88,7 @@ def resolve(options: Options) -> Target:
                               "e.g. openssl req -new -x509 -newkey rsa:4096 -nodes -days 3650 -subj "
                               "'/CN=my modules/' -keyout signing_key.pem -out signing_key.x509 -outform DER")
     tools = toolchain.find(options.rustc, options.rust_lib_src)
-    target = Target(options=options, kernel=kernel, toolchain=tools, flags=flagset.codegen_flags(kernel))
+    target = Target(options=options, kernel=kernel, toolchain=tools, flags=flagset.codegen_flags(kernel, tools.version))
     _require_c_tools(target)
     return target
 
@@ -121,7 +121,7 @@ class CrateOutput:
 def planned_sysroot(target: Target) -> sysroot.Sysroot:
     """Where `target.sysroot()` puts the sysroot: known before it is built, so that the rustc
     command line (part of each object's SCons signature) can be written down first."""
-    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=flagset.target(target.kernel))
+    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=flagset.target(target.kernel, target.toolchain.version))
 
 
 def scratch_dir(obj: Path) -> Path:
@@ -249,8 +249,8 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
     _refuse_runtime_gaps(name, undefined)
     if entry and entry not in symbols:
         raise RustkoError(f"the crate of module {name} defines no `{entry}`",
-                          'add `#[unsafe(no_mangle)] pub extern "C" fn rust_init() -> i32` '
-                          "(return 0 or a negative errno)", exit_code=1)
+                          'add `#[no_mangle] pub extern "C" fn rust_init() -> i32` '
+                          "(`#[unsafe(no_mangle)]` in edition 2024; return 0 or a negative errno)", exit_code=1)
     return CrateOutput(obj=obj, dep_file=dep_file)
 
 

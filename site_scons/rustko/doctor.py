@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         problems += found is None and step != "vmtest"
         print(_line(found is not None, program, f"{found or f'not found (apt-get install {package})'}  [{step}]"))
     print("flags (each mirrors the kernel Makefile line after it):")
-    for flag, source in flags.explain(kernel):
+    for flag, source in flags.explain(kernel, tools.version):
         print(f"  {flag:<48} {source}")
     for flag in flags.config_cfgs(kernel):
         print(f"  {flag:<48} scripts/Makefile.lib: rust_flags = ... @$(objtree)/include/generated/rustc_cfg "

@@ -41,23 +41,23 @@ fn udivmod(n: u128, d: u128) -> (u128, u128) {
     (quot, rem)
 }
 
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn __udivti3(n: u128, d: u128) -> u128 {
     udivmod(n, d).0
 }
 
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn __umodti3(n: u128, d: u128) -> u128 {
     udivmod(n, d).1
 }
 
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn __divti3(n: i128, d: i128) -> i128 {
     let q = udivmod(n.unsigned_abs(), d.unsigned_abs()).0 as i128;
     if (n < 0) != (d < 0) { q.wrapping_neg() } else { q }
 }
 
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn __modti3(n: i128, d: i128) -> i128 {
     let r = udivmod(n.unsigned_abs(), d.unsigned_abs()).1 as i128;
     if n < 0 { r.wrapping_neg() } else { r }
