@@ -125,6 +125,16 @@ def _candidates() -> list[Path]:
     return seen
 
 
+def require_supported(version: str, rustc: Path) -> None:
+    """Refuse a rustc older than MIN_RUSTC before it fails on a flag or on the support crate."""
+    if rustc_version(version) < rustc_version(MIN_RUSTC):
+        raise RustkoError(
+            f"rustc {version} ({rustc}) is too old: rustko needs rustc {MIN_RUSTC} or newer "
+            "(the kernel's own minimum, scripts/min-tool-version.sh)",
+            "on Debian 11: `apt-get install rustc-web rust-web-src` (1.78 or newer; plain `rustc` is 1.48); "
+            + INSTALL_HINT)
+
+
 def _root_of(rustc: Path) -> Path | None:
     """The rustko Debian root (`etc/rustko-root` at its top) that `rustc` lies in, if any."""
     for parent in rustc.absolute().parents:
@@ -160,12 +170,7 @@ def _check(rustc: Path, lib_src_override: str | None) -> Toolchain:
     if root is not None:
         rustc = _through_root(rustc, root)
     version, verbose = _version(rustc)
-    if rustc_version(version) < rustc_version(MIN_RUSTC):
-        raise RustkoError(
-            f"rustc {version} ({rustc}) is too old: rustko needs rustc {MIN_RUSTC} or newer "
-            "(the kernel's own minimum, scripts/min-tool-version.sh)",
-            "on Debian 11: `apt-get install rustc-web rust-web-src` (1.78 or newer; plain `rustc` is 1.48); "
-            + INSTALL_HINT)
+    require_supported(version, rustc)
     lib_src = Path(lib_src_override) if lib_src_override else _sysroot_src(rustc)
     if not _has_sources(lib_src):
         origin = "RUST_LIB_SRC" if lib_src_override else f"`{rustc} --print sysroot`"
