@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +28,13 @@ from rustko.kernel import probe
 from test_support import TEMPLATE_LOG, TEMPLATE_PARAMS, TEMPLATE_RUNS
 
 RELEASE = "5.10.0-32-amd64"
+ARM64 = "5.10.0-32-arm64"
 # bullseye's rustc-web 1.78 (bullseye main); bullseye-security's newer rustc-web would win without the pin.
 RUST_178 = "1.78.0+dfsg1-2~deb11u3"
 PACKAGES_178 = ("rustc-web", "rust-web-src", "libstd-rust-web-dev", "libstd-rust-web-1.78")
 HOST_RUSTC = Path("/usr/bin/rustc")
-HELLO = "hello from Rust: sorted [2, 3, 5, 7, 11, 13], sum 41"
+HELLO = re.escape("hello from Rust: sorted [2, 3, 5, 7, 11, 13], sum 41")
+CGLOBAL = r"C global read from Rust: direct (\d+), via accessor \1, after \+1 \d+$"
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +42,13 @@ def kdir510() -> Path:
     if os.geteuid() != 0:
         pytest.fail("bullseye's rustc and the 5.10 KDIR live in a Debian root: run the tests as root")
     proc = rustko("kdir", "--release", RELEASE, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def kdir510arm64(kdir510: Path) -> Path:
+    proc = rustko("kdir", "--release", ARM64, timeout=1800)
     assert proc.returncode == 0, proc.stderr
     return Path(proc.stdout.strip())
 
@@ -113,27 +123,35 @@ def _build_and_boot(project: Path, kdir: Path, rustc: Path, name: str,
                     run: list[str], params: list[str]) -> tuple[subprocess.CompletedProcess[str], vm.VmResult | None]:
     built = scons(project, f"KDIR={kdir}", f"RUSTC={rustc}")
     ko = project / "build" / f"{name}.ko"
-    return built, (vm.vmtest(ko, run=run, params=params, timeout=400) if ko.is_file() else None)
+    return built, (vm.vmtest(ko, arch=vm.arch_of(ko), run=run, params=params, timeout=400)
+                   if ko.is_file() else None)
 
 
 @pytest.fixture(scope="session")
-def booted(tmp_path_factory: pytest.TempPathFactory, kdir510: Path, rustc178: Path) -> dict[str, tuple]:
-    """Every template, examples/hello and the support crate's runtime test module, built by
-    rustc 1.78 for 5.10 and each loaded in the real 5.10 kernel (two QEMUs at a time)."""
+def booted(tmp_path_factory: pytest.TempPathFactory, kdir510: Path, kdir510arm64: Path,
+           rustc178: Path) -> dict[str, tuple]:
+    """Every template, both examples and the support crate's runtime test module, built by
+    rustc 1.78 for 5.10 amd64 and each loaded in the real 5.10 kernel (two QEMUs at a time); one
+    template for arm64 too (rustc 1.78 spells the target aarch64-unknown-none -Ctarget-feature=-neon)."""
     base = tmp_path_factory.mktemp("rustc178")
-    jobs: dict[str, tuple[Path, str, list[str], list[str]]] = {}
+    jobs: dict[str, tuple[Path, Path, str, list[str], list[str]]] = {}
     for template, (commands, _) in TEMPLATE_RUNS.items():
         project = base / template / "demo"
         created = rustko("new", "demo", "--template", template, "--dir", str(project))
         assert created.returncode == 0, created.stderr
-        jobs[template] = (project, "demo", commands, TEMPLATE_PARAMS.get(template, []))
-    jobs["examples/hello"] = (copy_example(base / "example" / "hello"), "hello", [], [])
+        jobs[template] = (project, kdir510, "demo", commands, TEMPLATE_PARAMS.get(template, []))
+    arm64 = base / "arm64" / "demo"
+    created = rustko("new", "demo", "--template", "chardev", "--dir", str(arm64))
+    assert created.returncode == 0, created.stderr
+    jobs["chardev-arm64"] = (arm64, kdir510arm64, "demo", TEMPLATE_RUNS["chardev"][0], [])
+    for example in ("hello", "cglobal"):
+        jobs[f"examples/{example}"] = (copy_example(base / "examples" / example, example), kdir510, example, [], [])
     runtime = base / "runtime"
     shutil.copytree(REPO / "tests/modules/runtime", runtime, ignore=shutil.ignore_patterns("build"))
-    jobs["runtime"] = (runtime, "runtime", [], [])
+    jobs["runtime"] = (runtime, kdir510, "runtime", [], [])
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {key: pool.submit(_build_and_boot, project, kdir510, rustc178, name, run, params)
-                   for key, (project, name, run, params) in jobs.items()}
+        futures = {key: pool.submit(_build_and_boot, project, kdir, rustc178, name, run, params)
+                   for key, (project, kdir, name, run, params) in jobs.items()}
         results = {key: (jobs[key][0], *future.result()) for key, future in futures.items()}
     panicked = vm.vmtest(runtime / "build" / "runtime_panic.ko", timeout=400)
     results["runtime_panic"] = (runtime, results["runtime"][1], panicked)
@@ -146,13 +164,14 @@ def _built_by_178(project: Path, name: str) -> None:
     assert "/usr/src/rustc-1.78.0/library" in info["rustc"]["library"]
 
 
-@pytest.mark.parametrize("template", list(TEMPLATE_RUNS))
-def test_template_built_by_rustc_1_78_works_in_the_real_5_10_kernel(booted: dict[str, tuple], template: str) -> None:
-    project, built, result = booted[template]
+@pytest.mark.parametrize("job", [*TEMPLATE_RUNS, "chardev-arm64"])
+def test_template_built_by_rustc_1_78_works_in_the_real_5_10_kernel(booted: dict[str, tuple], job: str) -> None:
+    template, release = ("chardev", ARM64) if job == "chardev-arm64" else (job, RELEASE)
+    project, built, result = booted[job]
     assert built.returncode == 0, built.stdout + built.stderr
     _built_by_178(project, "demo")
     assert result is not None and result.ok, result and (result.failure or result.console[-3000:])
-    assert vm.read_module(project / "build" / "demo.ko").vermagic.split()[0] == RELEASE
+    assert vm.read_module(project / "build" / "demo.ko").vermagic.split()[0] == release
     for line in TEMPLATE_LOG[template]:
         assert line in result.module_log, result.module_log
     assert all(status == 0 for _cmd, status, _out in result.commands), result.commands
@@ -160,12 +179,14 @@ def test_template_built_by_rustc_1_78_works_in_the_real_5_10_kernel(booted: dict
         assert want in got, result.commands
 
 
-def test_examples_hello_built_by_rustc_1_78_loads_in_5_10(booted: dict[str, tuple]) -> None:
-    project, built, result = booted["examples/hello"]
+@pytest.mark.parametrize("example", ["hello", "cglobal"])
+def test_example_built_by_rustc_1_78_loads_in_5_10(booted: dict[str, tuple], example: str) -> None:
+    project, built, result = booted[f"examples/{example}"]
     assert built.returncode == 0, built.stdout + built.stderr
-    _built_by_178(project, "hello")
+    _built_by_178(project, example)
     assert result is not None and result.ok, result and (result.failure or result.console[-3000:])
-    assert any(line.endswith(HELLO) for line in result.module_log), result.module_log
+    wanted = HELLO if example == "hello" else CGLOBAL
+    assert any(re.search(wanted, line) for line in result.module_log), result.module_log
 
 
 def test_support_crate_runtime_built_by_rustc_1_78_in_5_10(booted: dict[str, tuple]) -> None:
