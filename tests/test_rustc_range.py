@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -110,6 +111,56 @@ def test_flag_rows_follow_the_rustc_that_compiles(rustc178: Path, kdir510: Path)
     middle = flags.codegen_flags(k612, "1.85.1")
     assert "-Zno-jump-tables" in middle and "-Cjump-tables=n" not in middle
     assert any(flag.startswith("-Zpatchable-function-entry=") for flag in middle)
+
+
+NO_CORE = "#![feature(no_core)]\n#![no_core]\n"  # nothing to compile but the options
+ARCHES = ("x86_64", "um", "arm64", "riscv64")
+
+
+def _compile(rustc: Path, flags_: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
+    (tmp / "t.rs").write_text(NO_CORE)
+    return subprocess.run([str(rustc), "--crate-type=lib", "--emit=obj", *flags_, "t.rs", "-o", "t.o"],
+                          cwd=tmp, capture_output=True, text=True, env={**os.environ, "RUSTC_BOOTSTRAP": "1"})
+
+
+def _row_groups(arch: str, version: str) -> list[list[str]]:
+    """The flags of the rows for `arch` that hold for rustc `version`, grouped by the config
+    symbols that enable them (rows of one group go together; different groups may exclude each
+    other, e.g. the two -Zbranch-protection rows). A group this rustc refuses is left out."""
+    tools = flags.rustc_version(version)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    refused: set[tuple[str, ...]] = set()
+    for rule in flags.FLAG_RULES:
+        if (rule.arches and arch not in rule.arches) or not flags._in_range(rule, tools):
+            continue
+        if rule.refuse:
+            refused.add(rule.when)
+        groups.setdefault(rule.when, []).extend(
+            flag.replace("{FUNCTION_PADDING_BYTES}", "16") for flag in rule.flags)
+    return [group for when, group in groups.items() if when not in refused and group]
+
+
+@pytest.mark.parametrize("which", ["1.78", "host"])
+def test_every_row_in_range_is_accepted_by_that_real_rustc(rustc178: Path, tmp_path: Path, which: str) -> None:
+    """The rows rustko picks for a rustc are options that rustc knows (an unknown one is an
+    error), and the spelling of the other end of each range is refused by it: the ranges are real."""
+    tools = toolchain.find(str(rustc178 if which == "1.78" else HOST_RUSTC))
+    for arch in ARCHES:
+        kernel = SimpleNamespace(arch=arch)  # flags.target reads only the architecture
+        target = flags.target(kernel, tools.version)  # type: ignore[arg-type]
+        for group in _row_groups(arch, tools.version):
+            proc = _compile(tools.rustc, ["--target", target, *group], tmp_path)
+            assert proc.returncode == 0, (arch, group, proc.stderr)
+    other = "1.96.0" if which == "1.78" else "1.78.0"
+
+    def spellings(version: str) -> set[str]:
+        return {flag for group in _row_groups("x86_64", version) for flag in group}
+
+    foreign = sorted(flag for flag in spellings(other) - spellings(tools.version) if flag.startswith(("-Z", "-Cjump")))
+    assert foreign
+    for flag in foreign:
+        proc = _compile(tools.rustc, ["--target", "x86_64-unknown-none", flag], tmp_path)
+        assert proc.returncode != 0 and "unknown" in proc.stderr, (flag, proc.stderr)
 
 
 def test_a_rustc_older_than_1_78_is_refused_with_the_reason() -> None:

@@ -82,8 +82,9 @@ FLAG_RULES: tuple[FlagRule, ...] = (
     # The kernel enables retpolines through its target.json, whatever the rustc:
     # scripts/generate_rust_target.rs (6.12, 7.3.4) if cfg.has("MITIGATION_RETPOLINE") { features
     # += ",+retpoline-external-thunk,+retpoline-indirect-branches,+retpoline-indirect-calls" }.
-    # rustc >= 1.89 has a flag for the three (rust-lang/rust#135927) and warns on the features;
-    # older rustc knows only the features (and warns that they are unknown, as 1.78 does).
+    # Later rustc has a flag for the three (rust-lang/rust#135927, 2025: 1.96 has it and warns on
+    # the features; trixie's 1.85.1 lacks it, seen here); older rustc knows only the features (and
+    # warns that they are unknown, as 1.78 does). 1.89 is the boundary by the PR's date.
     FlagRule(("-Zretpoline-external-thunk",),
              "scripts/generate_rust_target.rs (6.12, 7.3.4): MITIGATION_RETPOLINE -> features "
              "+retpoline-external-thunk,+retpoline-indirect-branches,+retpoline-indirect-calls "
