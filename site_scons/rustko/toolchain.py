@@ -21,7 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache
+from . import cache, roots
 from .errors import RustkoError
 
 Version = tuple[int, int, int]
@@ -135,14 +135,6 @@ def require_supported(version: str, rustc: Path) -> None:
             + INSTALL_HINT)
 
 
-def _root_of(rustc: Path) -> Path | None:
-    """The rustko Debian root (`etc/rustko-root` at its top) that `rustc` lies in, if any."""
-    for parent in rustc.absolute().parents:
-        if (parent / "etc" / "rustko-root").is_file():
-            return parent
-    return None
-
-
 def _through_root(rustc: Path, root: Path) -> Path:
     """A launcher for a rustc installed in a Debian root: the root's loader and libraries run it
     on the host (rustc and the sysroot stay on the host, as for every other rustc). Cached by
@@ -166,7 +158,7 @@ def _through_root(rustc: Path, root: Path) -> Path:
 
 
 def _check(rustc: Path, lib_src_override: str | None) -> Toolchain:
-    root = _root_of(rustc)
+    root = roots.owning(rustc.absolute().parent)
     if root is not None:
         rustc = _through_root(rustc, root)
     version, verbose = _version(rustc)
