@@ -31,7 +31,7 @@ class FlagRule:
     arches: tuple[str, ...] = ()   # empty: every architecture
     when: tuple[str, ...] = ()     # any of these CONFIG_ symbols is y (old and new spellings)
     unless: tuple[str, ...] = ()   # none of these is y
-    rustc: tuple[str | None, str | None] = (None, None)  # [min, max): "1.93" is rustc-min-version,108300
+    rustc: tuple[str | None, str | None] = (None, None)  # [min, max): "1.93" is rustc-min-version,109300
     refuse: str = ""               # this rustc cannot build for such a kernel: why (the build stops)
 
 
@@ -202,10 +202,9 @@ def _rules(kernel: KernelInfo, rustc: str | None) -> list[FlagRule]:
     rules = [rule for rule in FLAG_RULES if _applies(rule, kernel, version)]
     for rule in rules:
         if rule.refuse:
-            low, high = rule.rustc
             raise RustkoError(
                 f"rustc {rustc} cannot build modules for kernel {kernel.release}: {rule.refuse} ({rule.source})",
-                f"use a rustc >= {high}: e.g. Debian 12's rustc-web with RUSTC=/usr/bin/rustc")
+                f"use a rustc >= {rule.rustc[1]}: e.g. Debian 12's rustc-web with RUSTC=/usr/bin/rustc")
     return rules
 
 
