@@ -56,8 +56,8 @@ class Target:
     def sysroot(self, log: Callable[[str, list[str]], None] | None = None,
                 crates: Sequence[str] = sysroot.ALWAYS) -> sysroot.Sysroot:
         """The sysroot with at least `crates`: the missing ones built now (a few stats otherwise)."""
-        return sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel, self.toolchain.version), log, self.sysroot_key,
-                              crates)
+        return sysroot.ensure(self.toolchain, self.flags, flagset.target(self.kernel, self.toolchain.version),
+                              log, self.sysroot_key, crates)
 
     @property
     def linker(self) -> str:
@@ -121,7 +121,8 @@ class CrateOutput:
 def planned_sysroot(target: Target) -> sysroot.Sysroot:
     """Where `target.sysroot()` puts the sysroot: known before it is built, so that the rustc
     command line (part of each object's SCons signature) can be written down first."""
-    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key, target=flagset.target(target.kernel, target.toolchain.version))
+    return sysroot.Sysroot(path=cache.cache_root() / "sysroot" / target.sysroot_key,
+                           target=flagset.target(target.kernel, target.toolchain.version))
 
 
 def scratch_dir(obj: Path) -> Path:
