@@ -1,8 +1,8 @@
 """rustc 1.78 (bullseye's rustc-web, the kernel's own minimum since 6.11) to the newest: the flag
 rows that Kbuild conditions on `rustc-min-version` follow the rustc that compiles, and the support
-crate, every template and examples/hello built by bullseye's rustc-web 1.78 (installed in
+crate, every template and both examples built by bullseye's rustc-web 1.78 (installed in
 rustko's bullseye root, run on the host with that root's own libraries) load in Debian's real
-5.10 kernel under QEMU.
+5.10 kernel under QEMU (amd64; one template on arm64 too).
 
 The bullseye root is the one `rustko kdir --release 5.10.0-32-amd64` prepares for Kbuild
 (/var/tmp/rustko-debian, shared with test_generations); the 1.78 packages (about 40 MB) join it
@@ -59,6 +59,7 @@ def rustc178(kdir510: Path) -> Path:
     """bullseye's rustc 1.78 in the bullseye root (the root that builds for the 5.10 KDIR)."""
     root = roots.owning(kdir510)
     assert root is not None
+
     def version(package: str) -> str:
         return subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${Version}", package],
                               capture_output=True, text=True).stdout
