@@ -93,7 +93,7 @@ def resolve(options: Options) -> Target:
     tools = toolchain.find(options.rustc, options.rust_lib_src)
     spec = targetspec.choose(kernel, tools)
     target = Target(options=options, kernel=kernel, toolchain=tools,
-                    flags=targetspec.apply(spec, flagset.codegen_flags(kernel)), spec=spec)
+                    flags=targetspec.apply(spec, flagset.codegen_flags(kernel, tools.version)), spec=spec)
     _require_c_tools(target)
     return target
 
@@ -254,8 +254,8 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
     _refuse_runtime_gaps(name, undefined)
     if entry and entry not in symbols:
         raise RustkoError(f"the crate of module {name} defines no `{entry}`",
-                          'add `#[unsafe(no_mangle)] pub extern "C" fn rust_init() -> i32` '
-                          "(return 0 or a negative errno)", exit_code=1)
+                          'add `#[no_mangle] pub extern "C" fn rust_init() -> i32` '
+                          "(`#[unsafe(no_mangle)]` in edition 2024; return 0 or a negative errno)", exit_code=1)
     return CrateOutput(obj=obj, dep_file=dep_file)
 
 

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         print(_line(found is not None, program, f"{found or f'not found (apt-get install {package})'}  [{step}]"))
     print_spec(target)
     print("flags (each mirrors the kernel Makefile line after it):")
-    for flag, source in flags.explain(kernel):
+    for flag, source in flags.explain(kernel, tools.version):
         if flag.startswith("--target ") and target.spec.custom:
             flag, source = (f"--target {target.spec.path} -Zunstable-options",
                             "arch/x86/Makefile (6.12, 7.3.4): KBUILD_RUSTFLAGS += --target=$(objtree)/scripts/target.json "

@@ -3,6 +3,11 @@
 Each row mirrors a line of the kernel's own Makefiles (Linux 6.12 unless noted), so that Rust code
 built here is compiled the way Kbuild compiles in-tree Rust for the same .config. Where Debian's
 headers have no CONFIG_RUST, the rows still apply: they describe the kernel's ABI, not its Rust.
+
+A row may hold for a range of rustc releases only, as Kbuild's `rustc-min-version` conditions
+(scripts/Makefile.compiler, 6.12 and 7.3.4): the same option is spelled differently across
+1.78 (the oldest rustc rustko supports) to today's, and a few kernel options need a newer rustc
+than 1.78 at all (init/Kconfig `config RUST ... depends on`): such a row refuses the build.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from . import arch, cache
+from .errors import RustkoError
 from .kernel import KernelInfo
+from .toolchain import Version, rustc_version
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,16 @@ class FlagRule:
     arches: tuple[str, ...] = ()   # empty: every architecture
     when: tuple[str, ...] = ()     # any of these CONFIG_ symbols is y (old and new spellings)
     unless: tuple[str, ...] = ()   # none of these is y
+    rustc: tuple[str | None, str | None] = (None, None)  # [min, max): "1.93" is rustc-min-version,109300
+    refuse: str = ""               # this rustc cannot build for such a kernel: why (the build stops)
+
+
+def _in_range(rule: FlagRule, rustc: Version | None) -> bool:
+    """Whether `rustc` lies in the rule's range; None (no rustc known) counts as the newest."""
+    low, high = rule.rustc
+    if rustc is None:
+        return high is None
+    return (low is None or rustc >= rustc_version(low)) and (high is None or rustc < rustc_version(high))
 
 
 FLAG_RULES: tuple[FlagRule, ...] = (
@@ -63,22 +80,43 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              "-Ctarget-cpu=x86-64 -Ztune-cpu=generic",
              arches=("x86_64",), when=("X86_64",),
              unless=("GENERIC_CPU", "X86_NATIVE_CPU", "MK8", "MPSC", "MCORE2", "MATOM")),
+    # The kernel enables retpolines through its target.json, whatever the rustc:
+    # scripts/generate_rust_target.rs (6.12, 7.3.4) if cfg.has("MITIGATION_RETPOLINE") { features
+    # += ",+retpoline-external-thunk,+retpoline-indirect-branches,+retpoline-indirect-calls" }.
+    # Later rustc has a flag for the three (rust-lang/rust#135927, 2025: 1.96 has it and warns on
+    # the features; trixie's 1.85.1 lacks it, seen here); older rustc knows only the features (and
+    # warns that they are unknown, as 1.78 does). 1.89 is the boundary by the PR's date.
     FlagRule(("-Zretpoline-external-thunk",),
-             "arch/x86/Makefile: RETPOLINE_RUSTFLAGS (rustc >= 1.80 spells +retpoline-external-thunk this way)",
-             arches=("x86_64",), when=("MITIGATION_RETPOLINE", "RETPOLINE")),
+             "scripts/generate_rust_target.rs (6.12, 7.3.4): MITIGATION_RETPOLINE -> features "
+             "+retpoline-external-thunk,+retpoline-indirect-branches,+retpoline-indirect-calls "
+             "(rustc >= 1.89: -Zretpoline-external-thunk, which enables the three)",
+             arches=("x86_64",), when=("MITIGATION_RETPOLINE", "RETPOLINE"), rustc=("1.89", None)),
+    FlagRule(("-Ctarget-feature=+retpoline-external-thunk,+retpoline-indirect-branches,+retpoline-indirect-calls",),
+             "scripts/generate_rust_target.rs (6.12, 7.3.4): MITIGATION_RETPOLINE -> features "
+             "+retpoline-external-thunk,+retpoline-indirect-branches,+retpoline-indirect-calls "
+             "(rustc < 1.89 has no -Zretpoline-external-thunk)",
+             arches=("x86_64",), when=("MITIGATION_RETPOLINE", "RETPOLINE"), rustc=(None, "1.89")),
     FlagRule(("-Zfunction-return=thunk-extern",),
              "arch/x86/Makefile (6.12, 7.3.4): ifdef CONFIG_MITIGATION_RETHUNK RETHUNK_RUSTFLAGS := "
              "-Zfunction-return=thunk-extern; 5.10.262 has C only: Makefile ifdef CONFIG_RETHUNK "
              "RETHUNK_CFLAGS := -mfunction-return=thunk-extern (the same __x86_return_thunk)",
              arches=("x86_64",), when=("MITIGATION_RETHUNK", "RETHUNK")),
     FlagRule(("-Zcf-protection=branch", "-Cjump-tables=n"),
-             "arch/x86/Makefile: ifeq ($(CONFIG_X86_KERNEL_IBT),y) KBUILD_RUSTFLAGS += -Zcf-protection=branch -Cjump-tables=n "
-             "(7.3.4: -Cjump-tables=n for rustc >= 1.93, else -Zno-jump-tables; 5.10 has no IBT)",
-             arches=("x86_64",), when=("X86_KERNEL_IBT",)),
+             "arch/x86/Makefile (6.12, 7.3.4): ifeq ($(CONFIG_X86_KERNEL_IBT),y) KBUILD_RUSTFLAGS += -Zcf-protection=branch "
+             "$(if $(call rustc-min-version,109300),-Cjump-tables=n,-Zno-jump-tables) (5.10 has no IBT)",
+             arches=("x86_64",), when=("X86_KERNEL_IBT",), rustc=("1.93", None)),
+    FlagRule(("-Zcf-protection=branch", "-Zno-jump-tables"),
+             "arch/x86/Makefile (6.12, 7.3.4): ifeq ($(CONFIG_X86_KERNEL_IBT),y) KBUILD_RUSTFLAGS += -Zcf-protection=branch "
+             "$(if $(call rustc-min-version,109300),-Cjump-tables=n,-Zno-jump-tables)",
+             arches=("x86_64",), when=("X86_KERNEL_IBT",), rustc=(None, "1.93")),
     FlagRule(("-Zpatchable-function-entry={FUNCTION_PADDING_BYTES},{FUNCTION_PADDING_BYTES}",),
              "arch/x86/Makefile (6.12, 7.3.4): ifdef CONFIG_CALL_PADDING PADDING_RUSTFLAGS := "
              "-Zpatchable-function-entry=... (5.10 has no CALL_PADDING)",
-             arches=("x86_64",), when=("CALL_PADDING",)),
+             arches=("x86_64",), when=("CALL_PADDING",), rustc=("1.81", None)),
+    FlagRule((), "init/Kconfig (6.12): config RUST ... depends on !CALL_PADDING || RUSTC_VERSION >= 108100",
+             arches=("x86_64",), when=("CALL_PADDING",), rustc=(None, "1.81"),
+             refuse="the kernel pads every function (CONFIG_CALL_PADDING) and rustc learnt "
+                    "-Zpatchable-function-entry in 1.81"),
     # UML (arch/um/Makefile includes arch/x86/Makefile.um, never arch/x86/Makefile): no kernel
     # code model and no -mno-red-zone. UML's kernel is a host process linked at 0x60000000 and its
     # modules are vmalloc'ed above its physical memory (arch/um/include/asm/pgtable.h), at any
@@ -99,6 +137,10 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              "the red zone; x86_64-unknown-none would disable it",
              arches=("um",)),
     # arch/arm64/Makefile
+    FlagRule(('-Ctarget-feature=-neon',),
+             'arch/arm64/Makefile (6.12, 7.3.4): ifeq ($(call rustc-min-version, 108500),y) '
+             '--target=aarch64-unknown-none-softfloat else --target=aarch64-unknown-none -Ctarget-feature="-neon"',
+             arches=("arm64",), rustc=(None, "1.85")),
     FlagRule(("-Zbranch-protection=bti,pac-ret",),
              "arch/arm64/Makefile: ifeq ($(CONFIG_ARM64_BTI_KERNEL),y) KBUILD_RUSTFLAGS += -Zbranch-protection=bti,pac-ret",
              arches=("arm64",), when=("ARM64_BTI_KERNEL",)),
@@ -106,7 +148,11 @@ FLAG_RULES: tuple[FlagRule, ...] = (
              "arch/arm64/Makefile: else ifeq ($(CONFIG_ARM64_PTR_AUTH_KERNEL),y) -Zbranch-protection=pac-ret",
              arches=("arm64",), when=("ARM64_PTR_AUTH_KERNEL",), unless=("ARM64_BTI_KERNEL",)),
     FlagRule(("-Zfixed-x18",), "arch/arm64/Makefile: ifeq ($(CONFIG_SHADOW_CALL_STACK),y) KBUILD_RUSTFLAGS += -Zfixed-x18",
-             arches=("arm64",), when=("SHADOW_CALL_STACK",)),
+             arches=("arm64",), when=("SHADOW_CALL_STACK",), rustc=("1.80", None)),
+    FlagRule((), "arch/arm64/Kconfig (6.12): config RUSTC_SUPPORTS_ARM64 ... depends on !SHADOW_CALL_STACK || "
+                 "RUSTC_VERSION >= 108200 || RUSTC_VERSION >= 108000 && UNWIND_PATCH_PAC_INTO_SCS",
+             arches=("arm64",), when=("SHADOW_CALL_STACK",), rustc=(None, "1.80"),
+             refuse="the kernel reserves x18 for its shadow call stack and rustc learnt -Zfixed-x18 in 1.80"),
     # The two rows below mirror 6.12 lines that Debian's arm64 configs (6.1, 6.12) do not enable.
     FlagRule(("-Zsanitizer=shadow-call-stack",),
              "Makefile: ifdef CONFIG_SHADOW_CALL_STACK / ifndef CONFIG_DYNAMIC_SCS KBUILD_RUSTFLAGS += "
@@ -142,12 +188,25 @@ def sysroot_shared(rustflags: Sequence[str]) -> list[str]:
     return out
 
 
-def _applies(rule: FlagRule, kernel: KernelInfo) -> bool:
+def _applies(rule: FlagRule, kernel: KernelInfo, rustc: Version | None) -> bool:
     if rule.arches and kernel.arch not in rule.arches:
         return False
     if rule.when and not any(kernel.enabled(sym) for sym in rule.when):
         return False
-    return not any(kernel.enabled(sym) for sym in rule.unless)
+    return not any(kernel.enabled(sym) for sym in rule.unless) and _in_range(rule, rustc)
+
+
+def _rules(kernel: KernelInfo, rustc: str | None) -> list[FlagRule]:
+    """The rows for this kernel and rustc (`-vV`'s release, e.g. "1.78.0"; None: the newest).
+    A refusing row stops the build here, before any rustc runs."""
+    version = rustc_version(rustc) if rustc else None
+    rules = [rule for rule in FLAG_RULES if _applies(rule, kernel, version)]
+    for rule in rules:
+        if rule.refuse:
+            raise RustkoError(
+                f"rustc {rustc} cannot build modules for kernel {kernel.release}: {rule.refuse} ({rule.source})",
+                f"use a rustc >= {rule.rustc[1]}: e.g. Debian 12's rustc-web with RUSTC=/usr/bin/rustc")
+    return rules
 
 
 def _expand(flag: str, kernel: KernelInfo) -> str:
@@ -155,29 +214,47 @@ def _expand(flag: str, kernel: KernelInfo) -> str:
     return flag.format(**{name: kernel.value(name) or "" for name in names})
 
 
-def target(kernel: KernelInfo) -> str:
-    return arch.resolve(kernel.arch).rust_target
+# Builtin targets that older rustc spell differently, per architecture: (below this rustc, that
+# target, the kernel line). The -Ctarget-feature half of the old spelling is a FLAG_RULES row.
+OLD_TARGETS: dict[str, tuple[str, str, str]] = {
+    "arm64": ("1.85", "aarch64-unknown-none",
+              'arch/arm64/Makefile (6.12, 7.3.4): ifeq ($(call rustc-min-version, 108500),y) '
+              '--target=aarch64-unknown-none-softfloat else --target=aarch64-unknown-none -Ctarget-feature="-neon"'),
+}
 
 
-def codegen_flags(kernel: KernelInfo) -> list[str]:
-    """The code-generation flags shared by the sysroot and the module crate.
+def _target(kernel: KernelInfo, rustc: str | None) -> tuple[str, str]:
+    record = arch.resolve(kernel.arch)
+    old = OLD_TARGETS.get(record.name)
+    if old and rustc and rustc_version(rustc) < rustc_version(old[0]):
+        return old[1], old[2]
+    return record.rust_target, record.rust_target_source
+
+
+def target(kernel: KernelInfo, rustc: str | None = None) -> str:
+    """rustc's builtin target for `kernel` (`rustc`: the release that compiles; None: the newest)."""
+    return _target(kernel, rustc)[0]
+
+
+def codegen_flags(kernel: KernelInfo, rustc: str | None = None) -> list[str]:
+    """The code-generation flags shared by the sysroot and the module crate, for `rustc` (the
+    release, e.g. "1.78.0"; None: the newest spelling).
 
     Later flags win in rustc, so UML's large code model overrides nothing it should not: UML
     gets no `-Ccode-model=kernel` row at all.
     """
-    flags = ["--target", target(kernel)]
-    for rule in FLAG_RULES:
-        if _applies(rule, kernel):
-            flags.extend(_expand(flag, kernel) for flag in rule.flags)
+    flags = ["--target", target(kernel, rustc)]
+    for rule in _rules(kernel, rustc):
+        flags.extend(_expand(flag, kernel) for flag in rule.flags)
     return flags
 
 
-def explain(kernel: KernelInfo) -> list[tuple[str, str]]:
+def explain(kernel: KernelInfo, rustc: str | None = None) -> list[tuple[str, str]]:
     """(flag, kernel Makefile line it mirrors) for every flag chosen: `rustko doctor` shows this."""
-    rows = [(f"--target {target(kernel)}", arch.resolve(kernel.arch).rust_target_source)]
-    for rule in FLAG_RULES:
-        if _applies(rule, kernel):
-            rows.extend((_expand(flag, kernel), rule.source) for flag in rule.flags)
+    name, source = _target(kernel, rustc)
+    rows = [(f"--target {name}", source)]
+    for rule in _rules(kernel, rustc):
+        rows.extend((_expand(flag, kernel), rule.source) for flag in rule.flags)
     return rows
 
 

@@ -158,7 +158,7 @@ def _command(toolchain: Toolchain, flags: list[str], crate: Crate, stage: Path, 
         src = toolchain.lib_src / crate.source.removeprefix("library/")
         edition = _edition(toolchain.lib_src, crate.name)
     else:
-        src, edition = RUST_DIR / crate.source, "2024"
+        src, edition = RUST_DIR / crate.source, "2021"  # 2021: rustc 1.78 has no 2024
     libdir = stage / "lib" / "rustlib" / target / "lib"
     return [str(toolchain.rustc), *flags, "-Clinker-plugin-lto", *crate.extra,
             f"--edition={edition}", "--crate-type=rlib", f"--crate-name={crate.name}", f"--sysroot={stage}",

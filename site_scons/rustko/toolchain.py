@@ -2,18 +2,39 @@
 
 Out-of-tree kernel Rust has to compile `core` itself (no distribution ships it for the kernel's
 flags), so a rustc is only usable together with its exact library sources.
+
+rustko supports rustc 1.78 (the kernel's own minimum since 6.11, and bullseye's rustc-web) to
+the newest. A rustc installed in one of rustko's Debian roots (`roots.py`, e.g. bullseye's
+rustc-web 1.78) is run on the host with that root's own dynamic loader and libraries, so its
+binaries never mix with the host's C library.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cache, roots
 from .errors import RustkoError
+
+Version = tuple[int, int, int]
+
+# scripts/min-tool-version.sh (6.12): rustc) echo 1.78.0 -- and the newest rustc bullseye has
+# with library sources. Older rustc lacks flags the rows of flags.py need (-Zfunction-return).
+MIN_RUSTC = "1.78.0"
+
+# Where a Debian root keeps its dynamic loader, per host machine (multiarch triplet/loader).
+ROOT_LOADERS: dict[str, str] = {
+    "x86_64": "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    "aarch64": "usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
+}
 
 INSTALL_HINT = ("on Debian 12: `apt-get install rustc-web rust-web-src` and use RUSTC=/usr/bin/rustc; "
                 "with rustup: `rustup component add rust-src`; or point RUST_LIB_SRC at the `library` "
@@ -24,6 +45,17 @@ INSTALL_HINT = ("on Debian 12: `apt-get install rustc-web rust-web-src` and use 
 # nothing, unless const evaluation notices first ("error[E0080]: compilation was interrupted").
 INTERRUPTED_MESSAGE = "compilation was interrupted"
 ERROR_LINE = re.compile(r"^error", re.M)
+
+
+def rustc_version(text: str) -> Version:
+    """(major, minor, patch) of a `rustc --version` line ("rustc 1.85.1 (4eb161250 2025-03-15)",
+    Debian's "rustc 1.78.0", "rustc 1.97.0-nightly (...)"), of `-vV`'s release, or of "1.93"."""
+    match = re.search(r"(?:^|\s)(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not match:
+        raise RustkoError(f"cannot read a rustc version from {text.strip()!r}",
+                          "RUSTC must be a rustc that answers `rustc --version` with `rustc X.Y.Z`")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
 
 
 def interrupted(returncode: int, stderr: str) -> bool:
@@ -93,8 +125,44 @@ def _candidates() -> list[Path]:
     return seen
 
 
+def require_supported(version: str, rustc: Path) -> None:
+    """Refuse a rustc older than MIN_RUSTC before it fails on a flag or on the support crate."""
+    if rustc_version(version) < rustc_version(MIN_RUSTC):
+        raise RustkoError(
+            f"rustc {version} ({rustc}) is too old: rustko needs rustc {MIN_RUSTC} or newer "
+            "(the kernel's own minimum, scripts/min-tool-version.sh)",
+            "on Debian 11: `apt-get install rustc-web rust-web-src` (1.78 or newer; plain `rustc` is 1.48); "
+            + INSTALL_HINT)
+
+
+def _through_root(rustc: Path, root: Path) -> Path:
+    """A launcher for a rustc installed in a Debian root: the root's loader and libraries run it
+    on the host (rustc and the sysroot stay on the host, as for every other rustc). Cached by
+    its text; `--print sysroot` then answers the root's /usr, whose library sources match."""
+    loader = ROOT_LOADERS.get(platform.machine())
+    if loader is None or not (root / loader).exists():
+        raise RustkoError(f"RUSTC={rustc} lies in the Debian root {root}, whose loader for "
+                          f"{platform.machine()} rustko does not know", INSTALL_HINT)
+    libs = ":".join(str(root / lib) for lib in (Path(loader).parent, Path("lib") / Path(loader).parent.name))
+    text = (f"#!/bin/sh\n# rustc of the Debian root {root}, run with that root's own libraries\n"
+            f'exec {shlex.quote(str(root / loader))} --library-path {shlex.quote(libs)} '
+            f'{shlex.quote(str(rustc.absolute()))} "$@"\n')
+    folder = cache.cache_root() / "rustc" / hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def fill(tmp: Path) -> None:
+        launcher = tmp / "rustc"
+        launcher.write_text(text)
+        launcher.chmod(0o755)
+
+    return cache.cached_dir(folder, fill) / "rustc"
+
+
 def _check(rustc: Path, lib_src_override: str | None) -> Toolchain:
+    root = roots.owning(rustc.absolute().parent)
+    if root is not None:
+        rustc = _through_root(rustc, root)
     version, verbose = _version(rustc)
+    require_supported(version, rustc)
     lib_src = Path(lib_src_override) if lib_src_override else _sysroot_src(rustc)
     if not _has_sources(lib_src):
         origin = "RUST_LIB_SRC" if lib_src_override else f"`{rustc} --print sysroot`"

@@ -6,7 +6,7 @@
 
 use rustko::pr_info;
 
-unsafe extern "C" {
+extern "C" {
     /// `int cglobal_answer` in src/answer.c.
     static mut cglobal_answer: i32;
     /// Returns `&cglobal_answer`.
@@ -14,7 +14,7 @@ unsafe extern "C" {
 }
 
 /// Called by the shim's `module_init`: 0, or -EINVAL when the two reads disagree.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn rust_init() -> i32 {
     // SAFETY: module init runs once, before anything else of this module; nothing else writes
     // the global meanwhile, and the accessor returns its valid, aligned address.

@@ -9,7 +9,7 @@ mod log;
 use log::KernelLog;
 
 /// Called by the shim's `module_init`: 0 on success or a negative errno.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn rust_init() -> i32 {
     let mut primes = [13u32, 2, 7, 5, 11, 3];
     primes.sort_unstable();
@@ -21,7 +21,7 @@ pub extern "C" fn rust_init() -> i32 {
 }
 
 /// Called by the shim's `module_exit`.
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn rust_exit() {
     let mut line = KernelLog::info();
     let _ = line.write_str("goodbye from Rust");
@@ -31,7 +31,7 @@ pub extern "C" fn rust_exit() {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     let mut line = KernelLog::error();
-    let _ = write!(line, "panic: {}", info.message());
+    let _ = write!(line, "{}", info); // info.message() needs rustc >= 1.81
     line.flush();
     loop {
         core::hint::spin_loop();

@@ -1,7 +1,7 @@
 //! A line of kernel log, formatted in a fixed buffer (no allocator needed).
 use core::fmt;
 
-unsafe extern "C" {
+extern "C" {
     /// From rustko's C shim: logs `len` bytes at a printk level (0 emerg .. 7 debug).
     fn rustko_printk(level: i32, msg: *const u8, len: usize);
 }

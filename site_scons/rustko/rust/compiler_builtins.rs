@@ -21,8 +21,10 @@ fn udivmod(n: u128, d: u128) -> (u128, u128) {
     let hi = (n >> 64) as u64;
     let dlo = d as u64;
     if (d >> 64) == 0 && hi == 0 {
+        // checked_*: no panic path. rustc before ~1.85 keeps this crate out of LTO, where a
+        // reference to core's panic stays undefined in the module (seen with rustc 1.78).
         let n64 = n as u64;
-        return ((n64 / dlo) as u128, (n64 % dlo) as u128);
+        return (n64.checked_div(dlo).unwrap_or(0) as u128, n64.checked_rem(dlo).unwrap_or(n64) as u128);
     }
     let shift = d.leading_zeros() - n.leading_zeros();
     let mut d_shifted = d << shift;
@@ -41,23 +43,23 @@ fn udivmod(n: u128, d: u128) -> (u128, u128) {
     (quot, rem)
 }
 
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn __udivti3(n: u128, d: u128) -> u128 {
     udivmod(n, d).0
 }
 
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn __umodti3(n: u128, d: u128) -> u128 {
     udivmod(n, d).1
 }
 
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn __divti3(n: i128, d: i128) -> i128 {
     let q = udivmod(n.unsigned_abs(), d.unsigned_abs()).0 as i128;
     if (n < 0) != (d < 0) { q.wrapping_neg() } else { q }
 }
 
-#[unsafe(no_mangle)]
+#[no_mangle]
 pub extern "C" fn __modti3(n: i128, d: i128) -> i128 {
     let r = udivmod(n.unsigned_abs(), d.unsigned_abs()).1 as i128;
     if n < 0 { r.wrapping_neg() } else { r }

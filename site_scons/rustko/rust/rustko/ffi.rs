@@ -4,7 +4,7 @@ use core::ffi::{c_char, c_int, c_long, c_longlong, c_ulong, c_void};
 /// A misc device read/write callback: (ctx, user buffer, length, file position) -> bytes or -errno.
 pub type IoFn = unsafe extern "C" fn(*mut c_void, *mut u8, usize, *mut i64) -> c_long;
 
-unsafe extern "C" {
+extern "C" {
     pub fn rustko_printk(level: c_int, msg: *const u8, len: c_ulong);
     pub fn rustko_bug() -> !;
     pub fn rustko_kmalloc(size: usize, align: usize, zeroed: c_int) -> *mut u8;

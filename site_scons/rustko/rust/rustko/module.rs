@@ -18,7 +18,7 @@ macro_rules! module {
     ($t:ty) => {
         static mut __RUSTKO_MODULE: core::mem::MaybeUninit<$t> = core::mem::MaybeUninit::uninit();
 
-        #[unsafe(no_mangle)]
+        #[no_mangle]
         pub extern "C" fn rust_init() -> i32 {
             match <$t as $crate::Module>::init() {
                 Ok(module) => {
@@ -30,7 +30,7 @@ macro_rules! module {
             }
         }
 
-        #[unsafe(no_mangle)]
+        #[no_mangle]
         pub extern "C" fn rust_exit() {
             // SAFETY: module_exit runs once, only after a successful module_init.
             unsafe { (*core::ptr::addr_of_mut!(__RUSTKO_MODULE)).assume_init_drop() };
