@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -471,10 +471,12 @@ def vmtest(
     run: Sequence[str] = (),
     timeout: float = 120,
     params: Sequence[str] = (),
+    mem: str | None = None,
 ) -> VmResult:
     """Boot `kernel` (default: Debian's image for the module's vermagic) and load the module in it,
-    with module parameters `params` (`NAME=VALUE`, as insmod takes them)."""
-    return _boot([Load(read_module(Path(module)), run, params)], kernel, arch, timeout)[0]
+    with module parameters `params` (`NAME=VALUE`, as insmod takes them). `mem`: UML's memory
+    size (`mem=`), which decides where its modules land (default: the arch's Vm spec)."""
+    return _boot([Load(read_module(Path(module)), run, params)], kernel, arch, timeout, mem)[0]
 
 
 def vmtest_many(
@@ -482,19 +484,34 @@ def vmtest_many(
     kernel: Path | str | None = None,
     arch: str = "x86_64",
     timeout: float = 120,
+    mem: str | None = None,
 ) -> list[VmResult]:
     """One boot for several modules of one kernel: each is loaded and unloaded in turn (a refused
     one leaves the kernel as it was), and gets its own result, in order. A boot costs seconds of
     TCG; a module's insmod and rmmod, milliseconds."""
     if not modules:
         raise RustkoError("vmtest needs at least one module")
-    return _boot([Load(read_module(Path(module))) for module in modules], kernel, arch, timeout)
+    return _boot([Load(read_module(Path(module))) for module in modules], kernel, arch, timeout, mem)
 
 
-def _boot(loads: Sequence[Load], kernel: Path | str | None, arch: str, timeout: float) -> list[VmResult]:
+def _uml_command(command: Sequence[str], mem: str) -> tuple[str, ...]:
+    """UML's arguments with `mem=` replaced: arch/um/kernel/um_arch.c uml_mem_setup takes
+    memparse()'s syntax (a number with an optional K/M/G suffix)."""
+    if not re.fullmatch(r"[1-9][0-9]*[KMGkmg]?", mem):
+        raise RustkoError(f"--mem {mem!r} is not a memory size", hint="pass e.g. --mem 64M or --mem 3G")
+    return tuple(f"mem={mem}" if arg.startswith("mem=") else arg for arg in command)
+
+
+def _boot(loads: Sequence[Load], kernel: Path | str | None, arch: str, timeout: float,
+          mem: str | None = None) -> list[VmResult]:
     spec = resolve_arch(arch)
     boot = spec.vm
     assert boot is not None  # resolve_arch refuses architectures without one
+    if mem is not None:
+        if not boot.uml:
+            raise RustkoError(f"--mem is for UML (--arch um), not {spec.name}",
+                              hint="QEMU guests have a fixed memory size; drop --mem")
+        boot = replace(boot, command=_uml_command(boot.command, mem))
     for load in loads:
         if load.module.elf_machine != spec.elf_machine_name:
             raise RustkoError(
@@ -525,7 +542,12 @@ def _boot(loads: Sequence[Load], kernel: Path | str | None, arch: str, timeout: 
         initrd = Path(tmp) / "initrd.gz"
         initrd.write_bytes(base.read_bytes() + run_initramfs(list(zip(tokens, loads))))
         if boot.uml:
-            argv = [str(vmlinuz), *boot.command, f"initrd={initrd}", *BOOT_PARAMS]
+            # Without address randomization: UML adds the gap between its binary and its brk to
+            # mem= (arch/um/kernel/um_arch.c linux_main, "exec-shield gap"), and module memory
+            # starts after both, so a randomized brk (up to 1 GiB on this machine's 6.18 host
+            # kernel) would move modules from run to run.
+            argv = ["setarch", "--addr-no-randomize", str(vmlinuz), *boot.command, f"initrd={initrd}",
+                    *BOOT_PARAMS]
         else:
             argv = [
                 qemu,
@@ -648,10 +670,11 @@ def _main(args: argparse.Namespace) -> int:
         if args.commands or args.params:
             raise RustkoError("--run and --param apply to one MODULE, and several were given",
                               hint="run vmtest once for the module that needs them")
-        results = vmtest_many(args.modules, kernel=args.kernel, arch=arch, timeout=args.timeout)
+        results = vmtest_many(args.modules, kernel=args.kernel, arch=arch, timeout=args.timeout,
+                              mem=args.mem)
     else:
         results = [vmtest(args.modules[0], kernel=args.kernel, arch=arch, run=args.commands,
-                          timeout=args.timeout, params=args.params)]
+                          timeout=args.timeout, params=args.params, mem=args.mem)]
     for result in results:
         report(result)
     return 0 if all(result.ok for result in results) else 1
@@ -689,4 +712,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="module parameter for insmod (repeatable)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds before QEMU is killed (default 120)")
+    parser.add_argument("--mem", metavar="SIZE",
+                        help="UML only: the kernel's mem= (default 3G); it decides where modules land")
     parser.set_defaults(run=_main)
