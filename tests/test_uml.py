@@ -134,6 +134,42 @@ def test_seed_failures_predicted_and_refused(tmp_path: Path, uml_kdir: Path, see
     assert "invalid module format" in booted.stderr
 
 
+def test_overflow_depends_on_mem_as_the_checker_predicts(tmp_path: Path, uml_kdir: Path) -> None:
+    """Issue 14: the same -Ccode-model=kernel module loads in UML just below the mem= the checker
+    names and is refused from it on, with the line the checker predicted (modules start at
+    0x60000000 + mem= + 8 MiB; vmtest runs UML without brk randomization, which would add to it)."""
+    project = _jiffies(tmp_path, ["-Ccode-model=kernel"])
+    assert scons(project, "ARCH=um", f"KDIR={uml_kdir}").returncode != 0
+    ko = project / "build" / ".rustko" / "jiffies" / "jiffies.ko"
+    checked = rustko("check", "--kdir", str(uml_kdir), "--json", str(ko))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    findings = [f for f in json.loads(checked.stdout)["modules"][0]["findings"] if f["kind"] == "overflow"]
+    notes = {f["explanation"] for f in findings}
+    assert len(notes) == 1, notes
+    threshold = re.search(r"refused with mem=(\d+)M or more", notes.pop())
+    assert threshold, findings[0]
+    mem = int(threshold[1])
+    assert mem % 8 == 0 and 64 < mem < 3072
+    predicted = re.escape(findings[0]["kernel"][0]).replace(re.escape("<val>"), "([0-9a-f]+)")
+
+    below = rustko("vmtest", "--mem", f"{mem - 8}M", str(ko), timeout=300)
+    assert below.returncode == 0, below.stdout + below.stderr
+    assert re.search(r"jiffies: jiffies read from Rust: \d+", below.stdout)
+    at = rustko("vmtest", "--mem", f"{mem}M", str(ko), timeout=300)
+    assert at.returncode == 1, at.stdout + at.stderr
+    refused = re.search(rf"the kernel refused jiffies:\n  {predicted}$", at.stderr, re.M)
+    assert refused, at.stderr
+    assert 0x80000000 <= int(refused[1], 16) < 0x80000000 + (16 << 20)  # just past 2 GiB
+
+
+def test_vmtest_mem_is_for_uml_only() -> None:
+    ko = next(Path("/usr/lib/uml/modules").rglob("*.ko"))
+    bad = rustko("vmtest", "--arch", "x86_64", "--mem", "64M", str(ko))
+    assert bad.returncode == 2 and "--mem is for UML" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    bad = rustko("vmtest", "--arch", "um", "--mem", "lots", str(ko))
+    assert bad.returncode == 2 and "is not a memory size" in bad.stderr, bad.stderr
+
+
 def test_arch_um_with_x86_headers_says_how_to_get_a_uml_kdir(tmp_path: Path, kdir61: Path) -> None:
     project = copy_example(tmp_path / "hello")
     built = scons(project, "ARCH=um", f"KDIR={kdir61}")

@@ -558,6 +558,8 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
     if rules.branch_partition and found:
         rank = _partitioned_rank(rsecs, rtype, symidx, syms, shdrs, rules, [i for i, _ in found])
         found.sort(key=lambda item: (int(rank[item[0]]), label_rank[item[1]]))
+    note = _mem_note(rows, rtype, symidx, syms, rules, elf.find(".data..percpu"), zero, sibling,
+                     [i for i, kind in found if kind == "overflow"])
     for i, kind in found:
         t, s, off = int(rtype[i]), int(symidx[i]), int(rows["offset"][i])
         tname = elf.names[int(targets[i])]
@@ -569,8 +571,39 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         add((kind, tname, t, symbol), off, lambda off, t=t, s=s, kind=kind, symbol=symbol, i=i,
             tname=tname, where=where: _reloc_finding(
                 path, name, rules, version, kind, tname, off, t, symbol,
-                _exact_value(syms, s, int(rows["addend"][i]), bool(zero[s])), where))
+                _exact_value(syms, s, int(rows["addend"][i]), bool(zero[s])), where, note))
     return list(groups.values())
+
+
+def _mem_note(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Symbols, rules: ArchRules,
+              pcpu: int | None, zero: np.ndarray, sibling: np.ndarray, overflowing: list[int]) -> str:
+    """UML: the note of the module's overflow findings, with the smallest mem= that surely refuses it.
+
+    A module-local symbol lands at or above MODULES_VADDR = mem_base + mem= + mem_gap (its section
+    offset on top), so the row whose S+A is highest at mem=0 overflows first as mem= grows. Below
+    that mem=, earlier vmalloc users and the module's own layout decide: the note says so.
+    """
+    if rules.mem_base is None or not overflowing:
+        return rules.overflow_note
+    sel = np.array(overflowing, dtype=np.int64)
+    shndx = syms.table["shndx"][symidx[sel]].astype(np.int64)
+    local = (shndx != SHN_UNDEF) & (shndx != SHN_ABS) & (shndx != SHN_COMMON) & (symidx[sel] != 0)
+    local &= ~zero[symidx[sel]] & ~sibling[symidx[sel]]
+    if pcpu is not None:
+        local &= shndx != pcpu
+    if not local.any():
+        return rules.overflow_note
+    sel = sel[local]
+    offset = syms.table["value"][symidx[sel]].astype(np.int64) + rows["addend"][sel].astype(np.int64)
+    limit = np.where(np.array([rules.overflow_checked[int(t)] == "u32" for t in rtype[sel]]), 1 << 32, 1 << 31)
+    mem = int((limit - offset).min()) - rules.mem_base - rules.mem_gap
+    mib = max(0, -(-mem // (1 << 20)))
+    return (f"where a UML module lands depends on the UML kernel's memory size (mem=): module memory starts at "
+            f"{rules.mem_base:#x} + mem= + {rules.mem_gap >> 20} MiB (arch/um/kernel/um_arch.c linux_main, "
+            f"arch/um/include/asm/pgtable.h VMALLOC_START), so this module is refused with mem={mib}M or "
+            f"more; with less it loads only if its sections and earlier vmalloc users stay below "
+            f"{'4' if int(limit.min()) == 1 << 32 else '2'} GiB. A host that randomizes UML's brk adds "
+            f"up to 1 GiB to mem= (um_arch.c's exec-shield gap): run it under `setarch -R`")
 
 
 def _partitioned_rank(rsecs: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Symbols,
@@ -714,7 +747,7 @@ def _range_overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, sy
 
 def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kind: str,
                    section: str, offset: int, rtype: int, symbol: str, exact: int | None,
-                   where: tuple[int, int]) -> Finding:
+                   where: tuple[int, int], note: str = "") -> Finding:
     rname = rules.name(rtype)
     val = f"{exact:x}" if exact is not None and rtype not in rules.pc_relative else "<val>"
     fields = {"name": name, "type": rtype, "val": val, "loc": "<loc>", "sec": where[0],
@@ -727,7 +760,7 @@ def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kin
     if kind == "overflow":
         return Finding(path, "relocation", "overflow",
                        rules.overflow.at(version).format(**fields).split("\n"),
-                       rules.overflow_hint, explanation=rules.overflow_note, **common)
+                       rules.overflow_hint, explanation=note or rules.overflow_note, **common)
     if kind == "overwritten":
         return Finding(path, "relocation", "nonzero-target", [rules.nonzero.at(version).format(**fields)],
                        "two relocations write the same bytes: the loader applies them to live "

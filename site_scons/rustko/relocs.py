@@ -104,6 +104,10 @@ class ArchRules:
     pc_relative: frozenset[int] = frozenset()
     # Said beside every overflow finding (UML: the verdict depends on the kernel's mem=).
     overflow_note: str = ""
+    # UML: module memory starts at mem_base + mem= + mem_gap (for mem= a multiple of the gap),
+    # so the mem= from which a module-local 32-bit absolute relocation overflows is computable.
+    mem_base: int | None = None
+    mem_gap: int = 0
     # arm64: overflow-checked types. Decided where the value is known: absolute fields against
     # any symbol in kernel or module memory (all of it in the top half of the address space, so
     # negative as the loader's s64), exact values (absolute symbols, weak symbols left at 0), and
@@ -252,6 +256,12 @@ UM = ArchRules(
     overflow_note="where a UML module lands depends on the UML kernel's memory size (mem=): "
                   "module memory starts after it, so a 32-bit absolute relocation that fits with a "
                   "small mem= overflows with a larger one; no mem= makes every address fit",
+    # arch/um/kernel/um_arch.c linux_main (6.1, 6.12): uml_physmem = __binary_start (0x60000000),
+    # high_physmem = uml_physmem + physmem_size (mem=, plus the host's brk randomization gap
+    # when it exceeds 1 MiB: "exec-shield gap"), end_iomem = high_physmem + iomem= (0 unless
+    # given); arch/um/include/asm/pgtable.h VMALLOC_START = (end_iomem + 8 MiB) & ~(8 MiB - 1)
+    # = MODULES_VADDR; kernel/module/main.c module_alloc takes the lowest free vmalloc range.
+    mem_base=0x60000000, mem_gap=8 << 20,
 )
 
 # --- arm64 ----------------------------------------------------------------------------------
