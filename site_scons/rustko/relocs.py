@@ -242,8 +242,9 @@ UM = ArchRules(
     # (8 MiB, asm/page.h __va_space) rounded, MODULES_END = VMALLOC_END just below FIXADDR_START
     # (TASK_SIZE - ..., asm/fixmap.h). Physical memory starts where the binary is linked,
     # 0x60000000 (arch/um/kernel/um_arch.c uml_physmem = __binary_start), so modules land at
-    # 0x60800000 + mem= + earlier vmalloc users, up to the top of user space: above 2 GiB already
-    # with mem=256M (val 0x859aa575 seen in Debian's 6.1.176), above 4 GiB with mem=3G. No 32-bit
+    # 0x60800000 + mem= + earlier vmalloc users, up to the top of user space: above 2 GiB from
+    # mem=504M, above 4 GiB with mem=3G (tests/test_uml.py, with the host's brk randomization off:
+    # with it on, mem=256M already put a module at 0x859aa575 in Debian's 6.1.176). No 32-bit
     # absolute form reaches module-local symbols everywhere: arch/um/Makefile builds all 64-bit
     # UML code with -mcmodel=large.
     module_range=AddressRange(0x60800000, 0x800000000000,
