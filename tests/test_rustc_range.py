@@ -8,7 +8,7 @@ and every template for 7.3 amd64, and the real 7.3 kernel loads them all in one 
 
 The bullseye and trixie roots are the ones `rustko kdir --release` prepares for Kbuild
 (/var/tmp/rustko-debian, shared with test_generations); the 1.78 packages (about 40 MB) and the
-1.85.1 ones (about 100 MB) join them once.
+1.85.1 ones (about 110 MB to download, 600 MB unpacked) join them once.
 """
 
 from __future__ import annotations
