@@ -2,11 +2,13 @@
 rows that Kbuild conditions on `rustc-min-version` follow the rustc that compiles, and the support
 crate, every template and both examples built by bullseye's rustc-web 1.78 (installed in
 rustko's bullseye root, run on the host with that root's own libraries) load in Debian's real
-5.10 kernel under QEMU (amd64; one template on arm64 too).
+5.10 kernel under QEMU (amd64; one template on arm64 too). At the other end of Debian's own
+kernels, trixie's rustc 1.85.1 (the rustc Debian built its 7.3 kernel with) builds examples/hello
+and every template for 7.3 amd64, and the real 7.3 kernel loads them all in one boot.
 
-The bullseye root is the one `rustko kdir --release 5.10.0-32-amd64` prepares for Kbuild
-(/var/tmp/rustko-debian, shared with test_generations); the 1.78 packages (about 40 MB) join it
-once.
+The bullseye and trixie roots are the ones `rustko kdir --release` prepares for Kbuild
+(/var/tmp/rustko-debian, shared with test_generations); the 1.78 packages (about 40 MB) and the
+1.85.1 ones (about 110 MB to download, 600 MB unpacked) join them once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from conftest import REPO, copy_example, require_kdir, rustko, scons
 from rustko import flags, roots, toolchain, vm
 from rustko.errors import RustkoError
 from rustko.kernel import probe
+from rustko.new import TEMPLATES
+from test_generations import LOGS
 from test_support import TEMPLATE_LOG, TEMPLATE_PARAMS, TEMPLATE_RUNS
 
 RELEASE = "5.10.0-32-amd64"
@@ -33,6 +37,11 @@ ARM64 = "5.10.0-32-arm64"
 # bullseye's rustc-web 1.78 (bullseye main); bullseye-security's newer rustc-web would win without the pin.
 RUST_178 = "1.78.0+dfsg1-2~deb11u3"
 PACKAGES_178 = ("rustc-web", "rust-web-src", "libstd-rust-web-dev", "libstd-rust-web-1.78")
+# trixie's rustc 1.85.1 (trixie main; trixie-backports' newer ones would win without the pin):
+# Debian's 7.3.4+deb13 kernel was built with it (its .config: CONFIG_RUSTC_VERSION=108501).
+RELEASE_73 = "7.3.4+deb13-amd64"
+RUST_185 = "1.85.1+dfsg1-1+deb13u1"
+PACKAGES_185 = ("rustc", "rust-src", "libstd-rust-dev", "libstd-rust-1.85")
 HOST_RUSTC = Path("/usr/bin/rustc")
 HELLO = re.escape("hello from Rust: sorted [2, 3, 5, 7, 11, 13], sum 41")
 CGLOBAL = r"C global read from Rust: direct (\d+), via accessor \1, after \+1 \d+$"
@@ -54,21 +63,41 @@ def kdir510arm64(kdir510: Path) -> Path:
     return Path(proc.stdout.strip())
 
 
-@pytest.fixture(scope="session")
-def rustc178(kdir510: Path) -> Path:
-    """bullseye's rustc 1.78 in the bullseye root (the root that builds for the 5.10 KDIR)."""
-    root = roots.owning(kdir510)
+def _pinned_rustc(kdir: Path, version: str, packages: tuple[str, ...]) -> Path:
+    """The rustc of `packages` at `version`, installed once into the root that builds for `kdir`."""
+    root = roots.owning(kdir)
     assert root is not None
 
-    def version(package: str) -> str:
+    def installed(package: str) -> str:
         return subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${Version}", package],
                               capture_output=True, text=True).stdout
 
-    missing = [f"{name}={RUST_178}" for name in PACKAGES_178 if version(name) != RUST_178]
+    missing = [f"{name}={version}" for name in packages if installed(name) != version]
     if missing:
         with roots.locked(root / "var" / "rustko-packages"):
             roots.install(root, missing)
     return root / "usr" / "bin" / "rustc"
+
+
+@pytest.fixture(scope="session")
+def rustc178(kdir510: Path) -> Path:
+    """bullseye's rustc 1.78 in the bullseye root (the root that builds for the 5.10 KDIR)."""
+    return _pinned_rustc(kdir510, RUST_178, PACKAGES_178)
+
+
+@pytest.fixture(scope="session")
+def kdir73() -> Path:
+    if os.geteuid() != 0:
+        pytest.fail("trixie's rustc and the 7.3 KDIR live in a Debian root: run the tests as root")
+    proc = rustko("kdir", "--release", RELEASE_73, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def rustc185(kdir73: Path) -> Path:
+    """trixie's rustc 1.85.1 (with rust-src) in the trixie root (the root that builds for 7.3)."""
+    return _pinned_rustc(kdir73, RUST_185, PACKAGES_185)
 
 
 def _version_line(rustc: Path) -> str:
@@ -210,10 +239,11 @@ def booted(tmp_path_factory: pytest.TempPathFactory, kdir510: Path, kdir510arm64
     return results
 
 
-def _built_by_178(project: Path, name: str) -> None:
+def _built_by(project: Path, name: str, version: str = "1.78.0", debian: str = "bullseye") -> None:
+    """The .ko's buildinfo names that rustc and the library sources of its package in its root."""
     info = json.loads((project / "build" / f"{name}.ko.buildinfo").read_text())
-    assert info["rustc"]["version"] == "1.78.0", info["rustc"]
-    assert "/usr/src/rustc-1.78.0/library" in info["rustc"]["library"]
+    assert info["rustc"]["version"] == version, info["rustc"]
+    assert info["rustc"]["library"].endswith(f"/{debian}/usr/src/rustc-{version}/library"), info["rustc"]
 
 
 @pytest.mark.parametrize("job", [*TEMPLATE_RUNS, "chardev-arm64"])
@@ -221,7 +251,7 @@ def test_template_built_by_rustc_1_78_works_in_the_real_5_10_kernel(booted: dict
     template, release = ("chardev", ARM64) if job == "chardev-arm64" else (job, RELEASE)
     project, built, result = booted[job]
     assert built.returncode == 0, built.stdout + built.stderr
-    _built_by_178(project, "demo")
+    _built_by(project, "demo")
     assert result is not None and result.ok, result and (result.failure or result.console[-3000:])
     assert vm.read_module(project / "build" / "demo.ko").vermagic.split()[0] == release
     for line in TEMPLATE_LOG[template]:
@@ -235,7 +265,7 @@ def test_template_built_by_rustc_1_78_works_in_the_real_5_10_kernel(booted: dict
 def test_example_built_by_rustc_1_78_loads_in_5_10(booted: dict[str, tuple], example: str) -> None:
     project, built, result = booted[f"examples/{example}"]
     assert built.returncode == 0, built.stdout + built.stderr
-    _built_by_178(project, example)
+    _built_by(project, example)
     assert result is not None and result.ok, result and (result.failure or result.console[-3000:])
     wanted = HELLO if example == "hello" else CGLOBAL
     assert any(re.search(wanted, line) for line in result.module_log), result.module_log
@@ -246,7 +276,7 @@ def test_support_crate_runtime_built_by_rustc_1_78_in_5_10(booted: dict[str, tup
     PanicInfo's Display: PanicInfo::message() needs 1.81) under 1.78 and 5.10."""
     project, built, good = booted["runtime"]
     assert built.returncode == 0, built.stdout + built.stderr
-    _built_by_178(project, "runtime")
+    _built_by(project, "runtime")
     assert good is not None and good.ok, good and (good.failure or good.console[-3000:])
     assert "runtime: try_reserve(1 TiB): ENOMEM" in good.module_log
     assert "runtime: try_push x1000: len 1000, sum 499500" in good.module_log
@@ -257,3 +287,44 @@ def test_support_crate_runtime_built_by_rustc_1_78_in_5_10(booted: dict[str, tup
     assert ("runtime_panic: panicked at src/lib.rs:44:44: index out of bounds: the len is 3 but the index is 7"
             in panicked.module_log), panicked.module_log
     assert panicked.crash and any("kernel BUG at" in line for line in panicked.crash)
+
+
+def test_trixies_rustc_is_the_one_that_built_debians_7_3_kernel(rustc185: Path, kdir73: Path) -> None:
+    kernel = probe(kdir73)
+    assert _version_line(rustc185).strip() == kernel.value("RUSTC_VERSION_TEXT")
+    assert kernel.value("RUSTC_VERSION") == "108501"
+
+
+@pytest.fixture(scope="session")
+def booted73(tmp_path_factory: pytest.TempPathFactory, kdir73: Path,
+             rustc185: Path) -> dict[str, tuple[Path, subprocess.CompletedProcess[str], vm.VmResult | None]]:
+    """examples/hello and every template (test_generations' names and lines), built by trixie's
+    rustc 1.85.1 for 7.3 amd64 (two builds at a time), then one boot of the real 7.3 kernel
+    loading and unloading each."""
+    base = tmp_path_factory.mktemp("rustc185")
+    projects = {"hello": copy_example(base / "hello")}
+    for template in TEMPLATES:
+        name = f"tpl_{template}"
+        created = rustko("new", name, "--template", template, "--dir", str(base / name))
+        assert created.returncode == 0, created.stderr
+        projects[name] = base / name
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        built = dict(zip(projects, pool.map(lambda project: scons(project, f"KDIR={kdir73}", f"RUSTC={rustc185}"),
+                                            projects.values())))
+    kos = {name: project / "build" / f"{name}.ko" for name, project in projects.items()
+           if (project / "build" / f"{name}.ko").is_file()}
+    loaded = dict(zip(kos, vm.vmtest_many(list(kos.values()), timeout=600))) if kos else {}
+    return {name: (project, built[name], loaded.get(name)) for name, project in projects.items()}
+
+
+@pytest.mark.parametrize("name", list(LOGS))
+def test_built_by_trixies_rustc_1_85_loads_in_the_real_7_3_kernel(booted73: dict[str, tuple], name: str) -> None:
+    assert set(LOGS) == {"hello", *(f"tpl_{t}" for t in TEMPLATES)}, "a template without its expected log lines"
+    project, built, result = booted73[name]
+    assert built.returncode == 0, built.stdout + built.stderr
+    _built_by(project, name, "1.85.1", "trixie")
+    assert result is not None and result.ok, result and (result.failure or result.console[-3000:])
+    assert vm.read_module(project / "build" / f"{name}.ko").vermagic.split()[0] == RELEASE_73
+    for line in LOGS[name]:
+        assert line in result.module_log, result.module_log
+    assert result.unloaded and result.rmmod_error is None
