@@ -120,9 +120,12 @@ def _in_root(root: Path, cmd: Sequence[str], what: str) -> str:
 
 
 def installed(root: Path, package: str) -> bool:
-    proc = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${Status}", package],
+    """Whether the root has `package` (`name=version`: that version) installed."""
+    name, _, version = package.partition("=")
+    proc = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${Status}|${Version}", name],
                           capture_output=True, text=True)
-    return proc.returncode == 0 and proc.stdout.endswith(" installed")
+    status, _, have = proc.stdout.partition("|")
+    return proc.returncode == 0 and status.endswith(" installed") and (not version or have == version)
 
 
 def install(root: Path, packages: Sequence[str]) -> None:
