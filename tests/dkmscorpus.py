@@ -116,13 +116,14 @@ def load_order(folder: Path) -> list[str]:
 
 
 def _modinfo(ko: Path) -> dict[str, str]:
+    """`.modinfo` as a dict; a key given more than once (alias) holds its values joined by ","."""
     from rustko.elf import Elf
 
     elf = Elf(ko.read_bytes(), str(ko))
     info: dict[str, str] = {}
     for item in elf.section_bytes(elf.find(".modinfo")).split(b"\0"):
         key, _, value = item.decode("utf-8", "replace").partition("=")
-        info.setdefault(key, value)
+        info[key] = f"{info[key]},{value}" if key in info else value
     return info
 
 
@@ -234,11 +235,19 @@ def _kernel_deps(release: str, modules: list[Path]) -> list[Path]:
 
     def visit(name: str) -> None:
         name = name.replace("-", "_")  # `depends=` keeps a file name's dashes (usb-common)
-        if name in seen or name in own or name not in by_name:
+        if name in seen or name in own:
             return
+        if name not in by_name:
+            name = _by_alias(name, by_name)
+            if name in seen or not name:
+                return
         seen.add(name)
         path = _plain(by_name[name])
-        for dep in _modinfo(path).get("depends", "").split(","):
+        info = _modinfo(path)
+        # modprobe loads a `softdep=pre:` module first (libcrc32c's crc32c: without it its init
+        # fails, and nf_conntrack with it).
+        pre = info.get("softdep", "").partition("pre:")[2].partition("post:")[0].split()
+        for dep in info.get("depends", "").split(",") + pre:
             if dep:
                 visit(dep)
         order.append(path)
@@ -248,6 +257,15 @@ def _kernel_deps(release: str, modules: list[Path]) -> list[Path]:
             if dep:
                 visit(dep)
     return order
+
+
+def _by_alias(alias: str, by_name: dict[str, Path]) -> str:
+    """The module that declares `alias` (a softdep names a crypto algorithm: crc32c is
+    crc32c_generic's alias), searched among the modules named after it, generic ones first."""
+    for name in sorted((n for n in by_name if alias in n), key=lambda n: (not n.endswith("_generic"), n)):
+        if alias in _modinfo(_plain(by_name[name])).get("alias", "").split(","):
+            return name
+    return ""
 
 
 def _plain(path: Path) -> Path:
@@ -265,9 +283,13 @@ def _plain(path: Path) -> Path:
     return target
 
 
+# The package name of the kernel's own modules in the guest's results.
+KERNEL = "(kernel)"
+
+
 def guest_script(token: str, packages: dict[str, list[str]], deps: list[str]) -> str:
-    """/init: for each package, the kernel modules it needs, then its own modules in modprobe's
-    order, each insmod framed with the kernel's lines since the previous one. Nothing is removed
+    """/init: the kernel's own modules the corpus needs (package KERNEL), then each package's
+    modules in modprobe's order, each insmod framed with the kernel's lines since the previous one. Nothing is removed
     between packages: an exit function that crashes (xtables-addons' do, after xt_DNETMAP's
     failed init) would spoil the verdicts after it."""
     lines = [
@@ -278,14 +300,14 @@ def guest_script(token: str, packages: dict[str, list[str]], deps: list[str]) ->
         "mount -t sysfs sysfs /sys",
         "mount -t devtmpfs devtmpfs /dev",
         "dmesg -n 1",  # the kernel's own console output would interleave with the frames
-        *(f"insmod /k/{dep} >/dev/null 2>&1" for dep in deps),
         "dmesg -c >/dev/null",
     ]
-    for package, modules in packages.items():
-        for module in modules:
-            lines += [f"insmod /d/{package}/{module}.ko >/tmp/out 2>&1; rc=$?",
-                      f"echo '@@{token}:LOAD {package} {module}' $rc", "cat /tmp/out",
-                      f"echo '@@{token}:KERNEL'", "dmesg -c", f"echo '@@{token}:END'"]
+    steps = [(KERNEL, f"/k/{dep}", dep.removesuffix(".ko")) for dep in deps]
+    steps += [(package, f"/d/{package}/{module}.ko", module) for package, modules in packages.items() for module in modules]
+    for package, path, module in steps:
+        lines += [f"insmod {path} >/tmp/out 2>&1; rc=$?",
+                  f"echo '@@{token}:LOAD {package} {module}' $rc", "cat /tmp/out",
+                  f"echo '@@{token}:KERNEL'", "dmesg -c", f"echo '@@{token}:END'"]
     lines += ["dmesg -c >/dev/null", f"echo '@@{token}:DONE'", "poweroff -f"]
     return "\n".join(lines) + "\n"
 
