@@ -24,21 +24,7 @@ from rustko.elf import Elf
 from rustko.report import Finding
 from rustko.vm import REFUSAL_PATTERNS
 
-# Debian 12's DKMS packages (main) that DKMS builds, a subset chosen for what a set check must get
-# right and for a cold machine's time (measured 2026-11-26 on the 2-core machine kind under load
-# 11: about 25 minutes for these, dahdi's 32 modules alone 10): modules that need a sibling's
-# exports (dahdi, xtables-addons' compat_xtables, ddcci, nat-rtsp, rapiddisk, tp-smapi), a module that
-# needs a symbol nothing exports (dahdi_echocan_oslec: `oslec_*` come from the staging `echo`
-# driver, which Debian's 6.1 does not build), inits that fail without their device or feature.
-# For 6.12 only those that still build there: bookworm's DKMS sources predate it and most fail to
-# compile (dahdi, ddcci, gost-crypto, nat-rtsp, openvpn-dco, rapiddisk, tp-smapi, v4l2loopback, vpoll,
-# xtables-addons).
-PACKAGES: dict[str, list[str]] = {
-    "6.1.0-56-amd64": ["dahdi-dkms", "ddcci-dkms", "gost-crypto-dkms", "nat-rtsp-dkms", "rapiddisk-dkms",
-                       "tp-smapi-dkms", "xtables-addons-dkms", "acpi-call-dkms", "lime-forensics-dkms",
-                       "rtpengine-kernel-dkms", "v4l2loopback-dkms", "vpoll-dkms"],
-    "6.12.117+deb12-amd64": ["acpi-call-dkms", "lime-forensics-dkms", "rtpengine-kernel-dkms"],
-}
+PACKAGES = dkmscorpus.CHOSEN
 
 # A refusal caused only by a sibling whose init failed (no ThinkPad here, so thinkpad_ec's init
 # returns -ENODEV and hdaps finds none of its exports): the loader itself would take the module
