@@ -16,6 +16,7 @@ Run as a script to build (and time) a set of packages: `python tests/dkmscorpus.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -189,10 +190,7 @@ def _build_in_root(packages: list[str], debs: dict[str, Path], todo: set[tuple[s
                                                                if logfile.is_file() else ""))
                 else:
                     for ko in built.glob("*.ko*"):
-                        if ko.name.endswith(".ko.xz"):
-                            subprocess.run(["xz", "-dc", str(ko)], stdout=open(tmp / ko.name[:-3], "wb"), check=True)
-                        else:
-                            shutil.copy(ko, tmp)
+                        shutil.copy(_plain(ko), tmp / f"{ko.name.split('.ko')[0]}.ko")
                     (tmp / "order").write_text("\n".join(load_order(tmp)) + "\n")
                 state = "built" if (tmp / "order").exists() else "skipped" if (tmp / "SKIPPED").exists() else "FAILED"
                 log(f"{package} for {release}: {state} in {time.monotonic() - started:.0f} s")
@@ -285,11 +283,11 @@ def _by_alias(alias: str, by_name: dict[str, Path]) -> str:
 
 
 def _plain(path: Path) -> Path:
-    """An uncompressed copy of a compressed Debian module (cached beside the corpus)."""
+    """An uncompressed copy of a compressed module (cached beside the corpus, by its path)."""
     if path.suffix == ".ko":
         return path
-    target = CORPUS / "kernel-deps" / path.parent.name / path.name.split(".ko")[0]
-    target = target.with_name(target.name + ".ko")
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    target = CORPUS / "plain" / key / f"{path.name.split('.ko')[0]}.ko"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tool = {".xz": "xz", ".zst": "zstd", ".gz": "gzip"}[path.suffix]
