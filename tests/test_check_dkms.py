@@ -38,6 +38,7 @@ AFTER_SIBLING = "after a sibling's init failed: "
 # the loader's first line.
 NOT_LOADED: dict[str, dict[str, str]] = {
     "6.1.0-56-amd64": {
+        "bbswitch-dkms/bbswitch": "init-failed",
         "dahdi-dkms/dahdi_echocan_oslec": "dahdi_echocan_oslec: Unknown symbol oslec_create (err -2)",
         "gost-crypto-dkms/gost-test": "init-failed",
         "lime-forensics-dkms/lime": "init-failed",
@@ -47,6 +48,7 @@ NOT_LOADED: dict[str, dict[str, str]] = {
         "xtables-addons-dkms/xt_DNETMAP": "init-failed",
     },
     "6.12.117+deb12-amd64": {
+        "bbswitch-dkms/bbswitch": "init-failed",
         "lime-forensics-dkms/lime": "init-failed",
     },
 }
