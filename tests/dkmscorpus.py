@@ -61,14 +61,14 @@ def download(packages: list[str]) -> dict[str, Path]:
     """Each package's .deb as the host's apt knows it (nothing installed), by package name."""
     folder = CORPUS / "debs"
     folder.mkdir(parents=True, exist_ok=True)
+    # One apt-cache for all: each call reads apt's whole cache (seconds on this machine kind).
+    policy = subprocess.run(["apt-cache", "policy", *packages], capture_output=True, text=True, check=True).stdout
+    candidates = dict(re.findall(r"^(\S+):\n\s+Installed: .*\n\s+Candidate: (\S+)", policy, re.M))
     wanted: dict[str, str] = {}
     for package in packages:
-        policy = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True,
-                                check=True).stdout
-        found = re.search(r"Candidate: (\S+)", policy)
-        if not found or found.group(1) == "(none)":
+        if candidates.get(package, "(none)") == "(none)":
             raise RuntimeError(f"apt knows no candidate for {package}")
-        wanted[package] = found.group(1)
+        wanted[package] = candidates[package]
 
     def deb(package: str) -> Path | None:
         # apt-get download names the file NAME_VERSION_ARCH.deb with the epoch's ':' as %3a.
