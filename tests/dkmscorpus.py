@@ -35,8 +35,8 @@ RELEASES = tuple(p.removeprefix("linux-headers-") for p in debroot.BASE_PACKAGES
 # Debian 12's DKMS packages (main) that DKMS builds, the ones tests/test_check_dkms.py checks. For
 # 6.1 every one that builds, except for a cold machine's time openvpn-dco (builds: 3 minutes for
 # one module) and the large sources never tried here (jool, lttng-modules, openafs,
-# falcosecurity-scap); 2026-11-26, the 2-core machine kind at load 11: the list below took about
-# 22 minutes of `dkms build` plus a minute of apt per root, dahdi's 32 modules alone 10 minutes.
+# falcosecurity-scap). Cold (2026-11-26, the 2-core machine kind, shared, load 3-6; base root
+# already made), both lists: 14 minutes, dahdi's 32 modules alone 4 (10 at load 11).
 # librem-ec-acpi and openrazer-driver do not build for 6.1. They cover
 # modules that need a sibling's exports (dahdi, xtables-addons' compat_xtables, ddcci,
 # nat-rtsp, rapiddisk, tp-smapi), a module that needs a symbol nothing exports
