@@ -9,6 +9,8 @@ whole distribution tree checks in seconds. Nothing here knows what the loader ac
 
 from __future__ import annotations
 
+import functools
+
 import gzip
 import io
 import lzma
@@ -160,7 +162,8 @@ class Elf:
             raise RustkoError(f"{self.path}: symbol table names string table {link}, out of range")
         return Symbols(self.section_array(index, SYM64), self.section_bytes(link))
 
-    def modinfo(self) -> dict[str, list[str]]:
+    @functools.cached_property
+    def _modinfo(self) -> dict[str, list[str]]:
         index = self.find(".modinfo")
         info: dict[str, list[str]] = {}
         if index is None:
@@ -171,6 +174,9 @@ class Elf:
                 info.setdefault(key, []).append(value)
         return info
 
+    def modinfo(self) -> dict[str, list[str]]:
+        """.modinfo's key=value strings (read once: the vermagic and the module checks both ask)."""
+        return self._modinfo
 
     def versions(self) -> dict[str, int] | None:
         """__versions: the CRC the module was built with per imported symbol (None: no table).
