@@ -90,7 +90,14 @@ def container_build(image: str, shared: Path, cache_volume: Path, kdir61: Path) 
     return out / "hello.ko"
 
 
-def test_container_build_equals_the_host_build(container_build: Path, tmp_path: Path, kdir61: Path) -> None:
+@pytest.fixture(scope="session")
+def container_bytes(container_build: Path) -> bytes:
+    """The container build's module, read before a test cleans its build folder."""
+    return container_build.read_bytes()
+
+
+def test_container_build_equals_the_host_build(container_build: Path, container_bytes: bytes, tmp_path: Path,
+                                               kdir61: Path) -> None:
     """Container: user 1000, /src read-only, UTF-8 locale, its own sysroot. Host: root, another
     path, umask 027, another time zone and locale, -j2, the host's cache."""
     assert container_build.stat().st_uid == USER, "the output belongs to the caller"
@@ -102,11 +109,11 @@ def test_container_build_equals_the_host_build(container_build: Path, tmp_path: 
     host_record = json.loads((project / "build/hello.ko.buildinfo").read_text())
     record = json.loads(container_build.with_name("hello.ko.buildinfo").read_text())
     assert record["packages"] == host_record["packages"], "image and host have different toolchain packages"
-    assert (project / "build/hello.ko").read_bytes() == container_build.read_bytes()
+    assert (project / "build/hello.ko").read_bytes() == container_bytes
     assert record == host_record
 
 
-def test_two_container_builds_at_different_mount_points(container_build: Path, image: str, shared: Path,
+def test_two_container_builds_at_different_mount_points(container_bytes: bytes, image: str, shared: Path,
                                                         cache_volume: Path, kdir61: Path) -> None:
     """A read-write mount at another path, the default build folder, another umask: same bytes."""
     project = copy_example(shared / "rw" / "hello")
@@ -115,7 +122,7 @@ def test_two_container_builds_at_different_mount_points(container_build: Path, i
     result = run_in(image, cache_volume, [f"{project}:/home/builder/deep/mount/hello"],
                     "/home/builder/deep/mount/hello", kdir61, "--umask=0077", "-e", "TZ=Asia/Kathmandu")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (project / "build/hello.ko").read_bytes() == container_build.read_bytes()
+    assert (project / "build/hello.ko").read_bytes() == container_bytes
     assert (project / "build/hello.ko").stat().st_uid == USER
 
 
@@ -132,7 +139,7 @@ def test_scons_clean_in_a_separate_build_folder_keeps_what_it_did_not_make(
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".sconsign")) == ["notes.txt"]
 
 
-def test_image_starts_warm_with_the_sysroot_built_into_it(container_build: Path, image: str, shared: Path,
+def test_image_starts_warm_with_the_sysroot_built_into_it(container_bytes: bytes, image: str, shared: Path,
                                                           kdir61: Path) -> None:
     """An empty cache volume (a CI job's first build): the image's prebuilt sysroot serves it, read
     only; no sysroot crate is compiled and the module is the same bytes."""
@@ -145,4 +152,4 @@ def test_image_starts_warm_with_the_sysroot_built_into_it(container_build: Path,
     result = run_in(image, empty, [f"{project}:/src"], "/src", kdir61)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SYSROOT" not in result.stdout and not (empty / "sysroot").exists(), result.stdout
-    assert (project / "build/hello.ko").read_bytes() == container_build.read_bytes()
+    assert (project / "build/hello.ko").read_bytes() == container_bytes
