@@ -93,6 +93,16 @@ def rustko(*args: str, env: dict[str, str] | None = None,
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def release_kdir(release: str) -> Path:
+    """`rustko kdir --release RELEASE`: a kernel of another Debian release is prepared in a root
+    of that release, which takes root."""
+    if os.geteuid() != 0:
+        pytest.fail(f"{release}'s KDIR is prepared in a Debian root: run the tests as root")
+    proc = rustko("kdir", "--release", release, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip())
+
+
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under `root` with its size and mtime: equal snapshots mean nothing was written."""
     files: dict[str, tuple[int, int]] = {}

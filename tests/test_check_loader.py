@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_kdir, tool
+from conftest import release_kdir, require_kdir, tool
 from rustko import check, roots
 from rustko.cache import cached_dir
 from rustko.cli import main
@@ -104,10 +104,7 @@ def _kdir(series: str) -> Path:
     """6.1 and 6.12 from the host's headers; Debian's 7.3 prepared in a trixie root (as root)."""
     if series != "7.3":
         return require_kdir(series)
-    done = subprocess.run([sys.executable, "-m", "rustko.cli", "kdir", "--release", RELEASE_73],
-                          capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr
-    return Path(done.stdout.strip())
+    return release_kdir(RELEASE_73)
 
 
 def _build(variant: str, series: str = "6.1") -> Path:

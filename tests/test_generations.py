@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import copy_example, rustko, scons
+from conftest import copy_example, release_kdir, rustko, scons
 from rustko import check, roots, vm
 from rustko.kernel import probe
 from rustko.new import TEMPLATES
@@ -60,24 +60,23 @@ Run = tuple[Path, subprocess.CompletedProcess[str], "vm.VmResult | None"]
 
 @pytest.fixture(scope="session")
 def kdirs() -> dict[str, Path]:
-    if os.geteuid() != 0:
-        pytest.fail("kernels of other Debian releases are built in roots: run the tests as root")
-    found: dict[str, Path] = {}
-    for release in RELEASES:
-        proc = rustko("kdir", "--release", release, timeout=1800)
-        assert proc.returncode == 0, proc.stderr
-        found[release] = Path(proc.stdout.strip())
-    return found
+    return {release: release_kdir(release) for release in RELEASES}
 
 
-def _projects(folder: Path, release: str) -> dict[str, Path]:
-    """Every module this release gets: examples/hello, each template, the checker's cases."""
+def hello_and_templates(folder: Path) -> dict[str, Path]:
+    """examples/hello and a project of each template (`tpl_NAME`) under `folder`, by module name."""
     projects = {"hello": copy_example(folder / "hello")}
     for template in TEMPLATES:
         name = f"tpl_{template}"
         created = rustko("new", name, "--template", template, "--dir", str(folder / name))
         assert created.returncode == 0, created.stderr
         projects[name] = folder / name
+    return projects
+
+
+def _projects(folder: Path, release: str) -> dict[str, Path]:
+    """Every module this release gets: examples/hello, each template, the checker's cases."""
+    projects = hello_and_templates(folder)
     if release in CHECKED_RELEASES:
         for case, flags in CHECKED.items():
             project = copy_example(folder / case / "cglobal", "cglobal")

@@ -24,12 +24,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, copy_example, require_kdir, rustko, scons
+from conftest import REPO, copy_example, release_kdir, require_kdir, rustko, scons
 from rustko import flags, roots, toolchain, vm
 from rustko.errors import RustkoError
 from rustko.kernel import probe
 from rustko.new import TEMPLATES
-from test_generations import LOGS
+from test_generations import LOGS, hello_and_templates
 from test_support import TEMPLATE_LOG, TEMPLATE_PARAMS, TEMPLATE_RUNS
 
 RELEASE = "5.10.0-32-amd64"
@@ -49,33 +49,22 @@ CGLOBAL = r"C global read from Rust: direct (\d+), via accessor \1, after \+1 \d
 
 @pytest.fixture(scope="session")
 def kdir510() -> Path:
-    if os.geteuid() != 0:
-        pytest.fail("bullseye's rustc and the 5.10 KDIR live in a Debian root: run the tests as root")
-    proc = rustko("kdir", "--release", RELEASE, timeout=1800)
-    assert proc.returncode == 0, proc.stderr
-    return Path(proc.stdout.strip())
+    return release_kdir(RELEASE)
 
 
 @pytest.fixture(scope="session")
 def kdir510arm64(kdir510: Path) -> Path:
-    proc = rustko("kdir", "--release", ARM64, timeout=1800)
-    assert proc.returncode == 0, proc.stderr
-    return Path(proc.stdout.strip())
+    return release_kdir(ARM64)
 
 
 def _pinned_rustc(kdir: Path, version: str, packages: tuple[str, ...]) -> Path:
     """The rustc of `packages` at `version`, installed once into the root that builds for `kdir`."""
     root = roots.owning(kdir)
     assert root is not None
-
-    def installed(package: str) -> str:
-        return subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${Version}", package],
-                              capture_output=True, text=True).stdout
-
-    missing = [f"{name}={version}" for name in packages if installed(name) != version]
-    if missing:
+    pinned = [f"{name}={version}" for name in packages]
+    if not all(roots.installed(root, package) for package in pinned):
         with roots.locked(root / "var" / "rustko-packages"):
-            roots.install(root, missing)
+            roots.install(root, pinned)
     return root / "usr" / "bin" / "rustc"
 
 
@@ -87,11 +76,7 @@ def rustc178(kdir510: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def kdir73() -> Path:
-    if os.geteuid() != 0:
-        pytest.fail("trixie's rustc and the 7.3 KDIR live in a Debian root: run the tests as root")
-    proc = rustko("kdir", "--release", RELEASE_73, timeout=1800)
-    assert proc.returncode == 0, proc.stderr
-    return Path(proc.stdout.strip())
+    return release_kdir(RELEASE_73)
 
 
 @pytest.fixture(scope="session")
@@ -301,13 +286,7 @@ def booted73(tmp_path_factory: pytest.TempPathFactory, kdir73: Path,
     """examples/hello and every template (test_generations' names and lines), built by trixie's
     rustc 1.85.1 for 7.3 amd64 (two builds at a time), then one boot of the real 7.3 kernel
     loading and unloading each."""
-    base = tmp_path_factory.mktemp("rustc185")
-    projects = {"hello": copy_example(base / "hello")}
-    for template in TEMPLATES:
-        name = f"tpl_{template}"
-        created = rustko("new", name, "--template", template, "--dir", str(base / name))
-        assert created.returncode == 0, created.stderr
-        projects[name] = base / name
+    projects = hello_and_templates(tmp_path_factory.mktemp("rustc185"))
     with ThreadPoolExecutor(max_workers=2) as pool:
         built = dict(zip(projects, pool.map(lambda project: scons(project, f"KDIR={kdir73}", f"RUSTC={rustc185}"),
                                             projects.values())))

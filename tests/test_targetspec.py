@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_example, rustko, scons
+from conftest import copy_example, release_kdir, rustko, scons
 from rustko import build, debian, targetspec, toolchain, vm
 from rustko.kernel import KernelInfo, probe
 
@@ -87,9 +87,7 @@ def kernels() -> dict[str, tuple[KernelInfo, Path]]:
     """Each KDIR and its kernel's compiled generator."""
     found: dict[str, tuple[KernelInfo, Path]] = {}
     for name, (release, package) in KERNELS.items():
-        proc = rustko("kdir", "--release", name, timeout=1800)
-        assert proc.returncode == 0, proc.stderr
-        kernel = probe(proc.stdout.strip())
+        kernel = probe(release_kdir(name))
         found[name] = (kernel, _generator(release, package, kernel))
     return found
 
