@@ -311,13 +311,10 @@ def guest_script(token: str, packages: dict[str, list[str]], deps: list[str]) ->
     modules in modprobe's order, each insmod framed with the kernel's lines since the previous one. Nothing is removed
     between packages: an exit function that crashes (xtables-addons' do, after xt_DNETMAP's
     failed init) would spoil the verdicts after it."""
+    from rustko.vm import GUEST_PREAMBLE
+
     lines = [
-        "#!/bin/sh",
-        "/bin/busybox mount -t proc proc /proc",
-        "/bin/busybox --install -s",
-        "export PATH=/sbin:/bin:/usr/sbin:/usr/bin",
-        "mount -t sysfs sysfs /sys",
-        "mount -t devtmpfs devtmpfs /dev",
+        *GUEST_PREAMBLE,
         "dmesg -n 1",  # the kernel's own console output would interleave with the frames
         "dmesg -c >/dev/null",
     ]

@@ -341,6 +341,17 @@ class Load:
     params: Sequence[str] = ()
 
 
+# The start of every guest /init: busybox's applets, /proc, /sys and /dev.
+GUEST_PREAMBLE: tuple[str, ...] = (
+    "#!/bin/sh",
+    "/bin/busybox mount -t proc proc /proc",
+    "/bin/busybox --install -s",
+    "export PATH=/sbin:/bin:/usr/sbin:/usr/bin",
+    "mount -t sysfs sysfs /sys",
+    "mount -t devtmpfs devtmpfs /dev",
+)
+
+
 def init_script(loads: Sequence[tuple[str, Load]]) -> str:
     """The guest's /init: for each module in turn, each step's output framed by `@@<token>:TAG`
     lines on the console, the module's own token.
@@ -350,12 +361,7 @@ def init_script(loads: Sequence[tuple[str, Load]]) -> str:
     after each module's rmmod, so a module's lines are exactly those after its marker.
     """
     lines = [
-        "#!/bin/sh",
-        "/bin/busybox mount -t proc proc /proc",
-        "/bin/busybox --install -s",
-        "export PATH=/sbin:/bin:/usr/sbin:/usr/bin",
-        "mount -t sysfs sysfs /sys",
-        "mount -t devtmpfs devtmpfs /dev",
+        *GUEST_PREAMBLE,
         "say() { printf '\\n@@%s\\n' \"$*\"; }",
         "step() { tag=$1; shift; \"$@\" >/tmp/out 2>&1; rc=$?; say \"$tag $rc\"; cat /tmp/out; say \"${tag%%:*}:END\"; return $rc; }",
     ]
