@@ -978,9 +978,10 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
         raise RustkoError("--extra-symbols needs --kdir", "symbols are only checked against a KDIR")
     if kdir:
         _view(kdir, extra)  # fail early, once, on a bad KDIR or symbols file
-    results = _pool_map(_check_one, [(f, kdir, arch, version, extra) for f in files], _workers(files, jobs))
+    workers = _workers(files, jobs)
+    results = _pool_map(_check_one, [(f, kdir, arch, version, extra) for f in files], workers)
     if kdir and len(files) > 1 and any(_unresolved(r) for _, r in results):
-        results = _resolve_siblings(results, files, kdir, arch, version, extra, jobs)
+        results = _resolve_siblings(results, files, kdir, arch, version, extra, workers)
     return missing + results
 
 
@@ -992,9 +993,9 @@ def _unresolved(result: list[Finding] | str) -> set[str]:
 
 def _resolve_siblings(results: list[tuple[str, list[Finding] | str]], files: list[str], kdir: str,
                       arch: str | None, version: Version | None, extra: tuple[str, ...],
-                      jobs: int | None) -> list[tuple[str, list[Finding] | str]]:
+                      workers: int) -> list[tuple[str, list[Finding] | str]]:
     """Re-check the modules that need a symbol another module of the run exports."""
-    exported = dict(_pool_map(_exports_of, files, _workers(files, jobs)))
+    exported = dict(_pool_map(_exports_of, files, workers))
     everything: dict[str, Export] = {}
     for path in files:
         for symbol, export in exported[path].items():
