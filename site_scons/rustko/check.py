@@ -252,19 +252,19 @@ def _allocations(elf: Elf, version: Version) -> list[int]:
 
 def _check_module_area(elf: Elf, name: str, arch: str, view: KernelView, version: Version,
                        path: str) -> list[Finding]:
-    area = view.module_area
-    if area is None:
-        compute = loader.MODULE_AREA.get(arch)
-        if compute is None:
-            return []
-        area = compute(lambda option: False)  # no .config: the largest area (no KASLR)
+    """The module's largest allocation against the most its arch's module area can give
+    (loader.MODULE_AREA); silent where the area is not computable from a KDIR (UML: mem=)."""
+    table = loader.MODULE_AREA.get(arch)
+    if table is None or table.size is None:
+        return []
+    area = view.module_area if view.module_area is not None else table.largest
     largest = max(_allocations(elf, version), default=0)
     if -(-largest // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:  # module_alloc's PAGE_ALIGN
         return []
-    return [_finding(path, "module", "module-area", version,
+    return [_finding(path, "module", table.rule, version,
                      f"the module needs {largest} bytes in one piece and the whole module area "
                      f"is {area} bytes: allocate large buffers at run time (vmalloc/kvmalloc) "
-                     "instead of static arrays", name=name)]
+                     "instead of static arrays", name=name, explanation=table.note)]
 
 
 # --- stage 5: per-CPU data (percpu_modalloc) -------------------------------------------------

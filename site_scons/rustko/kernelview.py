@@ -225,20 +225,25 @@ def struct_module_size(info: "KernelInfo") -> int | None:
     return sizes[0]
 
 
-def percpu_reserve(enabled, version: Version) -> int:
+def percpu_reserve(enabled, version: Version) -> int | None:
     """PERCPU_MODULE_RESERVE: include/linux/percpu.h; 8 KiB (6.1.192), 64 KiB with
-    CONFIG_MEM_ALLOC_PROFILING (6.12.117, commit 'lib: add allocation tagging support', v6.10)."""
+    CONFIG_MEM_ALLOC_PROFILING (6.12.117, commit 'lib: add allocation tagging support', v6.10).
+    None without CONFIG_SMP (UML): the UP find_pcpusec (kernel/module/main.c, 6.1.192, 6.12.117)
+    returns 0, so .data..percpu is ordinary module data and no per-CPU rule applies."""
+    if not enabled("SMP"):
+        return None
     if version >= (6, 10) and enabled("MEM_ALLOC_PROFILING"):
         return 8 << 13
     return 8 << 10
 
 
 def module_area(arch: str, enabled) -> int | None:
-    """MODULES_LEN for this .config (the table and its sources: loader.MODULE_AREA)."""
+    """The largest piece of module memory for this .config (the table and its sources:
+    loader.MODULE_AREA; None: not modelled, or not computable from a KDIR)."""
     from .loader import MODULE_AREA
 
     area = MODULE_AREA.get(arch)
-    return area(enabled) if area else None
+    return area.size(enabled) if area and area.size else None
 
 
 def read_extra_symbols(paths: list[str]) -> dict[str, Export]:

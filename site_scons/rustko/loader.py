@@ -50,10 +50,80 @@ def _x86_64_modules_len(enabled: Callable[[str], bool]) -> int:
     return end - (0xFFFFFFFF80000000 + image)
 
 
-# Per architecture, the module area's size from the KDIR's .config. Other architectures' areas
-# are not modelled; without a KDIR the largest x86_64 area (1520 MiB) is assumed, so a refusal
-# is only ever missed, never invented.
-MODULE_AREA: dict[str, Callable[[Callable[[str], bool]], int]] = {"x86_64": _x86_64_modules_len}
+# arm64's module windows (arch/arm64/include/asm/memory.h MODULES_VSIZE, 5.10.262, 6.1.192;
+# arch/arm64/mm/init.c module_init_limits, 6.12.117): a direct-branch window and, with module
+# PLTs, a 2 GiB one. Both are placed around the kernel image (arch/arm64/kernel/kaslr.c
+# kaslr_init sets module_alloc_base in [_etext - 128 MiB, _stext], or in [_end - 2 GiB, _stext]
+# with CONFIG_RANDOMIZE_MODULE_REGION_FULL; module_init_limits bounds [_text, _end]), so the
+# image itself takes part of either. The arm64range helper's relocs.py rows may unify with these.
+ARM64_DIRECT_WINDOW = 128 << 20
+ARM64_PLT_WINDOW = 2 << 30
+
+
+def _arm64_module_window(enabled: Callable[[str], bool]) -> int:
+    """The largest piece module memory can take on arm64: the window module_alloc (5.10.262,
+    6.1.192: arch/arm64/kernel/module.c) or execmem (6.12.117: arch/arm64/mm/init.c
+    execmem_arch_setup, fallback_start/fallback_end) finally tries, less the guard page every
+    vmalloc area carries (mm/vmalloc.c __get_vm_area_node: size += PAGE_SIZE unless
+    VM_NO_GUARD). An upper bound: the kernel image (tens of MiB) and other vmalloc users share
+    the window, so a module somewhat smaller may still be refused; never a larger one loaded.
+
+    6.1.192: the first try is [module_alloc_base, + MODULES_VSIZE (128 MiB)); with
+    CONFIG_ARM64_MODULE_PLTS (Debian: y) a failed try is repeated in [module_alloc_base, + 2 GiB),
+    except with KASAN_GENERIC/KASAN_SW_TAGS but not KASAN_VMALLOC (5.10.262: any KASAN).
+    6.12.117 (kernel/module/Kconfig: MODULES selects EXECMEM; PLTs are always built): 128 MiB
+    direct range with the 2 GiB PLT range as fallback, or the 2 GiB range alone."""
+    kasan_static = (enabled("KASAN_GENERIC") or enabled("KASAN_SW_TAGS")) and not enabled("KASAN_VMALLOC")
+    wide = enabled("EXECMEM") or (enabled("ARM64_MODULE_PLTS") and not kasan_static)
+    return (ARM64_PLT_WINDOW if wide else ARM64_DIRECT_WINDOW) - PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class ModuleArea:
+    """Where one architecture's module memory comes from, as far as a KDIR can tell.
+
+    `size`: the largest piece one allocation can get for a .config (None: not computable from
+    the KDIR, `why` says what it depends on); `largest`: the same without a .config, the
+    largest any config gives, so a refusal is only ever missed, never invented; `rule`: the
+    loader rule whose lines a refusal prints; `note`: said beside the finding."""
+
+    size: Callable[[Callable[[str], bool]], int] | None
+    largest: int
+    rule: str
+    source: str
+    note: str = ""
+    why: str = ""
+
+
+# Per architecture (rustko.arch names). Architectures not listed are not modelled.
+MODULE_AREA: dict[str, ModuleArea] = {
+    "x86_64": ModuleArea(_x86_64_modules_len, _x86_64_modules_len(lambda option: False),
+                         "module-area", "arch/x86/include/asm/pgtable_64_types.h MODULES_LEN"),
+    "arm64": ModuleArea(
+        _arm64_module_window, ARM64_PLT_WINDOW - PAGE_SIZE, "module-area-vmalloc",
+        "arch/arm64/kernel/module.c module_alloc (5.10.262, 6.1.192), arch/arm64/mm/init.c "
+        "execmem_arch_setup (6.12.117)",
+        note="module memory comes from a window around the kernel image (2 GiB with module "
+             "PLTs, else 128 MiB) that the image and earlier modules share; before execmem "
+             "(v6.10) the kernel's line goes on `exceeds total pages` when the module is larger "
+             "than the machine's RAM, else `vm_struct allocation failed`"),
+    # arch/um/include/asm/pgtable.h (6.1.192, 6.12.117): MODULES_VADDR = VMALLOC_START just
+    # above the UML's physical memory (0x60000000 + mem= + the host's brk gap, see relocs.UM),
+    # MODULES_END = VMALLOC_END below FIXADDR_START, near TASK_SIZE, which is the host's
+    # (arch/um/kernel/um_arch.c linux_main: task_size = host_task_size & PGDIR_MASK): tens of
+    # TiB on an x86_64 host, far more than any module (and UML's MODULES_LEN is written
+    # MODULES_VADDR - MODULES_END, which wraps to nearly 2^64, so module_alloc's own size test
+    # never refuses). What refuses a large UML module is its RAM: module_alloc
+    # (arch/x86/kernel/module.c, linked into UML as `subarch`, 6.1.192) asks vmalloc with
+    # GFP_KERNEL, and mm/vmalloc.c __vmalloc_node_range refuses more pages than totalram_pages()
+    # (`vmalloc error: size N, exceeds total pages`, a warn_alloc line); 6.12.117's default
+    # execmem range (mm/execmem.c) asks with __GFP_NOWARN and prints `execmem: unable to
+    # allocate memory`. Below that, free pages decide.
+    "um": ModuleArea(None, 0, "module-area-vmalloc", "arch/um/include/asm/pgtable.h VMALLOC_START",
+                     why="a UML module's memory is bounded by the UML's RAM (mem=), which no KDIR "
+                         "says: it is refused when it needs more pages than mem= gives "
+                         "(tests/test_module_area.py shows it both ways)"),
+}
 
 
 @dataclass(frozen=True)
@@ -130,6 +200,19 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
          "(arch/x86/kernel/module.c, 5.10.262, 6.1.192) / module_memory_alloc -> execmem_alloc "
          "(mm/execmem.c execmem_vmalloc, 6.12.117, 7.3.4)",
          _v(((0,), ""), ((6, 10), "execmem: unable to allocate memory")), "ENOMEM"),
+    # The same on arm64 (arch/arm64/kernel/module.c module_alloc, 5.10.262, 6.1.192): the
+    # last try asks vmalloc without __GFP_NOWARN, so mm/vmalloc.c __vmalloc_node_range's
+    # warn_alloc (mm/page_alloc.c, prefixed with the loading task's name, then a backtrace)
+    # says why; 5.10.262 words it `vmalloc: allocation failure: N bytes`, 6.1.192 `vmalloc
+    # error: size N, exceeds total pages` (more than the RAM) or `..., vm_struct allocation
+    # failed` (no room in the window); the change between them is not pinned to a version here.
+    # warn_alloc is rate-limited to one line per 10 s. Since execmem (v6.10) as x86.
+    Rule("module-area-vmalloc", 50, f"{_MAIN} move_module -> module_alloc (arch/arm64/kernel/"
+         "module.c, 5.10.262, 6.1.192) -> mm/vmalloc.c __vmalloc_node_range warn_alloc / "
+         "module_memory_alloc -> execmem_alloc (mm/execmem.c __execmem_alloc, 6.12.117)",
+         _v(((0,), "vmalloc: allocation failure: <val> bytes"),
+            ((6, 1), "vmalloc error: size <val>"),
+            ((6, 10), "execmem: unable to allocate memory")), "ENOMEM"),
     # setup_modinfo (7.3.4): a "module:" namespace cannot be imported (MODULE_NS_SINCE).
     Rule("import-module-ns", 65, f"{_MAIN} setup_modinfo (7.3.4; not in 6.12.117)",
          _v(((0,), "{name}: module tries to import module namespace: {ns}")), "EPERM",
