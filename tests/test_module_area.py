@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import rustko, tool
+from conftest import release_kdir, rustko, tool
 from rustko import check, loader, uml
 from rustko.cache import cached_dir
 from rustko.kbuild import KbuildJob
 from rustko.kernel import KernelInfo, probe
-from rustko.vm import VmResult, vmtest_many
+from rustko.vm import VmResult, debian_kernel, vmtest_many
 from test_check import CACHE, _key
 from test_check_loader import INSMOD_SAYS
 
@@ -145,6 +145,41 @@ def test_arm64_past_4g_wraps_and_loads(arm64) -> None:
     kernel, built, results = arm64
     assert check.check_module(built["wrap"], kernel) == []
     assert results[1].ok, results[1].failure or results[1].console[-3000:]
+
+
+ARM64_73 = "7.3.4+deb13-arm64"  # tests/test_generations.py's arm64 kernel (execmem)
+
+
+@pytest.fixture(scope="module")
+def arm64_73(arm64) -> tuple[KernelInfo, Path, list[VmResult]]:
+    """Debian's arm64 7.3 (its KDIR in a trixie root, as tests/test_generations.py prepares it):
+    first the wide module built for 6.1, then the huge one built for 7.3."""
+    kernel = probe(release_kdir(ARM64_73))
+    huge = _build(kernel, "huge", ARM64["huge"])
+    wide61 = arm64[1]["wide"]
+    results = vmtest_many([wide61, huge], kernel=debian_kernel(ARM64_73, "arm64"), arch="arm64",
+                          timeout=300)
+    return kernel, huge, results
+
+
+def test_arm64_execmem_larger_than_the_2g_window(arm64_73) -> None:
+    """Since execmem (v6.10) vmalloc is asked with __GFP_NOWARN on both windows and execmem says
+    it once: the line the checker predicts for 7.3."""
+    kernel, huge, results = arm64_73
+    findings = check.check_module(huge, kernel)
+    assert [f.kind for f in findings] == ["module-area-vmalloc"]
+    assert findings[0].kernel == ["execmem: unable to allocate memory"]
+    _refused_as_predicted(findings[0], results[1])
+    assert not any("vmalloc error" in line for line in results[1].module_log), results[1].module_log
+
+
+def test_arm64_struct_module_of_another_kernel(arm64, arm64_73) -> None:
+    """The struct module size rule on arm64: sizeof(struct module) measured by the arm64 7.3
+    KDIR's own (cross) Kbuild refuses a module built for 6.1 before anything else."""
+    kernel, _, results = arm64_73
+    findings = check.check_module(arm64[1]["wide"], kernel)
+    assert findings[0].kind == "this-module-size", findings
+    _refused_as_predicted(findings[0], results[0])
 
 
 def test_arm64_window_per_config() -> None:
