@@ -5,9 +5,12 @@ Entries live under `<cache>/sysroot/<key>`, where the key hashes everything that
 bytes: rustc's `-vV`, the library sources (names and sizes, plus their release), the flags, and
 rustko's own recipe. Every project and build on the machine shares them.
 
-Three things keep the first build short (bench/build.py measures them):
+Four things keep the first build short (bench/build.py measures them):
 - The crates are bitcode only (`-Clinker-plugin-lto`): a module's fat LTO generates machine code
   from their bitcode anyway, so rustc skips generating it here.
+- rustc's parallel front end (`-Zthreads`, one thread per CPU) type-checks and borrow-checks
+  `core`, most of its time, on every CPU; and their debug info is line tables only
+  (`build_options`).
 - Only the crates a module uses are built: a module that mentions neither `alloc` nor `rustko`
   needs core and compiler_builtins alone; the others join the entry when a module first needs them.
 - Crates build in parallel where the graph allows: a crate starts as soon as its dependencies'
@@ -44,9 +47,10 @@ from typing import Callable, Iterable, Iterator
 
 from . import cache
 from .errors import RustkoError
-from .toolchain import Toolchain, INSTALL_HINT, interrupted
+from .toolchain import Toolchain, INSTALL_HINT, Version, interrupted, rustc_version
 
-RECIPE_VERSION = "4"  # 3: the build folder remapped (it leaked into debug info); 4: bitcode only
+RECIPE_VERSION = "5"  # 3: the build folder remapped (it leaked into debug info); 4: bitcode only;
+# 5: line-tables-only debug info, -Zthreads
 RUST_DIR = Path(__file__).parent / "rust"
 
 
@@ -77,6 +81,15 @@ COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
 NAME_RE = re.compile(r"\b(alloc|rustko)\b")
 
 Log = Callable[[str, list[str]], None]
+
+# rustc's parallel front end is compiled into every rustc since the `parallel-compiler` build
+# option was removed (rust-lang/rust#132282, 1.85); `-Zthreads` is untracked (it changes no output
+# byte: core's rlib was the same with 1 and 2 threads here), so it is not part of the cache key.
+THREADS_SINCE: Version = (1, 85, 0)
+# The debug info levels of rustc's `-Cdebuginfo`, least first.
+DEBUGINFO_LEVELS: tuple[str, ...] = ("0", "none", "line-directives-only", "line-tables-only", "1", "limited",
+                                     "2", "full")
+DEBUGINFO_RE = re.compile(r"^-Cdebuginfo=(.+)$")
 
 
 @dataclass(frozen=True)
@@ -134,9 +147,43 @@ def _sources_fingerprint(lib_src: Path) -> str:
     return digest.hexdigest()
 
 
+def tracked_options(flags: list[str]) -> list[str]:
+    """What the sysroot crates get beyond the kernel's `flags`, all of it in the cache key.
+
+    Debug info: line tables at most. A module's fat LTO carries every core function it uses into
+    the .ko together with that function's debug info, and reading core's full DWARF took most of
+    a small module's LTO (measured here, rustc 1.96, 6.1's flags: examples/hello's Rust 0.83 s
+    with core at -Cdebuginfo=2, 0.53 s with line tables, 0.36 s without). Its machine code stays
+    (hello's .text the same size; in a larger test crate, registers chosen otherwise in one
+    function, 2 bytes less). What a .ko loses: the variables and types of core's functions in a
+    debugger; file and line of every core frame stay (addr2line, scripts/decode_stacktrace.sh).
+    Flags asking for less (a kernel without DEBUG_INFO) keep it."""
+    levels = [match.group(1) for flag in flags if (match := DEBUGINFO_RE.match(flag))]
+    if levels and levels[-1] in DEBUGINFO_LEVELS and \
+            DEBUGINFO_LEVELS.index(levels[-1]) > DEBUGINFO_LEVELS.index("line-tables-only"):
+        return ["-Cdebuginfo=line-tables-only"]
+    return []
+
+
+def build_options(toolchain: Toolchain, flags: list[str]) -> list[str]:
+    """`tracked_options`, plus one front-end thread per CPU where rustc has the parallel front
+    end: it checks core's items on every CPU, most of core's time (one run at load 7, this
+    process's priority raised: 43 s on one thread, 36 s on two, the rlib the same bytes). It
+    spends about 15% more CPU, so it gains where CPUs are idle, a first build's usual case."""
+    options = tracked_options(flags)
+    if rustc_version(toolchain.version) >= THREADS_SINCE:
+        options.append(f"-Zthreads={_cpus()}")
+    return options
+
+
+def _cpus() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def key(toolchain: Toolchain, flags: list[str]) -> str:
     digest = hashlib.sha256()
-    for part in (RECIPE_VERSION, toolchain.verbose_version, _sources_fingerprint(toolchain.lib_src), *flags):
+    for part in (RECIPE_VERSION, toolchain.verbose_version, _sources_fingerprint(toolchain.lib_src), *flags,
+                 *tracked_options(flags)):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:24]
 
@@ -160,7 +207,7 @@ def _command(toolchain: Toolchain, flags: list[str], crate: Crate, stage: Path, 
     else:
         src, edition = RUST_DIR / crate.source, "2021"  # 2021: rustc 1.78 has no 2024
     libdir = stage / "lib" / "rustlib" / target / "lib"
-    return [str(toolchain.rustc), *flags, "-Clinker-plugin-lto", *crate.extra,
+    return [str(toolchain.rustc), *flags, *build_options(toolchain, flags), "-Clinker-plugin-lto", *crate.extra,
             f"--edition={edition}", "--crate-type=rlib", f"--crate-name={crate.name}", f"--sysroot={stage}",
             f"--remap-path-prefix={toolchain.lib_src}=/rustc/library", f"--remap-path-prefix={RUST_DIR}=/rustko",
             f"--remap-path-prefix={stage}=/sysroot", f"--remap-path-prefix={published}=/sysroot",
@@ -208,7 +255,7 @@ def _build(toolchain: Toolchain, flags: list[str], names: list[str], stage: Path
     waiting = list(names)
     ready = {name for name in CRATES if name not in names}
     running: dict[int, _Job] = {}
-    slots = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    slots = _cpus()
     selector = selectors.DefaultSelector()
     try:
         while waiting or running:
@@ -310,7 +357,8 @@ def ensure(toolchain: Toolchain, flags: list[str], target: str, log: Log | None 
                 for name in todo:
                     os.replace(stage / "out" / f"lib{name}.rlib", staged / f"lib{name}.rlib")
                 shutil.rmtree(stage / "out")
-                (stage / "flags.txt").write_text("\n".join([toolchain.verbose_version, *flags]) + "\n")
+                recipe = [toolchain.verbose_version, *flags, *tracked_options(flags)]
+                (stage / "flags.txt").write_text("\n".join(recipe) + "\n")
                 os.rename(stage, path)
             mark_complete(sysroot)
         finally:
