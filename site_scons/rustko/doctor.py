@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         print(_line(True, label, detail))
     print(_line(True, "rustc", f"{tools.rustc} {tools.version}, library sources {tools.lib_src}"))
     entry = sysroot.location(target.sysroot_key)
-    print(_line(True, "sysroot", f"{entry} ({'cached' if entry.is_dir() else 'built on the first build, ~30 s'})"))
+    print(_line(True, "sysroot", f"{entry} ({'cached' if entry.is_dir() else 'built on the first build, about 40 s on 2 cores'})"))
     cross = arch.default_cross_compile(kernel.arch)
     for step, program, package in (*TOOLS, *_vm_tools(kernel.arch), ("link", target.linker, "binutils"),
                                    ("kbuild", f"{cross}gcc", arch.toolchain_package(kernel.arch))):
