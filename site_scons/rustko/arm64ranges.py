@@ -1,0 +1,148 @@
+"""arm64's relocation overflow checks against where the loader can place a module.
+
+arch/arm64/kernel/module.c apply_relocate_add computes each value as s64 (reloc_data,
+reloc_insn_movw, reloc_insn_imm, reloc_insn_adrp) and refuses it outside a range
+(`relocs.RangeCheck.limits`). Whether a value is inside depends on addresses the checker cannot
+know, so each relocation's value is bounded over every placement the kernel allows
+(`PLACEMENTS`): inside the range for all of them, no finding; outside for all, the loader's line;
+across the edge, a finding whose note says it depends on placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .elf import SHN_ABS, SHN_UNDEF
+from .relocs import LATEST, ArchRules, RangeCheck, Version
+
+GIB = 1 << 30
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where module memory and the kernel image can be, in kernels [since, until)."""
+
+    since: Version
+    until: Version
+    # Every module allocation and the whole kernel image lie in one window of this many bytes.
+    window: int
+    # Every kernel or module address, as the loader's s64: [low, high).
+    low: int
+    high: int
+    short: str
+    source: str
+
+
+# Addresses: arch/arm64/include/asm/memory.h MODULES_VADDR = _PAGE_END(VA_BITS_MIN) =
+# -(1 << 47) for VA_BITS_MIN 48 (4K pages, Debian's CONFIG_ARM64_VA_BITS=48, and 52-bit VA
+# with 4K pages); the kernel image (KASLR: arch/arm64/kernel/kaslr.c, pi/kaslr_early.c) and the
+# module windows stay below arch/arm64/include/asm/pgtable.h VMALLOC_END = VMEMMAP_START - 256 MiB,
+# below -(1 << 42). So every such address is negative and at least 2^42 away from 0.
+_LOW, _HIGH = -(1 << 47), -(1 << 42)
+PLACEMENTS: tuple[Placement, ...] = (
+    Placement((0,), (6, 5), 2 * GIB, _LOW, _HIGH,
+              "arch/arm64/kernel/kaslr.c kaslr_init, module.c module_alloc",
+              "6.1.192 arch/arm64/kernel/kaslr.c kaslr_init: module_alloc_base is drawn so that "
+              "[module_alloc_base, +MODULES_VSIZE=128 MiB) covers [_stext, _etext), or with "
+              "CONFIG_RANDOMIZE_MODULE_REGION_FULL (Debian) a 2 GiB window covering [_stext, _end); "
+              "arch/arm64/kernel/module.c module_alloc allocates in [base, base+128 MiB), else "
+              "(CONFIG_ARM64_MODULE_PLTS) in [base, base+2 GiB), which still holds the kernel image"),
+    Placement((6, 5), LATEST, 2 * GIB, _LOW, _HIGH, "arch/arm64/mm/init.c module_init_limits",
+              "6.12.117 and 7.3.4 arch/arm64/mm/init.c module_init_limits (the v6.5 module VA-range "
+              "rework): a 128 MiB direct-branch window and a 2 GiB PLT window, both "
+              "random_bounding_box()es around the kernel image [_text, _end), the 128 MiB one inside "
+              "the 2 GiB one; execmem_arch_setup allocates modules in the first, else the second"),
+)
+
+
+def placement(version: Version) -> Placement:
+    return next(p for p in PLACEMENTS if p.since <= version < p.until)
+
+
+def _size(count: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count >> shift} {unit}"
+    return f"{count} bytes"
+
+
+def _note(name: str, rc: RangeCheck, place: Placement) -> str:
+    reach = rc.limits()[1] + 1
+    return (f"whether {name} fits depends on where the loader puts the module: it reaches "
+            f"+-{_size(reach)}, its target can be up to {_size(place.window)} away (the window "
+            f"holding the kernel image and all module memory: {place.short}); the kernel refuses "
+            f"it unless the module lands close enough")
+
+
+_ADRP_NOTE = ("refused wherever the module lands, except on a CPU with erratum 843419 (Cortex-A53), "
+              "where an ADRP at page offset 0xff8/0xffc becomes an ADR or a veneer instead "
+              "(arch/arm64/kernel/module.c reloc_insn_adrp)")
+
+
+def overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, table: np.ndarray,
+                sizes: np.ndarray, targets: np.ndarray, zero: np.ndarray, ok: np.ndarray,
+                rules: ArchRules, version: Version) -> tuple[np.ndarray, dict[int, str]]:
+    """Rows that overflow for some placement, and the note of those that fit for others.
+
+    `table` is the symbol table, `sizes` each section's size, `targets` each row's relocated
+    section, `zero` the symbols that resolve to 0 (weak, unexported).
+    """
+    place = placement(version)
+    out: list[np.ndarray] = []
+    notes: dict[int, str] = {}
+    for t, rc in rules.range_checks.items():
+        sel = np.flatnonzero((rtype == t) & ok)
+        if not len(sel):
+            continue
+        s = symidx[sel]
+        shndx = table["shndx"][s].astype(np.int64)
+        addend = rows["addend"][sel].astype(np.int64)
+        known = zero[s] | (shndx == SHN_ABS) | (s == 0)
+        with np.errstate(over="ignore"):
+            exact = np.where(zero[s], 0, table["value"][s].astype(np.int64)) + addend
+            lo, hi = _bounds(rc, exact, known, shndx, s, addend, table, sizes,
+                             targets[sel], rows["offset"][sel].astype(np.int64), place)
+        low, high = rc.limits()
+        bad = (lo < low) | (hi > high)
+        sure = (hi < low) | (lo > high)
+        out.append(sel[bad])
+        for i in sel[bad & ~sure].tolist():
+            notes[i] = _note(rules.name(t), rc, place)
+        if t == 275:
+            for i in sel[sure].tolist():
+                notes[i] = _ADRP_NOTE
+    picked = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    return picked, notes
+
+
+def _bounds(rc: RangeCheck, exact: np.ndarray, known: np.ndarray, shndx: np.ndarray, s: np.ndarray,
+            addend: np.ndarray, table: np.ndarray, sizes: np.ndarray, target: np.ndarray,
+            offset: np.ndarray, place: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest and largest s64 the loader can compute for each row (do_reloc)."""
+    if not rc.pc_relative:
+        # S+A: exact where known, else a kernel or module address (negative as s64).
+        lo = np.where(known, exact, place.low + np.minimum(addend, 0))
+        hi = np.where(known, exact, place.high + np.maximum(addend, 0))
+        return lo, hi
+    # S+A-P. Same section: exact. Known S+A: P anywhere kernel or module memory can be.
+    # Otherwise both ends lie in the placement window (kernel exports, sibling modules' and this
+    # module's other sections, per-CPU symbols, whose addresses are inside the image's
+    # .data..percpu), widened by how far the addend points outside the symbol's section.
+    same = (shndx == target) & ~known
+    delta = exact - offset
+    local = (shndx != SHN_UNDEF) & (shndx < len(sizes)) & (shndx > 0)
+    size = np.where(local, sizes[np.minimum(np.maximum(shndx, 0), len(sizes) - 1)].astype(np.int64), 0)
+    inside = np.where(local, table["value"][s].astype(np.int64) + addend, 0)
+    below = np.minimum(inside, 0)
+    above = np.where(local, np.maximum(inside - size, 0), 0)
+    span = place.window - 1
+    lo = np.where(same, delta, np.where(known, exact - place.high + 1, -span + below))
+    hi = np.where(same, delta, np.where(known, exact - place.low, span + above))
+    if rc.how == "page":
+        # (S & ~0xfff) - (P & ~0xfff): a whole page either way of S-P.
+        lo = (lo >> 12 << 12)
+        hi = -((-hi) >> 12 << 12)
+    return lo, hi
