@@ -66,6 +66,9 @@ CASES: dict[str, tuple[str, tuple[int, str] | None]] = {
     # PC-relative fields against a symbol in another section: decided by the 2 GiB window.
     "rk_adr_zero": ("adr x0, rk_weak", (274, "0")),
     "rk_prel32_kernel": (".long jiffies - .", None),
+    # JUMP26/CALL26 are not range-checked: out of direct range (here: to address 0) the loader
+    # branches through a PLT entry (module_emit_plt_entry) and the module loads.
+    "rk_call26_zero": ("bl rk_weak\nb rk_weak", None),
 }
 # Depends on placement: the checker says so; the kernel refuses it unless the module happens to
 # land within 1 MiB of jiffies (one placement in about two thousand).
