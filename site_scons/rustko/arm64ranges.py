@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .elf import SHN_ABS, SHN_UNDEF
+from .elf import SHN_ABS
 from .relocs import LATEST, ArchRules, RangeCheck, Version
 
 GIB = 1 << 30
@@ -45,11 +45,14 @@ _LOW, _HIGH = -(1 << 47), -(1 << 42)
 PLACEMENTS: tuple[Placement, ...] = (
     Placement((0,), (6, 5), 2 * GIB, _LOW, _HIGH,
               "arch/arm64/kernel/kaslr.c kaslr_init, module.c module_alloc",
-              "6.1.192 arch/arm64/kernel/kaslr.c kaslr_init: module_alloc_base is drawn so that "
+              "5.10.262 (kaslr_early_init) and 6.1.192 (kaslr_init) arch/arm64/kernel/kaslr.c: "
+              "module_alloc_base is drawn so that "
               "[module_alloc_base, +MODULES_VSIZE=128 MiB) covers [_stext, _etext), or with "
               "CONFIG_RANDOMIZE_MODULE_REGION_FULL (Debian) a 2 GiB window covering [_stext, _end); "
               "arch/arm64/kernel/module.c module_alloc allocates in [base, base+128 MiB), else "
-              "(CONFIG_ARM64_MODULE_PLTS) in [base, base+2 GiB), which still holds the kernel image"),
+              "(CONFIG_ARM64_MODULE_PLTS) in [base, base+2 GiB), which still holds the kernel image. "
+              "Not modelled: 5.10 with CONFIG_KASAN keeps modules in the static 128 MiB region and "
+              "the kernel within 2 GiB above it (no Debian config has KASAN)"),
     Placement((6, 5), LATEST, 2 * GIB, _LOW, _HIGH, "arch/arm64/mm/init.c module_init_limits",
               "6.12.117 and 7.3.4 arch/arm64/mm/init.c module_init_limits (the v6.5 module VA-range "
               "rework): a 128 MiB direct-branch window and a 2 GiB PLT window, both "
@@ -82,6 +85,35 @@ _ADRP_NOTE = ("refused wherever the module lands, except on a CPU with erratum 8
               "(arch/arm64/kernel/module.c reloc_insn_adrp)")
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """`ArchRules.range_checks` as arrays indexed by type number: one pass over all rows."""
+
+    checked: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    pc_relative: np.ndarray
+    page: np.ndarray
+
+
+_TABLES: dict[str, _Tables] = {}
+
+
+def _tables(rules: ArchRules) -> _Tables:
+    if rules.arch not in _TABLES:
+        size = max(rules.range_checks) + 1
+        tables = _Tables(np.zeros(size, dtype=bool), np.zeros(size, dtype=np.int64),
+                         np.zeros(size, dtype=np.int64), np.zeros(size, dtype=bool),
+                         np.zeros(size, dtype=bool))
+        for t, rc in rules.range_checks.items():
+            tables.checked[t] = True
+            tables.low[t], tables.high[t] = rc.limits()
+            tables.pc_relative[t] = rc.pc_relative
+            tables.page[t] = rc.how == "page"
+        _TABLES[rules.arch] = tables
+    return _TABLES[rules.arch]
+
+
 def overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, table: np.ndarray,
                 sizes: np.ndarray, targets: np.ndarray, zero: np.ndarray, ok: np.ndarray,
                 rules: ArchRules, version: Version) -> tuple[np.ndarray, dict[int, str]]:
@@ -90,59 +122,62 @@ def overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, table: 
     `table` is the symbol table, `sizes` each section's size, `targets` each row's relocated
     section, `zero` the symbols that resolve to 0 (weak, unexported).
     """
+    tables = _tables(rules)
+    last = len(tables.checked) - 1
+    sel = np.flatnonzero(ok & (rtype <= last) & tables.checked[np.minimum(rtype, last)])
+    if not len(sel):
+        return sel, {}
     place = placement(version)
-    out: list[np.ndarray] = []
-    notes: dict[int, str] = {}
-    for t, rc in rules.range_checks.items():
-        sel = np.flatnonzero((rtype == t) & ok)
-        if not len(sel):
-            continue
-        s = symidx[sel]
-        shndx = table["shndx"][s].astype(np.int64)
-        addend = rows["addend"][sel].astype(np.int64)
-        known = zero[s] | (shndx == SHN_ABS) | (s == 0)
-        with np.errstate(over="ignore"):
-            exact = np.where(zero[s], 0, table["value"][s].astype(np.int64)) + addend
-            lo, hi = _bounds(rc, exact, known, shndx, s, addend, table, sizes,
-                             targets[sel], rows["offset"][sel].astype(np.int64), place)
-        low, high = rc.limits()
-        bad = (lo < low) | (hi > high)
-        sure = (hi < low) | (lo > high)
-        out.append(sel[bad])
-        for i in sel[bad & ~sure].tolist():
-            notes[i] = _note(rules.name(t), rc, place)
-        if t == 275:
-            for i in sel[sure].tolist():
-                notes[i] = _ADRP_NOTE
-    picked = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-    return picked, notes
-
-
-def _bounds(rc: RangeCheck, exact: np.ndarray, known: np.ndarray, shndx: np.ndarray, s: np.ndarray,
-            addend: np.ndarray, table: np.ndarray, sizes: np.ndarray, target: np.ndarray,
-            offset: np.ndarray, place: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """The smallest and largest s64 the loader can compute for each row (do_reloc)."""
-    if not rc.pc_relative:
+    t = rtype[sel]
+    s = symidx[sel]
+    shndx = table["shndx"][s].astype(np.int64)
+    addend = rows["addend"][sel].astype(np.int64)
+    value = table["value"][s].astype(np.int64)
+    known = zero[s] | (shndx == SHN_ABS) | (s == 0)
+    with np.errstate(over="ignore"):
+        exact = np.where(zero[s], 0, value) + addend
         # S+A: exact where known, else a kernel or module address (negative as s64).
         lo = np.where(known, exact, place.low + np.minimum(addend, 0))
         hi = np.where(known, exact, place.high + np.maximum(addend, 0))
-        return lo, hi
-    # S+A-P. Same section: exact. Known S+A: P anywhere kernel or module memory can be.
-    # Otherwise both ends lie in the placement window (kernel exports, sibling modules' and this
-    # module's other sections, per-CPU symbols, whose addresses are inside the image's
-    # .data..percpu), widened by how far the addend points outside the symbol's section.
+        pc = tables.pc_relative[t]
+        if pc.any():
+            plo, phi = _pc_bounds(exact, known, shndx, value + addend, sizes, targets[sel],
+                                  rows["offset"][sel].astype(np.int64), place)
+            page = tables.page[t]
+            # ADRP: (S & ~0xfff) - (P & ~0xfff), a whole page either way of S-P.
+            plo = np.where(page, plo >> 12 << 12, plo)
+            phi = np.where(page, -((-phi) >> 12 << 12), phi)
+            lo, hi = np.where(pc, plo, lo), np.where(pc, phi, hi)
+    low, high = tables.low[t], tables.high[t]
+    bad = (lo < low) | (hi > high)
+    sure = (hi < low) | (lo > high)
+    notes: dict[int, str] = {}
+    for i in np.flatnonzero(bad).tolist():
+        rtype_i = int(t[i])
+        if not sure[i]:
+            notes[int(sel[i])] = _note(rules.name(rtype_i), rules.range_checks[rtype_i], place)
+        elif rtype_i == 275:
+            notes[int(sel[i])] = _ADRP_NOTE
+    return sel[bad], notes
+
+
+def _pc_bounds(exact: np.ndarray, known: np.ndarray, shndx: np.ndarray, inside: np.ndarray,
+               sizes: np.ndarray, target: np.ndarray, offset: np.ndarray,
+               place: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest and largest S+A-P the loader can compute for each row (do_reloc).
+
+    Same section: exact. Known S+A: P anywhere kernel or module memory can be. Otherwise both
+    ends lie in the placement window (kernel exports, sibling modules' and this module's other
+    sections, per-CPU symbols, whose addresses are inside the image's .data..percpu), widened by
+    how far the target (`inside`: its offset in the symbol's section) lies outside that section.
+    """
     same = (shndx == target) & ~known
-    delta = exact - offset
-    local = (shndx != SHN_UNDEF) & (shndx < len(sizes)) & (shndx > 0)
-    size = np.where(local, sizes[np.minimum(np.maximum(shndx, 0), len(sizes) - 1)].astype(np.int64), 0)
-    inside = np.where(local, table["value"][s].astype(np.int64) + addend, 0)
+    local = (shndx > 0) & (shndx < len(sizes))
+    size = np.where(local, sizes[np.clip(shndx, 0, len(sizes) - 1)].astype(np.int64), 0)
+    inside = np.where(local, inside, 0)
     below = np.minimum(inside, 0)
-    above = np.where(local, np.maximum(inside - size, 0), 0)
+    above = np.maximum(inside - size, 0)
     span = place.window - 1
-    lo = np.where(same, delta, np.where(known, exact - place.high + 1, -span + below))
-    hi = np.where(same, delta, np.where(known, exact - place.low, span + above))
-    if rc.how == "page":
-        # (S & ~0xfff) - (P & ~0xfff): a whole page either way of S-P.
-        lo = (lo >> 12 << 12)
-        hi = -((-hi) >> 12 << 12)
+    lo = np.where(same, exact - offset, np.where(known, exact - place.high + 1, -span + below))
+    hi = np.where(same, exact - offset, np.where(known, exact - place.low, span + above))
     return lo, hi
