@@ -11,11 +11,13 @@ across the edge, a finding whose note says it depends on placement.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .elf import SHN_ABS
 from .relocs import LATEST, ArchRules, RangeCheck, Version
+
+if TYPE_CHECKING:  # numpy is imported where the arrays are made: not on a check that needs none
+    import numpy as np
 
 GIB = 1 << 30
 PAGE = 4096
@@ -100,6 +102,8 @@ _TABLES: dict[str, _Tables] = {}
 
 
 def _tables(rules: ArchRules) -> _Tables:
+    import numpy as np
+
     if rules.arch not in _TABLES:
         size = max(rules.range_checks) + 1
         tables = _Tables(np.zeros(size, dtype=bool), np.zeros(size, dtype=np.int64),
@@ -122,6 +126,8 @@ def overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, table: 
     `table` is the symbol table, `sizes` each section's size, `targets` each row's relocated
     section, `zero` the symbols that resolve to 0 (weak, unexported).
     """
+    import numpy as np
+
     tables = _tables(rules)
     last = len(tables.checked) - 1
     sel = np.flatnonzero(ok & (rtype <= last) & tables.checked[np.minimum(rtype, last)])
@@ -171,6 +177,8 @@ def _pc_bounds(exact: np.ndarray, known: np.ndarray, shndx: np.ndarray, inside: 
     sections, per-CPU symbols, whose addresses are inside the image's .data..percpu), widened by
     how far the target (`inside`: its offset in the symbol's section) lies outside that section.
     """
+    import numpy as np
+
     same = (shndx == target) & ~known
     local = (shndx > 0) & (shndx < len(sizes))
     size = np.where(local, sizes[np.clip(shndx, 0, len(sizes) - 1)].astype(np.int64), 0)
