@@ -70,16 +70,17 @@ def placement(version: Version) -> Placement:
 def _size(count: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if count >= 1 << shift:
-            return f"{count >> shift} {unit}"
+            return f"{-(-count >> shift)} {unit}"  # rounded up: 2 GiB - 1 byte is "2 GiB"
     return f"{count} bytes"
 
 
-def _note(name: str, rc: RangeCheck, place: Placement) -> str:
+def _note(name: str, rc: RangeCheck, place: Placement, far: int) -> str:
     reach = rc.limits()[1] + 1
     return (f"whether {name} fits depends on where the loader puts the module: it reaches "
-            f"+-{_size(reach)}, its target can be up to {_size(place.window)} away (the window "
-            f"holding the kernel image and all module memory: {place.short}); the kernel refuses "
-            f"it unless the module lands close enough")
+            f"+-{_size(reach)}, its target can be up to {_size(far)} away (module memory and the "
+            f"kernel image share a {_size(place.window)} window: {place.short}; two sections of one "
+            f"allocation are at most its size apart); the kernel refuses it unless the module "
+            f"lands close enough")
 
 
 _ADRP_NOTE = ("refused wherever the module lands, except on a CPU with erratum 843419 (Cortex-A53), "
@@ -119,12 +120,13 @@ def _tables(rules: ArchRules) -> _Tables:
 
 
 def overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, table: np.ndarray,
-                sizes: np.ndarray, targets: np.ndarray, zero: np.ndarray, ok: np.ndarray,
-                rules: ArchRules, version: Version) -> tuple[np.ndarray, dict[int, str]]:
+                shdrs: np.ndarray, names: list[str], targets: np.ndarray, zero: np.ndarray,
+                ok: np.ndarray, rules: ArchRules,
+                version: Version) -> tuple[np.ndarray, dict[int, str]]:
     """Rows that overflow for some placement, and the note of those that fit for others.
 
-    `table` is the symbol table, `sizes` each section's size, `targets` each row's relocated
-    section, `zero` the symbols that resolve to 0 (weak, unexported).
+    `table` is the symbol table, `shdrs`/`names` the section headers and names, `targets` each
+    row's relocated section, `zero` the symbols that resolve to 0 (weak, unexported).
     """
     import numpy as np
 
@@ -147,8 +149,9 @@ def overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, table: 
         hi = np.where(known, exact, place.high + np.maximum(addend, 0))
         pc = tables.pc_relative[t]
         if pc.any():
-            plo, phi = _pc_bounds(exact, known, shndx, value + addend, sizes, targets[sel],
-                                  rows["offset"][sel].astype(np.int64), place)
+            spans = _allocation_spans(shdrs, names, version, int(np.isin(rtype, BRANCHES).sum()))
+            plo, phi = _pc_bounds(exact, known, shndx, value + addend, shdrs["size"], *spans,
+                                  targets[sel], rows["offset"][sel].astype(np.int64), place)
             page = tables.page[t]
             # ADRP: (S & ~0xfff) - (P & ~0xfff), a whole page either way of S-P.
             plo = np.where(page, plo >> 12 << 12, plo)
@@ -161,21 +164,72 @@ def overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, table: 
     for i in np.flatnonzero(bad).tolist():
         rtype_i = int(t[i])
         if not sure[i]:
-            notes[int(sel[i])] = _note(rules.name(rtype_i), rules.range_checks[rtype_i], place)
+            far = max(abs(int(lo[i])), abs(int(hi[i])))
+            notes[int(sel[i])] = _note(rules.name(rtype_i), rules.range_checks[rtype_i], place, far)
         elif rtype_i == 275:
             notes[int(sel[i])] = _ADRP_NOTE
     return sel[bad], notes
 
 
+# kernel/module/main.c layout_sections: before v6.4 (commit ac3b43283923 'module: replace
+# module_layout with module_memory') every non-init SHF_ALLOC section lies in one allocation
+# (core_layout) and the `.init*` ones in another (init_layout, module_init_layout_section); from
+# v6.4 (6.12.117, 7.3.4) each kind is an allocation of its own (mod->mem[MOD_TEXT, MOD_RODATA,
+# ..., MOD_INIT_TEXT, ...]). Two sections of one allocation are at most its size apart.
+MEMORY_SPLIT: Version = (6, 4)
+# An allocation's size beyond its sections' sizes and alignments: CONFIG_STRICT_MODULE_RWX
+# page-aligns each kind inside core_layout (6.1 debug_align), and module_frob_arch_sections
+# (arch/arm64/kernel/module-plts.c) grows .plt/.init.plt by one struct plt_entry (12 bytes, 16
+# with the erratum 843419 skip) per JUMP26/CALL26 and ADRP, and .text.ftrace_trampoline by two.
+PAGES_PAD = 4 * PAGE
+PLT_ENTRY = 16
+BRANCHES = (282, 283, 275)
+
+
+def _allocation_spans(shdrs: np.ndarray, names: list[str], version: Version,
+                      branches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per section: which allocation holds it (-1: unknown or not loaded) and how many bytes
+    apart two places in that allocation can be at most."""
+    import numpy as np
+
+    flags = shdrs["flags"].astype(np.int64)
+    keys: list[tuple] = []
+    for index, name in enumerate(names):
+        flag = int(flags[index])
+        if not flag & 0x2 or index == 0:  # SHF_ALLOC
+            keys.append(("none", index))
+            continue
+        init = name.startswith(".init")
+        if version < MEMORY_SPLIT:
+            keys.append((init,))
+        elif flag & 0x4:  # SHF_EXECINSTR
+            keys.append((init, "text"))
+        elif not flag & 0x1:  # SHF_WRITE
+            keys.append((init, "rodata"))
+        else:  # data or ro_after_init (which the loader decides by name): no shared bound
+            keys.append(("data", index))
+    sizes = shdrs["size"].astype(np.int64) + shdrs["addralign"].astype(np.int64)
+    total: dict[tuple, int] = {}
+    for key, size in zip(keys, sizes.tolist()):
+        total[key] = total.get(key, 0) + size
+    pad = PAGES_PAD + PLT_ENTRY * (branches + 2)
+    ids = {key: number for number, key in enumerate(total)}
+    group = np.array([ids[key] if key[0] not in ("none", "data") else -1 for key in keys],
+                     dtype=np.int64)
+    return group, np.array([total[key] + pad for key in keys], dtype=np.int64)
+
+
 def _pc_bounds(exact: np.ndarray, known: np.ndarray, shndx: np.ndarray, inside: np.ndarray,
-               sizes: np.ndarray, target: np.ndarray, offset: np.ndarray,
+               sizes: np.ndarray, group: np.ndarray, spans: np.ndarray, target: np.ndarray,
+               offset: np.ndarray,
                place: Placement) -> tuple[np.ndarray, np.ndarray]:
     """The smallest and largest S+A-P the loader can compute for each row (do_reloc).
 
     Same section: exact. Known S+A: P anywhere kernel or module memory can be. Otherwise both
     ends lie in the placement window (kernel exports, sibling modules' and this module's other
-    sections, per-CPU symbols, whose addresses are inside the image's .data..percpu), widened by
-    how far the target (`inside`: its offset in the symbol's section) lies outside that section.
+    sections, per-CPU symbols, whose addresses are inside the image's .data..percpu), or, for
+    two sections of one allocation, in that allocation (`spans`); widened by how far the target
+    (`inside`: its offset in the symbol's section) lies outside its section.
     """
     import numpy as np
 
@@ -185,7 +239,9 @@ def _pc_bounds(exact: np.ndarray, known: np.ndarray, shndx: np.ndarray, inside: 
     inside = np.where(local, inside, 0)
     below = np.minimum(inside, 0)
     above = np.maximum(inside - size, 0)
-    span = place.window - 1
+    index = np.clip(shndx, 0, len(group) - 1)
+    shared = local & (group[index] >= 0) & (group[index] == group[target])
+    span = np.where(shared, spans[index], place.window - 1)
     lo = np.where(same, exact - offset, np.where(known, exact - place.high + 1, -span + below))
     hi = np.where(same, exact - offset, np.where(known, exact - place.low, span + above))
     return lo, hi

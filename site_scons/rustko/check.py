@@ -552,7 +552,7 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         labels.append("overflow")
     range_notes: dict[int, str] = {}
     if rules.range_checks:
-        picked, range_notes = arm64ranges.overflowing(rows, rtype, symidx, syms.table, shdrs["size"],
+        picked, range_notes = arm64ranges.overflowing(rows, rtype, symidx, syms.table, shdrs, elf.names,
                                                       targets, zero, ok, rules, version)
         problems.append(picked)
         labels.append("overflow")
