@@ -172,6 +172,6 @@ def test_range_rows_and_placements_cite_the_kernel() -> None:
     assert all(rc.source for rc in relocs.ARM64_RANGE_CHECKS.values())
     assert relocs.ARM64_RANGE_CHECKS[272].limits() == (-(1 << 48), (1 << 48) - 1)
     assert relocs.ARM64_RANGE_CHECKS[275].limits() == (-(1 << 32), (1 << 32) - 1)
-    for version in ((5, 10), (6, 1), (6, 12), (7, 3)):
+    for version in ((5, 10), (6, 1), (6, 12), (7, 3), relocs.LATEST):
         assert arm64ranges.placement(version).source
     assert arm64ranges.placement((6, 12)).short.endswith("module_init_limits")

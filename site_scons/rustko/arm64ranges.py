@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .elf import SHN_ABS
-from .relocs import LATEST, ArchRules, RangeCheck, Version
+from .relocs import ArchRules, RangeCheck, Version
 
 if TYPE_CHECKING:  # numpy is imported where the arrays are made: not on a check that needs none
     import numpy as np
@@ -25,10 +25,10 @@ PAGE = 4096
 
 @dataclass(frozen=True)
 class Placement:
-    """Where module memory and the kernel image can be, in kernels [since, until)."""
+    """Where module memory and the kernel image can be, in kernels [since, until) (None: on)."""
 
     since: Version
-    until: Version
+    until: Version | None
     # Every module allocation and the whole kernel image lie in one window of this many bytes.
     window: int
     # Every kernel or module address, as the loader's s64: [low, high).
@@ -55,7 +55,7 @@ PLACEMENTS: tuple[Placement, ...] = (
               "(CONFIG_ARM64_MODULE_PLTS) in [base, base+2 GiB), which still holds the kernel image. "
               "Not modelled: 5.10 with CONFIG_KASAN keeps modules in the static 128 MiB region and "
               "the kernel within 2 GiB above it (no Debian config has KASAN)"),
-    Placement((6, 5), LATEST, 2 * GIB, _LOW, _HIGH, "arch/arm64/mm/init.c module_init_limits",
+    Placement((6, 5), None, 2 * GIB, _LOW, _HIGH, "arch/arm64/mm/init.c module_init_limits",
               "6.12.117 and 7.3.4 arch/arm64/mm/init.c module_init_limits (the v6.5 module VA-range "
               "rework): a 128 MiB direct-branch window and a 2 GiB PLT window, both "
               "random_bounding_box()es around the kernel image [_text, _end), the 128 MiB one inside "
@@ -64,7 +64,7 @@ PLACEMENTS: tuple[Placement, ...] = (
 
 
 def placement(version: Version) -> Placement:
-    return next(p for p in PLACEMENTS if p.since <= version < p.until)
+    return next(p for p in PLACEMENTS if p.since <= version and (p.until is None or version < p.until))
 
 
 def _size(count: int) -> str:
