@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from . import loader, relocs
+from . import arm64ranges, loader, relocs
 from .elf import (RELA64, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS, SHN_COMMON,
                   SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, STB_GLOBAL, STB_WEAK, STT_SECTION, Elf,
                   Symbols, iter_modules, read_module_bytes)
@@ -552,8 +552,11 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         problems.append(_overflows(rows, rtype, symidx, syms, rules, elf.find(".data..percpu"), ok,
                                    zero, sibling))
         labels.append("overflow")
+    range_notes: dict[int, str] = {}
     if rules.range_checks:
-        problems.append(_range_overflows(rows, rtype, symidx, syms, targets, zero, ok, rules))
+        picked, range_notes = arm64ranges.overflowing(rows, rtype, symidx, syms.table, shdrs, elf.names,
+                                                      targets, zero, ok, rules, version)
+        problems.append(picked)
         labels.append("overflow")
     found = sorted(((int(i), label) for idx, label in zip(problems, labels) for i in idx.tolist()),
                    key=lambda item: (item[0], label_rank[item[1]]))
@@ -573,7 +576,8 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         add((kind, tname, t, symbol), off, lambda off, t=t, s=s, kind=kind, symbol=symbol, i=i,
             tname=tname, where=where: _reloc_finding(
                 path, name, rules, version, kind, tname, off, t, symbol,
-                _exact_value(syms, s, int(rows["addend"][i]), bool(zero[s])), where, note))
+                _exact_value(syms, s, int(rows["addend"][i]), bool(zero[s])), where,
+                range_notes.get(i, note)))
     return list(groups.values())
 
 
@@ -711,41 +715,6 @@ def _overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sy
         mine = rtype[sel] == t
         bad |= mine & ~(_fits(lo, kind) & _fits(hi, kind))
     return sel[bad]
-
-
-def _range_overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Symbols,
-                     targets: np.ndarray, zero: np.ndarray, ok: np.ndarray,
-                     rules: ArchRules) -> np.ndarray:
-    """arm64 rows that overflow wherever the module lands (`rules.range_checks`)."""
-    out: list[np.ndarray] = []
-    table = syms.table
-    for t, rc in rules.range_checks.items():
-        sel = np.flatnonzero((rtype == t) & ok)
-        if not len(sel):
-            continue
-        s = symidx[sel]
-        shndx = table["shndx"][s].astype(np.int64)
-        known = zero[s] | (shndx == SHN_ABS) | (s == 0)
-        with np.errstate(over="ignore"):
-            value = np.where(zero[s], 0, table["value"][s].astype(np.int64)) + rows["addend"][sel]
-            if rc.pc_relative:
-                decided = (shndx == targets[sel]) & ~known
-                sval = value - rows["offset"][sel].astype(np.int64)
-            else:
-                decided = np.ones(len(sel), dtype=bool)
-                # Kernel and module addresses are negative as s64: any width below 64 overflows.
-                sval = np.where(known, value, np.int64(-1))
-        if rc.how == "data" and not rc.pc_relative:
-            fits = (sval >= 0) & (sval < (1 << rc.bits))
-        elif rc.how == "data":
-            fits = (sval >= -(1 << (rc.bits - 1))) & (sval < (1 << (rc.bits - 1)))
-        elif rc.how == "movw":
-            fits = (sval >= 0) & ((sval >> rc.lsb) <= 0xFFFF)
-        else:
-            shifted = sval >> rc.lsb
-            fits = (shifted >= -(1 << (rc.bits - 1))) & (shifted < (1 << (rc.bits - 1)))
-        out.append(sel[decided & ~fits])
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kind: str,

@@ -60,14 +60,29 @@ class AddressRange:
 @dataclass(frozen=True)
 class RangeCheck:
     """An arm64 overflow check: arch/arm64/kernel/module.c apply_relocate_add (6.1.192,
-    6.12.117), through reloc_data (`data`: ABS unsigned, PREL signed, `bits` wide),
-    reloc_insn_movw (`movw`: (S+A) >> lsb must fit 16 unsigned bits) or reloc_insn_imm (`imm`:
-    (S+A-P) >> lsb must fit `bits` signed bits)."""
+    6.12.117, 7.3.4), through reloc_data (`data`: ABS unsigned, PREL signed, `bits` wide),
+    reloc_insn_movw (`movw`: (S+A) >> lsb must fit 16 bits, unsigned for MOVKZ; with MOVNZ
+    (`signed`) a negative value is inverted first), reloc_insn_imm (`imm`: (S+A-P) >> lsb must fit
+    `bits` signed bits) or reloc_insn_adrp (`page`: the page delta >> 12 in 21 signed bits)."""
 
-    how: str  # "data" | "movw" | "imm"
+    how: str  # "data" | "movw" | "imm" | "page"
     pc_relative: bool
     bits: int
     lsb: int = 0
+    signed: bool = False
+    source: str = ""
+
+    def limits(self) -> tuple[int, int]:
+        """The s64 values the loader accepts, inclusive."""
+        if self.how == "data":
+            if self.pc_relative:
+                return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+            return 0, (1 << self.bits) - 1
+        if self.how == "movw":
+            top = 1 << (16 + self.lsb)
+            return (-top if self.signed else 0), top - 1
+        top = 1 << (self.bits - 1 + self.lsb)
+        return -top, top - 1
 
 
 @dataclass(frozen=True)
@@ -108,10 +123,8 @@ class ArchRules:
     # so the mem= from which a module-local 32-bit absolute relocation overflows is computable.
     mem_base: int | None = None
     mem_gap: int = 0
-    # arm64: overflow-checked types. Decided where the value is known: absolute fields against
-    # any symbol in kernel or module memory (all of it in the top half of the address space, so
-    # negative as the loader's s64), exact values (absolute symbols, weak symbols left at 0), and
-    # PC-relative fields whose symbol is in the relocated section itself.
+    # arm64: overflow-checked types, bounded over every placement of the module
+    # (arm64ranges.PLACEMENTS).
     range_checks: dict[int, RangeCheck] = field(default_factory=dict)
 
     def name(self, rtype: int) -> str:
@@ -300,15 +313,37 @@ ARM64_GOT_HINT = (
     "function from the C shim (e.g. `int mymod_get_counter(void)`) instead of declaring "
     "`extern \"C\" { static ... }`"
 )
-# JUMP26/CALL26 are not here: out of range they go through a module PLT (module_emit_plt_entry;
-# 6.1 with CONFIG_ARM64_MODULE_PLTS, as Debian's config has; 6.12 always).
+# Each row: the helper apply_relocate_add calls, read in 6.1.192, 6.12.117 and 7.3.4 (the same
+# code in all three; 7.3 only routes the writes through WRITE_PLACE). Not here, as the loader
+# does not check them: ABS64/PREL64, the *_NC groups, MOVW_UABS_G3/MOVW_PREL_G3 (top bits),
+# ADR_PREL_PG_HI21_NC and the LO12 types. JUMP26/CALL26 are not here either: out of direct range
+# apply_relocate_add asks module_emit_plt_entry (arch/arm64/kernel/module-plts.c) for a PLT and
+# branches there (6.1: with CONFIG_ARM64_MODULE_PLTS, as Debian's config has; 6.12, 7.3:
+# always); module_frob_arch_sections sized .plt/.init.plt for every such branch beforehand
+# (count_plts), and refuses a module without them ("module PLT section(s) missing", 6.1.192
+# module-plts.c; Kbuild's arch/arm64/include/asm/module.lds.h always provides them).
+_DATA = "reloc_data"
+_MOVW = "reloc_insn_movw"
+_IMM = "reloc_insn_imm"
 ARM64_RANGE_CHECKS: dict[int, RangeCheck] = {
-    258: RangeCheck("data", False, 32), 259: RangeCheck("data", False, 16),
-    261: RangeCheck("data", True, 32), 262: RangeCheck("data", True, 16),
-    263: RangeCheck("movw", False, 16, 0), 265: RangeCheck("movw", False, 16, 16),
-    267: RangeCheck("movw", False, 16, 32),
-    273: RangeCheck("imm", True, 19, 2), 274: RangeCheck("imm", True, 21, 0),
-    279: RangeCheck("imm", True, 14, 2), 280: RangeCheck("imm", True, 19, 2),
+    258: RangeCheck("data", False, 32, source=_DATA + "(RELOC_OP_ABS, 32)"),
+    259: RangeCheck("data", False, 16, source=_DATA + "(RELOC_OP_ABS, 16)"),
+    261: RangeCheck("data", True, 32, source=_DATA + "(RELOC_OP_PREL, 32)"),
+    262: RangeCheck("data", True, 16, source=_DATA + "(RELOC_OP_PREL, 16)"),
+    263: RangeCheck("movw", False, 16, 0, source=_MOVW + "(RELOC_OP_ABS, 0, MOVKZ)"),
+    265: RangeCheck("movw", False, 16, 16, source=_MOVW + "(RELOC_OP_ABS, 16, MOVKZ)"),
+    267: RangeCheck("movw", False, 16, 32, source=_MOVW + "(RELOC_OP_ABS, 32, MOVKZ)"),
+    270: RangeCheck("movw", False, 16, 0, True, _MOVW + "(RELOC_OP_ABS, 0, MOVNZ)"),
+    271: RangeCheck("movw", False, 16, 16, True, _MOVW + "(RELOC_OP_ABS, 16, MOVNZ)"),
+    272: RangeCheck("movw", False, 16, 32, True, _MOVW + "(RELOC_OP_ABS, 32, MOVNZ)"),
+    273: RangeCheck("imm", True, 19, 2, source=_IMM + "(RELOC_OP_PREL, 2, 19)"),
+    274: RangeCheck("imm", True, 21, 0, source=_IMM + "(RELOC_OP_PREL, 0, 21)"),
+    275: RangeCheck("page", True, 21, 12, source="reloc_insn_adrp: " + _IMM + "(RELOC_OP_PAGE, 12, 21)"),
+    279: RangeCheck("imm", True, 14, 2, source=_IMM + "(RELOC_OP_PREL, 2, 14)"),
+    280: RangeCheck("imm", True, 19, 2, source=_IMM + "(RELOC_OP_PREL, 2, 19)"),
+    287: RangeCheck("movw", True, 16, 0, True, _MOVW + "(RELOC_OP_PREL, 0, MOVNZ)"),
+    289: RangeCheck("movw", True, 16, 16, True, _MOVW + "(RELOC_OP_PREL, 16, MOVNZ)"),
+    291: RangeCheck("movw", True, 16, 32, True, _MOVW + "(RELOC_OP_PREL, 32, MOVNZ)"),
 }
 ARM64 = ArchRules(
     arch="arm64", e_machine=arches.ARM64.elf_machine, loader="arch/arm64/kernel/module.c apply_relocate_add",
