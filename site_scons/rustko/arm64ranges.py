@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .elf import SHN_ABS
+from .loader import ARM64_PLT_WINDOW
 from .relocs import ArchRules, RangeCheck, Version
 
 if TYPE_CHECKING:  # numpy is imported where the arrays are made: not on a check that needs none
     import numpy as np
 
-GIB = 1 << 30
 PAGE = 4096
 
 
@@ -45,7 +45,7 @@ class Placement:
 # below -(1 << 42). So every such address is negative and at least 2^42 away from 0.
 _LOW, _HIGH = -(1 << 47), -(1 << 42)
 PLACEMENTS: tuple[Placement, ...] = (
-    Placement((0,), (6, 5), 2 * GIB, _LOW, _HIGH,
+    Placement((0,), (6, 5), ARM64_PLT_WINDOW, _LOW, _HIGH,
               "arch/arm64/kernel/kaslr.c kaslr_init, module.c module_alloc",
               "5.10.262 (kaslr_early_init) and 6.1.192 (kaslr_init) arch/arm64/kernel/kaslr.c: "
               "module_alloc_base is drawn so that "
@@ -55,7 +55,7 @@ PLACEMENTS: tuple[Placement, ...] = (
               "(CONFIG_ARM64_MODULE_PLTS) in [base, base+2 GiB), which still holds the kernel image. "
               "Not modelled: 5.10 with CONFIG_KASAN keeps modules in the static 128 MiB region and "
               "the kernel within 2 GiB above it (no Debian config has KASAN)"),
-    Placement((6, 5), None, 2 * GIB, _LOW, _HIGH, "arch/arm64/mm/init.c module_init_limits",
+    Placement((6, 5), None, ARM64_PLT_WINDOW, _LOW, _HIGH, "arch/arm64/mm/init.c module_init_limits",
               "6.12.117 and 7.3.4 arch/arm64/mm/init.c module_init_limits (the v6.5 module VA-range "
               "rework): a 128 MiB direct-branch window and a 2 GiB PLT window, both "
               "random_bounding_box()es around the kernel image [_text, _end), the 128 MiB one inside "

@@ -61,7 +61,8 @@ def _x86_64_modules_len(enabled: Callable[[str], bool]) -> int:
 # PLTs, a 2 GiB one. Both are placed around the kernel image (arch/arm64/kernel/kaslr.c
 # kaslr_init sets module_alloc_base in [_etext - 128 MiB, _stext], or in [_end - 2 GiB, _stext]
 # with CONFIG_RANDOMIZE_MODULE_REGION_FULL; module_init_limits bounds [_text, _end]), so the
-# image itself takes part of either. The arm64range helper's relocs.py rows may unify with these.
+# image itself takes part of either. arm64ranges.PLACEMENTS bounds relocation values by the same
+# 2 GiB window.
 ARM64_DIRECT_WINDOW = 128 << 20
 ARM64_PLT_WINDOW = 2 << 30
 
