@@ -11,20 +11,19 @@ finding and `rustko.report` shows it. The checks see only the module's bytes and
 from __future__ import annotations
 
 import argparse
-import json
+import operator
 import os
 import re
 import sys
 from functools import lru_cache
+from itertools import compress
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-import numpy as np
-
 from . import loader, relocs
-from .elf import (RELA64, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS, SHN_COMMON,
-                  SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, STB_GLOBAL, STB_WEAK, STT_SECTION, Elf,
-                  Symbols, iter_modules, read_module_bytes)
+from .elf import (RELA64_SIZE, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS,
+                  SHN_COMMON, SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, STB_GLOBAL, STB_WEAK,
+                  STT_SECTION, Elf, Symbols, columns, iter_modules, read_module_bytes)
 from .errors import RustkoError
 from .kernelview import Export, KernelView, kernel_view, read_extra_symbols, read_symvers
 from .loader import ENOENT, EINVAL, GPL_COMPATIBLE, IGNORED_UNDEFINED, RULES
@@ -32,6 +31,8 @@ from .relocs import ArchRules, Version
 from .report import Finding, format_report, is_refused, results_json
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .kernel import KernelInfo
 
 __all__ = ["Elf", "Finding", "KernelView", "RELA64", "check_bytes", "check_module", "check_paths",
@@ -77,6 +78,15 @@ UNDEFINED_EXPLAINED: tuple[tuple[str, str, str], ...] = (
      "build the top crate as a staticlib with `-Clto=fat` so every dependency ends up in one object"),
 )
 
+
+
+def __getattr__(name: str) -> object:
+    """RELA64, the numpy dtype, re-exported without importing numpy for every check."""
+    if name == "RELA64":
+        from . import elf
+
+        return elf.RELA64
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def explain_undefined(symbol: str) -> tuple[str, str]:
@@ -156,7 +166,7 @@ def _check_this_module(elf: Elf, name: str, view: KernelView, version: Version,
     index = elf.find(".gnu.linkonce.this_module")
     if view.module_struct_size is None or version < rule.since or index is None:
         return []
-    size = int(elf.shdrs["size"][index])
+    size = elf.sections[index].size
     if size == view.module_struct_size:
         return []
     return [_finding(path, "module", "this-module-size", version,
@@ -237,7 +247,7 @@ def _allocations(elf: Elf, version: Version) -> list[int]:
     overestimate); one core and one init sum before v6.4, one per mod_mem_type since."""
     groups: dict[tuple[bool, str], int] = {}
     info_sections = {elf.find(".modinfo"), elf.find("__versions")}  # rewrite_section_headers
-    for index, (flags, size) in enumerate(zip(elf.shdrs["flags"].tolist(), elf.shdrs["size"].tolist())):
+    for index, (flags, size) in enumerate((s.flags, s.size) for s in elf.sections):
         if not flags & SHF_ALLOC or index in info_sections:
             continue
         name = elf.names[index]
@@ -273,10 +283,10 @@ def _check_percpu(elf: Elf, name: str, view: KernelView, version: Version,
     index = elf.find(".data..percpu")
     if index is None:
         return []
-    raw = int(elf.shdrs["size"][index])
+    raw = elf.sections[index].size
     if not raw or view.percpu_reserve is None:
         return []
-    align = min(max(int(elf.shdrs["addralign"][index]), loader.PCPU_MIN_ALLOC_SIZE), 4096)
+    align = min(max(elf.sections[index].addralign, loader.PCPU_MIN_ALLOC_SIZE), 4096)
     size = -(-raw // loader.PCPU_MIN_ALLOC_SIZE) * loader.PCPU_MIN_ALLOC_SIZE
     fix = (f"the module's per-CPU data ({raw} bytes in .data..percpu) must fit the "
            f"{view.percpu_reserve}-byte reserve all modules share: allocate large per-CPU "
@@ -323,8 +333,8 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
     and the siblings'. A weak symbol nobody exports resolves to 0; a weak one that *is*
     exported goes through the same CRC and namespace checks as any other."""
     out: list[Finding] = []
-    table = syms.table
-    for index in np.flatnonzero(table["shndx"] == SHN_COMMON).tolist():
+    shndxs = syms.column("shndx")
+    for index in [i for i, shndx in enumerate(shndxs) if shndx == SHN_COMMON]:
         symbol = syms.name(index)
         if not symbol.startswith("__gnu_lto"):
             out.append(_finding(path, "symbol", "common", version,
@@ -333,18 +343,18 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
             break
     if view.exports is None:
         return out
-    bind = table["info"] >> 4
-    undefined = np.flatnonzero((table["shndx"] == SHN_UNDEF)
-                               & ((bind == STB_GLOBAL) | (bind == STB_WEAK)))
+    bind = [info >> 4 for info in syms.column("info")]
+    undefined = [i for i, shndx in enumerate(shndxs)
+                 if shndx == SHN_UNDEF and bind[i] in (STB_GLOBAL, STB_WEAK)]
     license = modinfo.get("license", ["unspecified"])[0]
     gpl_ok = license in GPL_COMPATIBLE
     imports = set(modinfo.get("import_ns", []))
-    for index in undefined.tolist():
+    for index in undefined:
         symbol = syms.name(index)
         if not symbol:
             continue
         export = view.export(symbol)
-        weak = int(bind[index]) == STB_WEAK
+        weak = bind[index] == STB_WEAK
         if export is not None and export.gpl_only and not gpl_ok:
             export_visible = None  # find_symbol skips GPL-only exports for a non-GPL module
         else:
@@ -392,6 +402,8 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
 
 def _weak_zero(syms: Symbols, view: KernelView | None) -> np.ndarray:
     """Per symbol: an undefined weak symbol the loader leaves at 0 (no visible export)."""
+    import numpy as np
+
     table = syms.table
     weak = (table["shndx"] == SHN_UNDEF) & ((table["info"] >> 4) == STB_WEAK)
     out = np.zeros(len(table), dtype=bool)
@@ -403,6 +415,8 @@ def _weak_zero(syms: Symbols, view: KernelView | None) -> np.ndarray:
 
 def _sibling_resolved(syms: Symbols, view: KernelView | None) -> np.ndarray:
     """Per symbol: undefined, resolved by a module checked together (it lives in module memory)."""
+    import numpy as np
+
     out = np.zeros(len(syms.table), dtype=bool)
     if view is None or not view.siblings:
         return out
@@ -431,6 +445,8 @@ def _check_exports(elf: Elf, syms: Symbols, name: str, view: KernelView, version
 # --- stage 8: relocations (apply_relocations) -----------------------------------------------
 def _fits(values: np.ndarray, kind: str) -> np.ndarray:
     """Whether 64-bit values survive truncation to 32 bits as the x86 loader checks it."""
+    import numpy as np
+
     if kind == "u32":
         return values <= np.uint64(0xFFFFFFFF)
     return (values >= np.uint64(0xFFFFFFFF80000000)) | (values <= np.uint64(0x7FFFFFFF))
@@ -439,6 +455,8 @@ def _fits(values: np.ndarray, kind: str) -> np.ndarray:
 @lru_cache(maxsize=32)
 def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
     """Lookup arrays indexed by type number: accepted?, bytes written (x86 nonzero check)."""
+    import numpy as np
+
     rules = relocs.BY_ARCH[arch]
     accepted = rules.accepted_types(version)
     size = max(accepted, default=0) + 2
@@ -451,25 +469,119 @@ def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
     return lut, widths
 
 
+# RELA entries up to which a module's relocations are first checked in pure Python: below
+# this, numpy's fixed costs (0.2 s to import, tens of microseconds per call on small arrays)
+# exceed Python's cost per entry (bench/check_tree.py; Debian 6.1's median module has ~1,000).
+SMALL_TABLE = 50_000
+MASK64 = (1 << 64) - 1
+
+
+@lru_cache(maxsize=32)
+def _accepted(arch: str, version: Version) -> frozenset[int]:
+    return relocs.BY_ARCH[arch].accepted_types(version)
+
+
+def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, parts: list[bytes],
+                 owners: list[int], view: KernelView | None) -> bool:
+    """True when the loader applies every entry of `parts` (the RELA tables of sections
+    `owners`) without a finding, decided without numpy; False sends the module to the numpy
+    pass, which makes the findings (and the errors for corrupt tables).
+
+    The checks of the numpy pass, each answered for the whole table at once: the type and the
+    symbol index once per distinct r_info; x86's field inside its section, zero in the file
+    and written once (sorted (offset, width) pairs); the 32-bit overflow once per distinct
+    (r_info, addend). Architectures with range checks or branch reordering (arm64) always take
+    the numpy pass, where that logic lives."""
+    if (rules.range_checks or rules.branch_partition
+            or sum(map(len, parts)) > SMALL_TABLE * RELA64_SIZE):
+        return False
+    accepted = _accepted(rules.arch, version)
+    nsyms = len(syms)
+    sizes = rules.sizes
+    width: dict[int, int] = {}  # r_info -> bytes the loader writes (0: none)
+    fields: dict[int, list[tuple[int, int]]] = {}  # target section -> (offset, width) written
+    hot: list[tuple[int, int]] = []  # (r_info, addend) of overflow-checked entries
+    sections, data = elf.sections, elf.data
+    for rsec, blob in zip(owners, parts):
+        offsets, infos = columns(blob, "Q", RELA64_SIZE, (0, 1))
+        for info in set(infos).difference(width):
+            if info & 0xFFFFFFFF not in accepted or info >> 32 >= nsyms:
+                return False
+            width[info] = sizes.get(info & 0xFFFFFFFF, 0)
+        if not sizes:
+            continue
+        target = sections[sections[rsec].info]
+        widths = list(map(width.__getitem__, infos))
+        ends = list(map(operator.add, offsets, widths))
+        if max(ends) > target.size:
+            return False  # outside the section (or an empty write past it: numpy decides)
+        if target.type != SHT_NOBITS:
+            base = target.offset
+            if base + target.size > len(data):
+                return False
+            written = b"".join(map(data.__getitem__, map(slice, map(base.__add__, offsets),
+                                                           map(base.__add__, ends))))
+            if written.count(0) != len(written):
+                return False  # a field is nonzero in the file
+        fields.setdefault(sections[rsec].info, []).extend(compress(zip(offsets, widths), widths))
+        checked = {i for i in width if i & 0xFFFFFFFF in rules.overflow_checked}
+        if checked:
+            addends = columns(blob, "q", RELA64_SIZE, (2,))[0]
+            hot += compress(zip(infos, addends), map(checked.__contains__, infos))
+    for written in fields.values():
+        written.sort()
+        starts = [o for o, _ in written]
+        if any(map(operator.lt, starts[1:], [o + w for o, w in written[:-1]])):
+            return False  # two entries write the same bytes
+    return not any(_may_overflow(syms, rules, elf.find(".data..percpu"), view, info, addend)
+                   for info, addend in set(hot))
+
+
+def _may_overflow(syms: Symbols, rules: ArchRules, pcpu: int | None, view: KernelView | None,
+                  info: int, addend: int) -> bool:
+    """`_overflows` for one (r_info, addend): S+A outside the field wherever the module lands."""
+    if rules.module_range is None or rules.kernel_range is None:
+        return False
+    index = info >> 32
+    _, sinfo, _, shndx, value, _ = syms.sym(index)
+    zero = sibling = False
+    if shndx == SHN_UNDEF:
+        symbol = syms.name(index)
+        zero = sinfo >> 4 == STB_WEAK and (view is None or view.exports is None
+                                           or view.export(symbol) is None)
+        sibling = (view is not None and symbol in view.siblings
+                   and (view.exports is None or symbol not in view.exports))
+    low, high = rules.module_range.low, rules.module_range.high - 1
+    if shndx == SHN_UNDEF and not sibling:
+        low, high = rules.kernel_range.low, rules.kernel_range.high - 1
+    if shndx == SHN_ABS or index == 0 or zero:
+        low = high = 0
+    if pcpu is not None and rules.percpu_range is not None and shndx == pcpu:
+        low, high = rules.percpu_range.low, rules.percpu_range.high - 1
+    value = 0 if shndx == SHN_UNDEF else value
+    kind = rules.overflow_checked[info & 0xFFFFFFFF]
+    return not all(_fits_one((bound + value + addend) & MASK64, kind) for bound in (low, high))
+
+
+def _fits_one(value: int, kind: str) -> bool:
+    """`_fits` for one value."""
+    if kind == "u32":
+        return value <= 0xFFFFFFFF
+    return value >= 0xFFFFFFFF80000000 or value <= 0x7FFFFFFF
+
+
 def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, name: str,
                        path: str, view: KernelView | None = None) -> list[Finding]:
     """apply_relocations: every SHT_RELA/SHT_REL section whose target section is SHF_ALLOC.
 
-    All applied RELA sections of the file are concatenated and classified in one vectorised
-    pass; findings keep the loader's order (section index, then entry, after arm64's branch
-    partition), so the first one is the line the kernel prints. Relocations write live memory
-    in that order: a field an earlier relocation wrote is nonzero for a later one (x86).
+    A small table is first decided in pure Python (`_clean_small`): most modules have no
+    finding, and numpy costs more than such a check. Otherwise all applied RELA sections of the
+    file are concatenated and classified in one vectorised pass; findings keep the loader's
+    order (section index, then entry, after arm64's branch partition), so the first one is the
+    line the kernel prints. Relocations write live memory in that order: a field an earlier
+    relocation wrote is nonzero for a later one (x86).
     """
     groups: dict[tuple, Finding] = {}
-    shdrs = elf.shdrs
-    lut, widths = _tables(rules.arch, version)
-    overflow_first = rules.overflow_first_since is not None and version >= rules.overflow_first_since
-    nsyms = len(syms.table)
-    zero = _weak_zero(syms, view)
-    sibling = _sibling_resolved(syms, view)
-    # Within one entry, the order x86's __write_relocate_add meets its checks.
-    label_rank = {"unknown": 0, "outside": 1, "overflow": 2 if overflow_first else 4,
-                  "nonzero": 3, "overwritten": 3}
 
     def add(key: tuple, offset: int, make) -> None:
         if key in groups:
@@ -479,33 +591,45 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
 
     parts: list[bytes] = []
     owners: list[int] = []
-    kinds = shdrs["type"]
-    candidates = np.flatnonzero(((kinds == SHT_RELA) | (kinds == SHT_REL))
-                                & ((shdrs["flags"] & np.uint64(SHF_RELA_LIVEPATCH)) == 0))
-    for rsec in candidates.tolist():
-        target = int(shdrs["info"][rsec])
-        if target >= len(shdrs) or not int(shdrs["flags"][target]) & SHF_ALLOC:
+    sections = elf.sections
+    for rsec, rel in enumerate(sections):
+        if rel.type not in (SHT_RELA, SHT_REL) or rel.flags & SHF_RELA_LIVEPATCH:
+            continue
+        target = rel.info
+        if target >= len(sections) or not sections[target].flags & SHF_ALLOC:
             continue
         if elf.names[target] in (".modinfo", "__versions"):  # the loader clears their SHF_ALLOC
             continue
-        if int(kinds[rsec]) == SHT_REL:
-            if int(shdrs["size"][rsec]):
+        if rel.type == SHT_REL:
+            if rel.size:
                 add(("rel", rsec), 0, lambda off, rsec=rsec: _finding(
                     path, "relocation", "rel-section", version,
                     "the loader only applies RELA sections on this architecture: emit RELA "
                     "relocations (the default for x86_64/aarch64/riscv64 toolchains)",
                     name=name, section=elf.names[rsec], offset=off))
             continue
-        count = int(shdrs["size"][rsec]) // RELA64.itemsize
+        count = rel.size // RELA64_SIZE
         if count:
-            offset = int(shdrs["offset"][rsec])
-            if offset + count * RELA64.itemsize > len(elf.data):
+            if rel.offset + count * RELA64_SIZE > len(elf.data):
                 raise RustkoError(f"{path}: section {elf.names[rsec]!r} extends past the end of "
                                   "the file (truncated or corrupt)")
-            parts.append(elf.data[offset:offset + count * RELA64.itemsize])
+            parts.append(elf.data[rel.offset:rel.offset + count * RELA64_SIZE])
             owners.append(rsec)
-    if not parts:
+    if not parts or _clean_small(elf, syms, rules, version, parts, owners, view):
         return list(groups.values())
+    import numpy as np
+
+    from .elf import RELA64
+
+    shdrs = elf.shdrs
+    lut, widths = _tables(rules.arch, version)
+    overflow_first = rules.overflow_first_since is not None and version >= rules.overflow_first_since
+    nsyms = len(syms.table)
+    zero = _weak_zero(syms, view)
+    sibling = _sibling_resolved(syms, view)
+    # Within one entry, the order x86's __write_relocate_add meets its checks.
+    label_rank = {"unknown": 0, "outside": 1, "overflow": 2 if overflow_first else 4,
+                  "nonzero": 3, "overwritten": 3}
     rows = np.frombuffer(b"".join(parts), dtype=RELA64)
     counts = np.array([len(p) // RELA64.itemsize for p in parts])
     rsecs = np.repeat(np.array(owners), counts)
@@ -583,6 +707,8 @@ def _mem_note(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sym
     offset on top), so the row whose S+A is highest at mem=0 overflows first as mem= grows. Below
     that mem=, earlier vmalloc users and the module's own layout decide: the note says so.
     """
+    import numpy as np
+
     if rules.mem_base is None or not overflowing:
         return rules.overflow_note
     sel = np.array(overflowing, dtype=np.int64)
@@ -616,6 +742,8 @@ def _partitioned_rank(rsecs: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, 
     the leftmost such entry lands in the rightmost branch's slot. Only sections with findings
     are reordered (the only ones whose order can show).
     """
+    import numpy as np
+
     rank = np.arange(len(rsecs))
     for rsec in np.unique(rsecs[wanted]).tolist():
         target = int(shdrs["info"][rsec])
@@ -649,6 +777,8 @@ def _overwritten(rows: np.ndarray, targets: np.ndarray, width: np.ndarray, clean
     bytes as they are in live memory, kernel/module/main.c apply_relocations runs sections in
     index order, each table in entry order). A write of a value known to be 0 (an absolute
     relocation against a weak symbol left at 0, addend 0) leaves the field zero."""
+    import numpy as np
+
     live = np.flatnonzero(width > 0)
     if len(live) < 2:
         return live[:0]
@@ -681,6 +811,8 @@ def _overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sy
     Undefined weak symbols nobody exports are 0 (kernel/module/main.c simplify_symbols); symbols
     a module checked together exports live in the module range.
     """
+    import numpy as np
+
     checked = np.zeros(len(rows), dtype=bool)
     for t in rules.overflow_checked:
         checked |= rtype == t
@@ -715,6 +847,8 @@ def _range_overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, sy
                      targets: np.ndarray, zero: np.ndarray, ok: np.ndarray,
                      rules: ArchRules) -> np.ndarray:
     """arm64 rows that overflow wherever the module lands (`rules.range_checks`)."""
+    import numpy as np
+
     out: list[np.ndarray] = []
     table = syms.table
     for t, rc in rules.range_checks.items():
@@ -1035,6 +1169,8 @@ def run(args: argparse.Namespace) -> int:
     bad_input = [(p, r) for p, r in results if isinstance(r, str)]
     refused = [(p, r) for p, r in results if not isinstance(r, str) and is_refused(r)]
     if args.json:
+        import json
+
         print(json.dumps(results_json(results), indent=2))
     else:
         for p, r in results:
