@@ -334,7 +334,7 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
     exported goes through the same CRC and namespace checks as any other."""
     out: list[Finding] = []
     shndxs = syms.column("shndx")
-    for index in [i for i, shndx in enumerate(shndxs) if shndx == SHN_COMMON]:
+    for index in [i for i, shndx in enumerate(shndxs) if shndx == SHN_COMMON] if SHN_COMMON in shndxs else []:
         symbol = syms.name(index)
         if not symbol.startswith("__gnu_lto"):
             out.append(_finding(path, "symbol", "common", version,
@@ -469,11 +469,28 @@ def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
     return lut, widths
 
 
-# RELA entries up to which a module's relocations are first checked in pure Python: below
-# this, numpy's fixed costs (0.2 s to import, tens of microseconds per call on small arrays)
-# exceed Python's cost per entry (bench/check_tree.py; Debian 6.1's median module has ~1,000).
-SMALL_TABLE = 50_000
+# When the pure-Python pass decides a module (`_pure_pass`). Per RELA entry it costs about
+# five times the numpy pass, which has a fixed cost per module about that of 500 entries
+# (bench/check_tree.py's modules by size), and importing numpy costs 0.2 s, as much as about
+# 400,000 entries in Python. So: tables up to SMALL_TABLE entries always in Python; larger
+# ones in Python too while numpy is not imported and the entries so checked stay within
+# PURE_BUDGET (a run of one or a few modules never imports numpy; a tree run soon does, and
+# then pays for it); tables above PURE_BUDGET with numpy.
+SMALL_TABLE = 500
+PURE_BUDGET = 200_000
+_pure_spent = 0
 MASK64 = (1 << 64) - 1
+
+
+def _pure_pass(entries: int) -> bool:
+    """Whether a module with `entries` RELA entries goes through `_clean_small` first."""
+    global _pure_spent
+    if entries <= SMALL_TABLE:
+        return True
+    if "numpy" in sys.modules or _pure_spent + entries > PURE_BUDGET:
+        return False
+    _pure_spent += entries
+    return True
 
 
 @lru_cache(maxsize=32)
@@ -492,8 +509,7 @@ def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, pa
     and written once (sorted (offset, width) pairs); the 32-bit overflow once per distinct
     (r_info, addend). Architectures with range checks or branch reordering (arm64) always take
     the numpy pass, where that logic lives."""
-    if (rules.range_checks or rules.branch_partition
-            or sum(map(len, parts)) > SMALL_TABLE * RELA64_SIZE):
+    if rules.range_checks or rules.branch_partition:
         return False
     accepted = _accepted(rules.arch, version)
     nsyms = len(syms)
@@ -502,12 +518,15 @@ def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, pa
     fields: dict[int, list[tuple[int, int]]] = {}  # target section -> (offset, width) written
     hot: list[tuple[int, int]] = []  # (r_info, addend) of overflow-checked entries
     sections, data = elf.sections, elf.data
+    checked: set[int] = set()  # r_info values whose type x86 checks for overflow
     for rsec, blob in zip(owners, parts):
         offsets, infos = columns(blob, "Q", RELA64_SIZE, (0, 1))
         for info in set(infos).difference(width):
             if info & 0xFFFFFFFF not in accepted or info >> 32 >= nsyms:
                 return False
             width[info] = sizes.get(info & 0xFFFFFFFF, 0)
+            if sizes and info & 0xFFFFFFFF in rules.overflow_checked:
+                checked.add(info)
         if not sizes:
             continue
         target = sections[sections[rsec].info]
@@ -524,7 +543,6 @@ def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, pa
             if written.count(0) != len(written):
                 return False  # a field is nonzero in the file
         fields.setdefault(sections[rsec].info, []).extend(compress(zip(offsets, widths), widths))
-        checked = {i for i in width if i & 0xFFFFFFFF in rules.overflow_checked}
         if checked:
             addends = columns(blob, "q", RELA64_SIZE, (2,))[0]
             hot += compress(zip(infos, addends), map(checked.__contains__, infos))
@@ -615,7 +633,8 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
                                   "the file (truncated or corrupt)")
             parts.append(elf.data[rel.offset:rel.offset + count * RELA64_SIZE])
             owners.append(rsec)
-    if not parts or _clean_small(elf, syms, rules, version, parts, owners, view):
+    if not parts or (_pure_pass(sum(map(len, parts)) // RELA64_SIZE)
+                     and _clean_small(elf, syms, rules, version, parts, owners, view)):
         return list(groups.values())
     import numpy as np
 
@@ -967,7 +986,7 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
     is_module = elf.find(".gnu.linkonce.this_module") is not None or bool(modinfo)
     if is_module:
         findings += _check_signature(elf, name, version, path)
-    versions = elf.versions() if is_module else None
+    versions = elf.versions() if is_module and kernel is not None else None
     if kernel is not None and is_module:
         findings += _check_this_module(elf, name, kernel, version, path)
         findings += _check_module_layout(versions, name, kernel, version, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
@@ -107,8 +106,7 @@ MODULE_SIG_STRING = b"~Module signature appended~\n"
 SIGNATURE_INFO = 12
 
 
-@dataclass(frozen=True)
-class ModuleExport:
+class ModuleExport(NamedTuple):
     """One symbol a module exports (its __ksymtab entry), as modpost records it."""
 
     name: str
@@ -117,8 +115,7 @@ class ModuleExport:
     namespace: str
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(NamedTuple):
     """The appended signature's struct module_signature fields and the PKCS#7 blob."""
 
     algo: int
