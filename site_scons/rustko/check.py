@@ -1015,22 +1015,39 @@ def check_bytes(data: bytes, path: str, kernel: KernelView | None = None, arch: 
 
 
 def check_module(path: str | Path, kernel: "KernelInfo | KernelView | None" = None,
-                 arch: str | None = None, version: tuple[int, ...] | None = None) -> list[Finding]:
+                 arch: str | None = None, version: tuple[int, ...] | None = None,
+                 locate: bool = True) -> list[Finding]:
     """Every reason the target kernel would refuse the module at PATH (empty: loadable).
 
     `kernel` is a `rustko.kernel.KernelInfo` (or a KernelView); without it only relocations and
     what the module says of itself are checked, for `arch` (default: from e_machine and, for an
     x86-64 module made for the installed UML kernel, "um") and `version` (default: the latest
-    rules). Raises RustkoError for unreadable or malformed input.
+    rules). `locate=False` leaves the findings' source lines to `locate_module`. Raises
+    RustkoError for unreadable or malformed input.
     """
     view = _as_view(kernel)
     p = Path(path)
     elf = Elf(read_module_bytes(p), str(p))
     if arch is None and view is None:
         arch = _uml_by_release(elf)
-    findings = check_elf(elf, view, arch, version)
+    findings = check_elf(elf, view, arch, version, locate)
     for f in findings:
         f.source = _local_source(p, f.source)
+    return findings
+
+
+def locate_module(path: str, findings: list[Finding]) -> list[Finding]:
+    """The source lines of `findings` made by `check_module(path, ..., locate=False)`: a run of
+    many modules locates only the findings that stay after the siblings resolved theirs (the
+    DWARF reader and numpy cost more than checking a module)."""
+    if findings:
+        from .locate import locate_findings
+
+        p = Path(path)
+        elf = Elf(read_module_bytes(p), path)
+        locate_findings(elf, elf.symbols(), findings)
+        for f in findings:
+            f.source = _local_source(p, f.source)
     return findings
 
 
@@ -1067,7 +1084,8 @@ def _view(kdir: str, extra: tuple[str, ...]) -> KernelView:
 def _check_one(job: Job) -> tuple[str, list[Finding] | str]:
     path, kdir, arch, version, extra = job
     try:
-        return path, check_module(path, _view(kdir, extra) if kdir else None, arch, version)
+        return path, check_module(path, _view(kdir, extra) if kdir else None, arch, version,
+                                  locate=False)
     except RustkoError as err:
         return path, str(err)
 
@@ -1135,7 +1153,14 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
     results = _pool_map(_check_one, [(f, kdir, arch, version, extra) for f in files], workers)
     if kdir and len(files) > 1 and any(_unresolved(r) for _, r in results):
         results = _resolve_siblings(results, files, kdir, arch, version, extra, workers)
-    return missing + results
+    return missing + [(p, r if isinstance(r, str) else _locate_or_error(p, r)) for p, r in results]
+
+
+def _locate_or_error(path: str, findings: list[Finding]) -> list[Finding] | str:
+    try:
+        return locate_module(path, findings)
+    except RustkoError as err:  # the file changed between the check and now
+        return str(err)
 
 
 def _unresolved(result: list[Finding] | str) -> set[str]:
@@ -1160,7 +1185,7 @@ def _resolve_siblings(results: list[tuple[str, list[Finding] | str]], files: lis
             siblings = {s: e for s, e in everything.items() if s not in own}
             try:
                 view = _view(kdir, extra).with_siblings(siblings)
-                result = check_module(path, view, arch, version)
+                result = check_module(path, view, arch, version, locate=False)
             except RustkoError as err:
                 result = str(err)
         out.append((path, result))

@@ -88,12 +88,20 @@ class Exports(Mapping[str, Export]):
             return self.lines[at]
         return None
 
-    def __getitem__(self, name: str) -> Export:
+    def get(self, name: str, default: Export | None = None) -> Export | None:
+        """Mapping.get without the KeyError: most names a module looks up are there, but a
+        sibling's or a weak symbol's are not, and raising costs more than the bisection."""
         line = self._line(name)
         if line is None:
-            raise KeyError(name)
+            return default
         _, crc, owner, gpl, namespace = line.decode("utf-8", "surrogateescape").split("\t")
         return Export(int(crc, 16), owner, gpl == "1", namespace)
+
+    def __getitem__(self, name: str) -> Export:
+        found = self.get(name)
+        if found is None:
+            raise KeyError(name)
+        return found
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._line(name) is not None
