@@ -46,10 +46,9 @@ def both_passes(monkeypatch: pytest.MonkeyPatch, data: bytes, path: str, **kwarg
         return said[-1]
 
     monkeypatch.setattr(check, "_clean_small", spy)
-    monkeypatch.setattr(check, "SMALL_TABLE", 1 << 62)
+    monkeypatch.setattr(check, "_pure_pass", lambda entries: True)
     pure = outcome(data, path, **kwargs)
-    monkeypatch.setattr(check, "SMALL_TABLE", -1)
-    monkeypatch.setattr(check, "PURE_BUDGET", -1)
+    monkeypatch.setattr(check, "_pure_pass", lambda entries: False)
     numpy = outcome(data, path, **kwargs)
     monkeypatch.undo()
     return pure, numpy, bool(said) and said[0]

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from functools import lru_cache
-from itertools import compress
+from itertools import compress, islice, repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -469,28 +469,21 @@ def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
     return lut, widths
 
 
-# When the pure-Python pass decides a module (`_pure_pass`). Per RELA entry it costs about
-# five times the numpy pass, which has a fixed cost per module about that of 500 entries
-# (bench/check_tree.py's modules by size), and importing numpy costs 0.2 s, as much as about
-# 400,000 entries in Python. So: tables up to SMALL_TABLE entries always in Python; larger
-# ones in Python too while numpy is not imported and the entries so checked stay within
-# PURE_BUDGET (a run of one or a few modules never imports numpy; a tree run soon does, and
-# then pays for it); tables above PURE_BUDGET with numpy.
-SMALL_TABLE = 500
-PURE_BUDGET = 200_000
-_pure_spent = 0
+# When the pure-Python pass decides a module. Per RELA entry it costs about five times the
+# numpy pass (about 4 and 0.8 microseconds with everything else a check does; fat.ko, 3,177
+# entries, in bench/check_tree.py's machine), and importing numpy costs 0.2 s, as much as
+# 50,000 to 70,000 entries more in Python. So: once numpy is imported, always numpy; before,
+# Python for tables up to PURE_BUDGET entries; and a run whose modules add up to more than
+# PURE_BYTES (about 30,000 entries: 1 per 60 bytes of module in Debian's tree) imports numpy
+# before it starts (`check_paths`).
+PURE_BUDGET = 60_000
+PURE_BYTES = 2 << 20
 MASK64 = (1 << 64) - 1
 
 
 def _pure_pass(entries: int) -> bool:
     """Whether a module with `entries` RELA entries goes through `_clean_small` first."""
-    global _pure_spent
-    if entries <= SMALL_TABLE:
-        return True
-    if "numpy" in sys.modules or _pure_spent + entries > PURE_BUDGET:
-        return False
-    _pure_spent += entries
-    return True
+    return "numpy" not in sys.modules and entries <= PURE_BUDGET
 
 
 @lru_cache(maxsize=32)
@@ -515,8 +508,8 @@ def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, pa
     nsyms = len(syms)
     sizes = rules.sizes
     width: dict[int, int] = {}  # r_info -> bytes the loader writes (0: none)
-    fields: dict[int, list[tuple[int, int]]] = {}  # target section -> (offset, width) written
-    hot: list[tuple[int, int]] = []  # (r_info, addend) of overflow-checked entries
+    fields: dict[int, list[int]] = {}  # target section -> offset << 4 | width, per entry
+    hot: dict[int, set[int]] = {}  # r_info -> addends, of the overflow-checked entries
     sections, data = elf.sections, elf.data
     checked: set[int] = set()  # r_info values whose type x86 checks for overflow
     for rsec, blob in zip(owners, parts):
@@ -542,24 +535,32 @@ def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, pa
                                                            map(base.__add__, ends))))
             if written.count(0) != len(written):
                 return False  # a field is nonzero in the file
-        fields.setdefault(sections[rsec].info, []).extend(compress(zip(offsets, widths), widths))
+        fields.setdefault(sections[rsec].info, []).extend(
+            map(operator.add, map(operator.lshift, offsets, repeat(4)), widths))
         if checked:
             addends = columns(blob, "q", RELA64_SIZE, (2,))[0]
-            hot += compress(zip(infos, addends), map(checked.__contains__, infos))
-    for written in fields.values():
-        written.sort()
-        starts = [o for o, _ in written]
-        if any(map(operator.lt, starts[1:], [o + w for o, w in written[:-1]])):
-            return False  # two entries write the same bytes
-    return not any(_may_overflow(syms, rules, elf.find(".data..percpu"), view, info, addend)
-                   for info, addend in set(hot))
+            for info, addend in set(compress(zip(infos, addends), map(checked.__contains__, infos))):
+                hot.setdefault(info, set()).add(addend)
+    for keys in fields.values():
+        keys.sort()
+        starts = list(map(operator.rshift, keys, repeat(4)))
+        ends = map(operator.add, starts, map(operator.and_, keys, repeat(15)))
+        if any(map(operator.lt, islice(starts, 1, None), ends)):
+            return False  # two entries write the same bytes (an empty write inside a field too)
+    pcpu = elf.find(".data..percpu")
+    for info, addends in hot.items():
+        for base in _overflow_bases(syms, rules, pcpu, view, info):
+            if any(map((1 << 32).__le__, map(MASK64.__and__, map(base.__add__, addends)))):
+                return False  # S+A may not fit the 32-bit field
+    return True
 
 
-def _may_overflow(syms: Symbols, rules: ArchRules, pcpu: int | None, view: KernelView | None,
-                  info: int, addend: int) -> bool:
-    """`_overflows` for one (r_info, addend): S+A outside the field wherever the module lands."""
+def _overflow_bases(syms: Symbols, rules: ArchRules, pcpu: int | None, view: KernelView | None,
+                    info: int) -> tuple[int, ...]:
+    """`_overflows` for one r_info: the lowest and highest S the symbol can have, plus 2**31 for
+    a sign-extended field, so that S+A fits exactly when (base + A) mod 2**64 < 2**32."""
     if rules.module_range is None or rules.kernel_range is None:
-        return False
+        return ()
     index = info >> 32
     _, sinfo, _, shndx, value, _ = syms.sym(index)
     zero = sibling = False
@@ -577,15 +578,8 @@ def _may_overflow(syms: Symbols, rules: ArchRules, pcpu: int | None, view: Kerne
     if pcpu is not None and rules.percpu_range is not None and shndx == pcpu:
         low, high = rules.percpu_range.low, rules.percpu_range.high - 1
     value = 0 if shndx == SHN_UNDEF else value
-    kind = rules.overflow_checked[info & 0xFFFFFFFF]
-    return not all(_fits_one((bound + value + addend) & MASK64, kind) for bound in (low, high))
-
-
-def _fits_one(value: int, kind: str) -> bool:
-    """`_fits` for one value."""
-    if kind == "u32":
-        return value <= 0xFFFFFFFF
-    return value >= 0xFFFFFFFF80000000 or value <= 0x7FFFFFFF
+    bias = 0 if rules.overflow_checked[info & 0xFFFFFFFF] == "u32" else 1 << 31
+    return (low + value + bias, high + value + bias)
 
 
 def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, name: str,
@@ -1108,15 +1102,18 @@ BYTES_PER_WORKER = 32 << 20
 
 
 def _workers(files: list[str], jobs: int | None) -> int:
-    """Processes for checking `files`: one (in-process) unless there is enough to share."""
-    if jobs is not None:
-        return max(1, jobs)
+    """Processes for checking `files`: one (in-process) unless there is enough to share; numpy
+    imported first (once, before any worker starts) when the relocations to check are many."""
     total = 0
     for path in files:
         try:
             total += os.stat(path).st_size
         except OSError:
             pass
+    if total > PURE_BYTES:
+        import numpy  # noqa: F401 - `_pure_pass` sees it
+    if jobs is not None:
+        return max(1, jobs)
     return max(1, min(os.cpu_count() or 1, total // BYTES_PER_WORKER))
 
 
