@@ -1019,14 +1019,18 @@ def check_module(path: str | Path, kernel: "KernelInfo | KernelView | None" = No
     rules). `locate=False` leaves the findings' source lines to `locate_module`. Raises
     RustkoError for unreadable or malformed input.
     """
-    view = _as_view(kernel)
     p = Path(path)
-    elf = Elf(read_module_bytes(p), str(p))
+    return _check_read(Elf(read_module_bytes(p), str(p)), _as_view(kernel), arch, version, locate)
+
+
+def _check_read(elf: Elf, view: KernelView | None, arch: str | None, version: Version | None,
+                locate: bool) -> list[Finding]:
+    """`check_module` once the file is read."""
     if arch is None and view is None:
         arch = _uml_by_release(elf)
     findings = check_elf(elf, view, arch, version, locate)
     for f in findings:
-        f.source = _local_source(p, f.source)
+        f.source = _local_source(Path(elf.path), f.source)
     return findings
 
 
@@ -1075,24 +1079,46 @@ def _view(kdir: str, extra: tuple[str, ...]) -> KernelView:
     return view.with_siblings(read_extra_symbols(list(extra))) if extra else view
 
 
+# The exports of the modules this process has read in `_check_one` (or why they could not be
+# read), for `_exports_of`: a run checked in-process reads no file twice. Emptied per run.
+_EXPORTS_SEEN: dict[str, "dict[str, Export] | RustkoError"] = {}
+
+
 def _check_one(job: Job) -> tuple[str, list[Finding] | str]:
     path, kdir, arch, version, extra = job
     try:
-        return path, check_module(path, _view(kdir, extra) if kdir else None, arch, version,
-                                  locate=False)
+        elf = Elf(read_module_bytes(Path(path)), path)
+    except RustkoError as err:
+        return path, str(err)
+    if kdir:
+        try:
+            _EXPORTS_SEEN[path] = _own_exports(elf)
+        except RustkoError as err:
+            _EXPORTS_SEEN[path] = err
+    try:
+        return path, _check_read(elf, _view(kdir, extra) if kdir else None, arch, version, False)
     except RustkoError as err:
         return path, str(err)
 
 
+def _own_exports(elf: Elf) -> dict[str, Export]:
+    name = _module_name(elf.modinfo(), elf.path)
+    return {e.name: Export(e.crc, name, e.gpl_only, e.namespace)
+            for e in elf.exports(elf.symbols())}
+
+
 def _exports_of(path: str) -> tuple[str, dict[str, Export]]:
     """The exports of one module, owned by its name (as Module.symvers would list them)."""
+    seen = _EXPORTS_SEEN.pop(path, None)
+    if isinstance(seen, RustkoError):
+        raise seen
+    if seen is not None:
+        return path, seen
     try:
         elf = Elf(read_module_bytes(Path(path)), path)
     except RustkoError:
         return path, {}
-    name = _module_name(elf.modinfo(), path)
-    return path, {e.name: Export(e.crc, name, e.gpl_only, e.namespace)
-                  for e in elf.exports(elf.symbols())}
+    return path, _own_exports(elf)
 
 
 # Module bytes one worker process must have to check before starting it pays: forking and
@@ -1147,6 +1173,7 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
     if kdir:
         _view(kdir, extra)  # fail early, once, on a bad KDIR or symbols file
     workers = _workers(files, jobs)
+    _EXPORTS_SEEN.clear()
     results = _pool_map(_check_one, [(f, kdir, arch, version, extra) for f in files], workers)
     if kdir and len(files) > 1 and any(_unresolved(r) for _, r in results):
         results = _resolve_siblings(results, files, kdir, arch, version, extra, workers)
