@@ -39,6 +39,13 @@ def newest_61_headers() -> Path:
     return max(found, key=lambda p: [int(n) for n in re.findall(r"\d+", p.name)])
 
 
+def rustko_command() -> list[str]:
+    """`rustko` as users start it: the console script beside this interpreter (PYTHONPATH still
+    puts the checkout's library first), else the module."""
+    script = Path(sys.executable).with_name("rustko")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "rustko.cli"]
+
+
 def time_readelf(files: list[str]) -> float:
     start = time.perf_counter()
     batch = 200
@@ -50,7 +57,7 @@ def time_readelf(files: list[str]) -> float:
 
 def time_cli(args: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rustko.cli", "check", *args], stdout=subprocess.DEVNULL,
+    subprocess.run([*rustko_command(), "check", *args], stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=False)
     return time.perf_counter() - start
 
