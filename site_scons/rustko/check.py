@@ -91,10 +91,16 @@ def __getattr__(name: str) -> object:
 
 def explain_undefined(symbol: str) -> tuple[str, str]:
     """(what is missing, how to fix it) for a Rust runtime symbol; ("", "") for anything else."""
-    for pattern, why, fix in UNDEFINED_EXPLAINED:
-        if re.search(pattern, symbol):
+    for pattern, why, fix in _undefined_explained():
+        if pattern.search(symbol):
             return why, fix
     return "", ""
+
+
+@lru_cache(maxsize=1)
+def _undefined_explained() -> list[tuple[re.Pattern[str], str, str]]:
+    """UNDEFINED_EXPLAINED compiled once (a run of many modules explains hundreds of symbols)."""
+    return [(re.compile(pattern), why, fix) for pattern, why, fix in UNDEFINED_EXPLAINED]
 
 
 def _finding(path: str, stage: str, kind: str, version: Version, hint: str, **fields: object

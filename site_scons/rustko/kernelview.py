@@ -73,6 +73,7 @@ class Exports(Mapping[str, Export]):
 
     def __init__(self, blob: bytes) -> None:
         self.lines = blob.split(b"\n")[:-1]  # "name\tcrc\towner\tgpl\tnamespace", sorted
+        self.looked_up: dict[str, Export | None] = {}  # the modules of a run share most names
 
     @staticmethod
     def encode(exports: Mapping[str, Export]) -> bytes:
@@ -91,11 +92,15 @@ class Exports(Mapping[str, Export]):
     def get(self, name: str, default: Export | None = None) -> Export | None:
         """Mapping.get without the KeyError: most names a module looks up are there, but a
         sibling's or a weak symbol's are not, and raising costs more than the bisection."""
-        line = self._line(name)
-        if line is None:
-            return default
-        _, crc, owner, gpl, namespace = line.decode("utf-8", "surrogateescape").split("\t")
-        return Export(int(crc, 16), owner, gpl == "1", namespace)
+        if name not in self.looked_up:
+            line = self._line(name)
+            if line is None:
+                self.looked_up[name] = None
+            else:
+                _, crc, owner, gpl, namespace = line.decode("utf-8", "surrogateescape").split("\t")
+                self.looked_up[name] = Export(int(crc, 16), owner, gpl == "1", namespace)
+        found = self.looked_up[name]
+        return default if found is None else found
 
     def __getitem__(self, name: str) -> Export:
         found = self.get(name)
