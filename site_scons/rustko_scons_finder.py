@@ -9,10 +9,12 @@ pytest could put a working tree first.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from importlib.machinery import ModuleSpec
-from pathlib import Path
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at every start-up
+
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
 
 
 class RustkoToolFinder:
@@ -22,6 +24,10 @@ class RustkoToolFinder:
     def find_spec(cls, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
         if fullname != cls.NAME:
             return None
+        # Imported here: this module runs at every interpreter start-up (`rustko check` too).
+        import importlib.util
+        from pathlib import Path
+
         package = importlib.util.find_spec("rustko")
         if package is None or package.origin is None:
             return None

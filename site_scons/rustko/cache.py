@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -61,6 +60,8 @@ def cached_dir(path: Path, fill: Callable[[Path], None]) -> Path:
     """
     if path.is_dir():
         return path
+    import tempfile  # here, not at the top: `rustko check` reads the cache and never needs it
+
     with locked(path):
         if path.is_dir():
             return path

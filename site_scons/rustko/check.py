@@ -11,20 +11,19 @@ finding and `rustko.report` shows it. The checks see only the module's bytes and
 from __future__ import annotations
 
 import argparse
-import json
+import operator
 import os
 import re
 import sys
 from functools import lru_cache
+from itertools import compress, islice, repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-import numpy as np
-
 from . import arm64ranges, loader, relocs
-from .elf import (RELA64, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS, SHN_COMMON,
-                  SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, STB_GLOBAL, STB_WEAK, STT_SECTION, Elf,
-                  Symbols, iter_modules, read_module_bytes)
+from .elf import (RELA64_SIZE, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS,
+                  SHN_COMMON, SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, STB_GLOBAL, STB_WEAK,
+                  STT_SECTION, Elf, Symbols, columns, iter_modules, read_module_bytes)
 from .errors import RustkoError
 from .kernelview import Export, KernelView, kernel_view, read_extra_symbols, read_symvers
 from .loader import ENOENT, EINVAL, GPL_COMPATIBLE, IGNORED_UNDEFINED, RULES
@@ -32,6 +31,8 @@ from .relocs import ArchRules, Version
 from .report import Finding, format_report, is_refused, results_json
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .kernel import KernelInfo
 
 __all__ = ["Elf", "Finding", "KernelView", "RELA64", "check_bytes", "check_module", "check_paths",
@@ -79,12 +80,27 @@ UNDEFINED_EXPLAINED: tuple[tuple[str, str, str], ...] = (
 
 
 
+def __getattr__(name: str) -> object:
+    """RELA64, the numpy dtype, re-exported without importing numpy for every check."""
+    if name == "RELA64":
+        from . import elf
+
+        return elf.RELA64
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def explain_undefined(symbol: str) -> tuple[str, str]:
     """(what is missing, how to fix it) for a Rust runtime symbol; ("", "") for anything else."""
-    for pattern, why, fix in UNDEFINED_EXPLAINED:
-        if re.search(pattern, symbol):
+    for pattern, why, fix in _undefined_explained():
+        if pattern.search(symbol):
             return why, fix
     return "", ""
+
+
+@lru_cache(maxsize=1)
+def _undefined_explained() -> list[tuple[re.Pattern[str], str, str]]:
+    """UNDEFINED_EXPLAINED compiled once (a run of many modules explains hundreds of symbols)."""
+    return [(re.compile(pattern), why, fix) for pattern, why, fix in UNDEFINED_EXPLAINED]
 
 
 def _finding(path: str, stage: str, kind: str, version: Version, hint: str, **fields: object
@@ -156,7 +172,7 @@ def _check_this_module(elf: Elf, name: str, view: KernelView, version: Version,
     index = elf.find(".gnu.linkonce.this_module")
     if view.module_struct_size is None or version < rule.since or index is None:
         return []
-    size = int(elf.shdrs["size"][index])
+    size = elf.sections[index].size
     if size == view.module_struct_size:
         return []
     return [_finding(path, "module", "this-module-size", version,
@@ -237,7 +253,7 @@ def _allocations(elf: Elf, version: Version) -> list[int]:
     overestimate); one core and one init sum before v6.4, one per mod_mem_type since."""
     groups: dict[tuple[bool, str], int] = {}
     info_sections = {elf.find(".modinfo"), elf.find("__versions")}  # rewrite_section_headers
-    for index, (flags, size) in enumerate(zip(elf.shdrs["flags"].tolist(), elf.shdrs["size"].tolist())):
+    for index, (flags, size) in enumerate((s.flags, s.size) for s in elf.sections):
         if not flags & SHF_ALLOC or index in info_sections:
             continue
         name = elf.names[index]
@@ -275,10 +291,10 @@ def _check_percpu(elf: Elf, name: str, view: KernelView, version: Version,
     index = elf.find(".data..percpu")
     if index is None:
         return []
-    raw = int(elf.shdrs["size"][index])
+    raw = elf.sections[index].size
     if not raw or view.percpu_reserve is None:
         return []
-    align = min(max(int(elf.shdrs["addralign"][index]), loader.PCPU_MIN_ALLOC_SIZE), 4096)
+    align = min(max(elf.sections[index].addralign, loader.PCPU_MIN_ALLOC_SIZE), 4096)
     size = -(-raw // loader.PCPU_MIN_ALLOC_SIZE) * loader.PCPU_MIN_ALLOC_SIZE
     fix = (f"the module's per-CPU data ({raw} bytes in .data..percpu) must fit the "
            f"{view.percpu_reserve}-byte reserve all modules share: allocate large per-CPU "
@@ -325,8 +341,8 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
     and the siblings'. A weak symbol nobody exports resolves to 0; a weak one that *is*
     exported goes through the same CRC and namespace checks as any other."""
     out: list[Finding] = []
-    table = syms.table
-    for index in np.flatnonzero(table["shndx"] == SHN_COMMON).tolist():
+    shndxs = syms.column("shndx")
+    for index in [i for i, shndx in enumerate(shndxs) if shndx == SHN_COMMON] if SHN_COMMON in shndxs else []:
         symbol = syms.name(index)
         if not symbol.startswith("__gnu_lto"):
             out.append(_finding(path, "symbol", "common", version,
@@ -335,18 +351,18 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
             break
     if view.exports is None:
         return out
-    bind = table["info"] >> 4
-    undefined = np.flatnonzero((table["shndx"] == SHN_UNDEF)
-                               & ((bind == STB_GLOBAL) | (bind == STB_WEAK)))
+    bind = [info >> 4 for info in syms.column("info")]
+    undefined = [i for i, shndx in enumerate(shndxs)
+                 if shndx == SHN_UNDEF and bind[i] in (STB_GLOBAL, STB_WEAK)]
     license = modinfo.get("license", ["unspecified"])[0]
     gpl_ok = license in GPL_COMPATIBLE
     imports = set(modinfo.get("import_ns", []))
-    for index in undefined.tolist():
+    for index in undefined:
         symbol = syms.name(index)
         if not symbol:
             continue
         export = view.export(symbol)
-        weak = int(bind[index]) == STB_WEAK
+        weak = bind[index] == STB_WEAK
         if export is not None and export.gpl_only and not gpl_ok:
             export_visible = None  # find_symbol skips GPL-only exports for a non-GPL module
         else:
@@ -394,6 +410,8 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
 
 def _weak_zero(syms: Symbols, view: KernelView | None) -> np.ndarray:
     """Per symbol: an undefined weak symbol the loader leaves at 0 (no visible export)."""
+    import numpy as np
+
     table = syms.table
     weak = (table["shndx"] == SHN_UNDEF) & ((table["info"] >> 4) == STB_WEAK)
     out = np.zeros(len(table), dtype=bool)
@@ -405,6 +423,8 @@ def _weak_zero(syms: Symbols, view: KernelView | None) -> np.ndarray:
 
 def _sibling_resolved(syms: Symbols, view: KernelView | None) -> np.ndarray:
     """Per symbol: undefined, resolved by a module checked together (it lives in module memory)."""
+    import numpy as np
+
     out = np.zeros(len(syms.table), dtype=bool)
     if view is None or not view.siblings:
         return out
@@ -433,6 +453,8 @@ def _check_exports(elf: Elf, syms: Symbols, name: str, view: KernelView, version
 # --- stage 8: relocations (apply_relocations) -----------------------------------------------
 def _fits(values: np.ndarray, kind: str) -> np.ndarray:
     """Whether 64-bit values survive truncation to 32 bits as the x86 loader checks it."""
+    import numpy as np
+
     if kind == "u32":
         return values <= np.uint64(0xFFFFFFFF)
     return (values >= np.uint64(0xFFFFFFFF80000000)) | (values <= np.uint64(0x7FFFFFFF))
@@ -441,6 +463,8 @@ def _fits(values: np.ndarray, kind: str) -> np.ndarray:
 @lru_cache(maxsize=32)
 def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
     """Lookup arrays indexed by type number: accepted?, bytes written (x86 nonzero check)."""
+    import numpy as np
+
     rules = relocs.BY_ARCH[arch]
     accepted = rules.accepted_types(version)
     size = max(accepted, default=0) + 2
@@ -453,25 +477,131 @@ def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
     return lut, widths
 
 
+# When the pure-Python pass decides a module. Per RELA entry it costs about five times the
+# numpy pass (about 4 and 0.8 microseconds with everything else a check does; fat.ko, 3,177
+# entries, in bench/check_tree.py's machine), and importing numpy costs 0.2 s, as much as
+# 50,000 to 70,000 entries more in Python. So: once numpy is imported, always numpy; before,
+# Python for tables up to PURE_BUDGET entries; and a run whose modules add up to more than
+# PURE_BYTES (about 30,000 entries: 1 per 60 bytes of module in Debian's tree) imports numpy
+# before it starts (`check_paths`).
+PURE_BUDGET = 60_000
+PURE_BYTES = 2 << 20
+MASK64 = (1 << 64) - 1
+
+
+def _pure_pass(entries: int) -> bool:
+    """Whether a module with `entries` RELA entries goes through `_clean_small` first."""
+    return "numpy" not in sys.modules and entries <= PURE_BUDGET
+
+
+@lru_cache(maxsize=32)
+def _accepted(arch: str, version: Version) -> frozenset[int]:
+    return relocs.BY_ARCH[arch].accepted_types(version)
+
+
+def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, parts: list[bytes],
+                 owners: list[int], view: KernelView | None) -> bool:
+    """True when the loader applies every entry of `parts` (the RELA tables of sections
+    `owners`) without a finding, decided without numpy; False sends the module to the numpy
+    pass, which makes the findings (and the errors for corrupt tables).
+
+    The checks of the numpy pass, each answered for the whole table at once: the type and the
+    symbol index once per distinct r_info; x86's field inside its section, zero in the file
+    and written once (sorted (offset, width) pairs); the 32-bit overflow once per distinct
+    (r_info, addend). Architectures with range checks or branch reordering (arm64) always take
+    the numpy pass, where that logic lives."""
+    if rules.range_checks or rules.branch_partition:
+        return False
+    accepted = _accepted(rules.arch, version)
+    nsyms = len(syms)
+    sizes = rules.sizes
+    width: dict[int, int] = {}  # r_info -> bytes the loader writes (0: none)
+    fields: dict[int, list[int]] = {}  # target section -> offset << 4 | width, per entry
+    hot: dict[int, set[int]] = {}  # r_info -> addends, of the overflow-checked entries
+    sections, data = elf.sections, elf.data
+    checked: set[int] = set()  # r_info values whose type x86 checks for overflow
+    for rsec, blob in zip(owners, parts):
+        offsets, infos = columns(blob, "Q", RELA64_SIZE, (0, 1))
+        for info in set(infos).difference(width):
+            if info & 0xFFFFFFFF not in accepted or info >> 32 >= nsyms:
+                return False
+            width[info] = sizes.get(info & 0xFFFFFFFF, 0)
+            if sizes and info & 0xFFFFFFFF in rules.overflow_checked:
+                checked.add(info)
+        if not sizes:
+            continue
+        target = sections[sections[rsec].info]
+        widths = list(map(width.__getitem__, infos))
+        ends = list(map(operator.add, offsets, widths))
+        if max(ends) > target.size:
+            return False  # outside the section (or an empty write past it: numpy decides)
+        if target.type != SHT_NOBITS:
+            base = target.offset
+            if base + target.size > len(data):
+                return False
+            written = b"".join(map(data.__getitem__, map(slice, map(base.__add__, offsets),
+                                                           map(base.__add__, ends))))
+            if written.count(0) != len(written):
+                return False  # a field is nonzero in the file
+        fields.setdefault(sections[rsec].info, []).extend(
+            map(operator.add, map(operator.lshift, offsets, repeat(4)), widths))
+        if checked:
+            addends = columns(blob, "q", RELA64_SIZE, (2,))[0]
+            for info, addend in set(compress(zip(infos, addends), map(checked.__contains__, infos))):
+                hot.setdefault(info, set()).add(addend)
+    for keys in fields.values():
+        keys.sort()
+        starts = list(map(operator.rshift, keys, repeat(4)))
+        ends = map(operator.add, starts, map(operator.and_, keys, repeat(15)))
+        if any(map(operator.lt, islice(starts, 1, None), ends)):
+            return False  # two entries write the same bytes (an empty write inside a field too)
+    pcpu = elf.find(".data..percpu")
+    for info, addends in hot.items():
+        for base in _overflow_bases(syms, rules, pcpu, view, info):
+            if any(map((1 << 32).__le__, map(MASK64.__and__, map(base.__add__, addends)))):
+                return False  # S+A may not fit the 32-bit field
+    return True
+
+
+def _overflow_bases(syms: Symbols, rules: ArchRules, pcpu: int | None, view: KernelView | None,
+                    info: int) -> tuple[int, ...]:
+    """`_overflows` for one r_info: the lowest and highest S the symbol can have, plus 2**31 for
+    a sign-extended field, so that S+A fits exactly when (base + A) mod 2**64 < 2**32."""
+    if rules.module_range is None or rules.kernel_range is None:
+        return ()
+    index = info >> 32
+    _, sinfo, _, shndx, value, _ = syms.sym(index)
+    zero = sibling = False
+    if shndx == SHN_UNDEF:
+        symbol = syms.name(index)
+        zero = sinfo >> 4 == STB_WEAK and (view is None or view.exports is None
+                                           or view.export(symbol) is None)
+        sibling = (view is not None and symbol in view.siblings
+                   and (view.exports is None or symbol not in view.exports))
+    low, high = rules.module_range.low, rules.module_range.high - 1
+    if shndx == SHN_UNDEF and not sibling:
+        low, high = rules.kernel_range.low, rules.kernel_range.high - 1
+    if shndx == SHN_ABS or index == 0 or zero:
+        low = high = 0
+    if pcpu is not None and rules.percpu_range is not None and shndx == pcpu:
+        low, high = rules.percpu_range.low, rules.percpu_range.high - 1
+    value = 0 if shndx == SHN_UNDEF else value
+    bias = 0 if rules.overflow_checked[info & 0xFFFFFFFF] == "u32" else 1 << 31
+    return (low + value + bias, high + value + bias)
+
+
 def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, name: str,
                        path: str, view: KernelView | None = None) -> list[Finding]:
     """apply_relocations: every SHT_RELA/SHT_REL section whose target section is SHF_ALLOC.
 
-    All applied RELA sections of the file are concatenated and classified in one vectorised
-    pass; findings keep the loader's order (section index, then entry, after arm64's branch
-    partition), so the first one is the line the kernel prints. Relocations write live memory
-    in that order: a field an earlier relocation wrote is nonzero for a later one (x86).
+    A small table is first decided in pure Python (`_clean_small`): most modules have no
+    finding, and numpy costs more than such a check. Otherwise all applied RELA sections of the
+    file are concatenated and classified in one vectorised pass; findings keep the loader's
+    order (section index, then entry, after arm64's branch partition), so the first one is the
+    line the kernel prints. Relocations write live memory in that order: a field an earlier
+    relocation wrote is nonzero for a later one (x86).
     """
     groups: dict[tuple, Finding] = {}
-    shdrs = elf.shdrs
-    lut, widths = _tables(rules.arch, version)
-    overflow_first = rules.overflow_first_since is not None and version >= rules.overflow_first_since
-    nsyms = len(syms.table)
-    zero = _weak_zero(syms, view)
-    sibling = _sibling_resolved(syms, view)
-    # Within one entry, the order x86's __write_relocate_add meets its checks.
-    label_rank = {"unknown": 0, "outside": 1, "overflow": 2 if overflow_first else 4,
-                  "nonzero": 3, "overwritten": 3}
 
     def add(key: tuple, offset: int, make) -> None:
         if key in groups:
@@ -481,33 +611,46 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
 
     parts: list[bytes] = []
     owners: list[int] = []
-    kinds = shdrs["type"]
-    candidates = np.flatnonzero(((kinds == SHT_RELA) | (kinds == SHT_REL))
-                                & ((shdrs["flags"] & np.uint64(SHF_RELA_LIVEPATCH)) == 0))
-    for rsec in candidates.tolist():
-        target = int(shdrs["info"][rsec])
-        if target >= len(shdrs) or not int(shdrs["flags"][target]) & SHF_ALLOC:
+    sections = elf.sections
+    for rsec, rel in enumerate(sections):
+        if rel.type not in (SHT_RELA, SHT_REL) or rel.flags & SHF_RELA_LIVEPATCH:
+            continue
+        target = rel.info
+        if target >= len(sections) or not sections[target].flags & SHF_ALLOC:
             continue
         if elf.names[target] in (".modinfo", "__versions"):  # the loader clears their SHF_ALLOC
             continue
-        if int(kinds[rsec]) == SHT_REL:
-            if int(shdrs["size"][rsec]):
+        if rel.type == SHT_REL:
+            if rel.size:
                 add(("rel", rsec), 0, lambda off, rsec=rsec: _finding(
                     path, "relocation", "rel-section", version,
                     "the loader only applies RELA sections on this architecture: emit RELA "
                     "relocations (the default for x86_64/aarch64/riscv64 toolchains)",
                     name=name, section=elf.names[rsec], offset=off))
             continue
-        count = int(shdrs["size"][rsec]) // RELA64.itemsize
+        count = rel.size // RELA64_SIZE
         if count:
-            offset = int(shdrs["offset"][rsec])
-            if offset + count * RELA64.itemsize > len(elf.data):
+            if rel.offset + count * RELA64_SIZE > len(elf.data):
                 raise RustkoError(f"{path}: section {elf.names[rsec]!r} extends past the end of "
                                   "the file (truncated or corrupt)")
-            parts.append(elf.data[offset:offset + count * RELA64.itemsize])
+            parts.append(elf.data[rel.offset:rel.offset + count * RELA64_SIZE])
             owners.append(rsec)
-    if not parts:
+    if not parts or (_pure_pass(sum(map(len, parts)) // RELA64_SIZE)
+                     and _clean_small(elf, syms, rules, version, parts, owners, view)):
         return list(groups.values())
+    import numpy as np
+
+    from .elf import RELA64
+
+    shdrs = elf.shdrs
+    lut, widths = _tables(rules.arch, version)
+    overflow_first = rules.overflow_first_since is not None and version >= rules.overflow_first_since
+    nsyms = len(syms.table)
+    zero = _weak_zero(syms, view)
+    sibling = _sibling_resolved(syms, view)
+    # Within one entry, the order x86's __write_relocate_add meets its checks.
+    label_rank = {"unknown": 0, "outside": 1, "overflow": 2 if overflow_first else 4,
+                  "nonzero": 3, "overwritten": 3}
     rows = np.frombuffer(b"".join(parts), dtype=RELA64)
     counts = np.array([len(p) // RELA64.itemsize for p in parts])
     rsecs = np.repeat(np.array(owners), counts)
@@ -589,6 +732,8 @@ def _mem_note(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sym
     offset on top), so the row whose S+A is highest at mem=0 overflows first as mem= grows. Below
     that mem=, earlier vmalloc users and the module's own layout decide: the note says so.
     """
+    import numpy as np
+
     if rules.mem_base is None or not overflowing:
         return rules.overflow_note
     sel = np.array(overflowing, dtype=np.int64)
@@ -622,6 +767,8 @@ def _partitioned_rank(rsecs: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, 
     the leftmost such entry lands in the rightmost branch's slot. Only sections with findings
     are reordered (the only ones whose order can show).
     """
+    import numpy as np
+
     rank = np.arange(len(rsecs))
     for rsec in np.unique(rsecs[wanted]).tolist():
         target = int(shdrs["info"][rsec])
@@ -655,6 +802,8 @@ def _overwritten(rows: np.ndarray, targets: np.ndarray, width: np.ndarray, clean
     bytes as they are in live memory, kernel/module/main.c apply_relocations runs sections in
     index order, each table in entry order). A write of a value known to be 0 (an absolute
     relocation against a weak symbol left at 0, addend 0) leaves the field zero."""
+    import numpy as np
+
     live = np.flatnonzero(width > 0)
     if len(live) < 2:
         return live[:0]
@@ -687,6 +836,8 @@ def _overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sy
     Undefined weak symbols nobody exports are 0 (kernel/module/main.c simplify_symbols); symbols
     a module checked together exports live in the module range.
     """
+    import numpy as np
+
     checked = np.zeros(len(rows), dtype=bool)
     for t in rules.overflow_checked:
         checked |= rtype == t
@@ -804,7 +955,7 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
     is_module = elf.find(".gnu.linkonce.this_module") is not None or bool(modinfo)
     if is_module:
         findings += _check_signature(elf, name, version, path)
-    versions = elf.versions() if is_module else None
+    versions = elf.versions() if is_module and kernel is not None else None
     if kernel is not None and is_module:
         findings += _check_this_module(elf, name, kernel, version, path)
         findings += _check_module_layout(versions, name, kernel, version, path)
@@ -833,22 +984,43 @@ def check_bytes(data: bytes, path: str, kernel: KernelView | None = None, arch: 
 
 
 def check_module(path: str | Path, kernel: "KernelInfo | KernelView | None" = None,
-                 arch: str | None = None, version: tuple[int, ...] | None = None) -> list[Finding]:
+                 arch: str | None = None, version: tuple[int, ...] | None = None,
+                 locate: bool = True) -> list[Finding]:
     """Every reason the target kernel would refuse the module at PATH (empty: loadable).
 
     `kernel` is a `rustko.kernel.KernelInfo` (or a KernelView); without it only relocations and
     what the module says of itself are checked, for `arch` (default: from e_machine and, for an
     x86-64 module made for the installed UML kernel, "um") and `version` (default: the latest
-    rules). Raises RustkoError for unreadable or malformed input.
+    rules). `locate=False` leaves the findings' source lines to `locate_module`. Raises
+    RustkoError for unreadable or malformed input.
     """
-    view = _as_view(kernel)
     p = Path(path)
-    elf = Elf(read_module_bytes(p), str(p))
+    return _check_read(Elf(read_module_bytes(p), str(p)), _as_view(kernel), arch, version, locate)
+
+
+def _check_read(elf: Elf, view: KernelView | None, arch: str | None, version: Version | None,
+                locate: bool) -> list[Finding]:
+    """`check_module` once the file is read."""
     if arch is None and view is None:
         arch = _uml_by_release(elf)
-    findings = check_elf(elf, view, arch, version)
+    findings = check_elf(elf, view, arch, version, locate)
     for f in findings:
-        f.source = _local_source(p, f.source)
+        f.source = _local_source(Path(elf.path), f.source)
+    return findings
+
+
+def locate_module(path: str, findings: list[Finding]) -> list[Finding]:
+    """The source lines of `findings` made by `check_module(path, ..., locate=False)`: a run of
+    many modules locates only the findings that stay after the siblings resolved theirs (the
+    DWARF reader and numpy cost more than checking a module)."""
+    if findings:
+        from .locate import locate_findings
+
+        p = Path(path)
+        elf = Elf(read_module_bytes(p), path)
+        locate_findings(elf, elf.symbols(), findings)
+        for f in findings:
+            f.source = _local_source(p, f.source)
     return findings
 
 
@@ -882,23 +1054,46 @@ def _view(kdir: str, extra: tuple[str, ...]) -> KernelView:
     return view.with_siblings(read_extra_symbols(list(extra))) if extra else view
 
 
+# The exports of the modules this process has read in `_check_one` (or why they could not be
+# read), for `_exports_of`: a run checked in-process reads no file twice. Emptied per run.
+_EXPORTS_SEEN: dict[str, "dict[str, Export] | RustkoError"] = {}
+
+
 def _check_one(job: Job) -> tuple[str, list[Finding] | str]:
     path, kdir, arch, version, extra = job
     try:
-        return path, check_module(path, _view(kdir, extra) if kdir else None, arch, version)
+        elf = Elf(read_module_bytes(Path(path)), path)
+    except RustkoError as err:
+        return path, str(err)
+    if kdir:
+        try:
+            _EXPORTS_SEEN[path] = _own_exports(elf)
+        except RustkoError as err:
+            _EXPORTS_SEEN[path] = err
+    try:
+        return path, _check_read(elf, _view(kdir, extra) if kdir else None, arch, version, False)
     except RustkoError as err:
         return path, str(err)
 
 
+def _own_exports(elf: Elf) -> dict[str, Export]:
+    name = _module_name(elf.modinfo(), elf.path)
+    return {e.name: Export(e.crc, name, e.gpl_only, e.namespace)
+            for e in elf.exports(elf.symbols())}
+
+
 def _exports_of(path: str) -> tuple[str, dict[str, Export]]:
     """The exports of one module, owned by its name (as Module.symvers would list them)."""
+    seen = _EXPORTS_SEEN.pop(path, None)
+    if isinstance(seen, RustkoError):
+        raise seen
+    if seen is not None:
+        return path, seen
     try:
         elf = Elf(read_module_bytes(Path(path)), path)
     except RustkoError:
         return path, {}
-    name = _module_name(elf.modinfo(), path)
-    return path, {e.name: Export(e.crc, name, e.gpl_only, e.namespace)
-                  for e in elf.exports(elf.symbols())}
+    return path, _own_exports(elf)
 
 
 # Module bytes one worker process must have to check before starting it pays: forking and
@@ -908,15 +1103,18 @@ BYTES_PER_WORKER = 32 << 20
 
 
 def _workers(files: list[str], jobs: int | None) -> int:
-    """Processes for checking `files`: one (in-process) unless there is enough to share."""
-    if jobs is not None:
-        return max(1, jobs)
+    """Processes for checking `files`: one (in-process) unless there is enough to share; numpy
+    imported first (once, before any worker starts) when the relocations to check are many."""
     total = 0
     for path in files:
         try:
             total += os.stat(path).st_size
         except OSError:
             pass
+    if total > PURE_BYTES:
+        import numpy  # noqa: F401 - `_pure_pass` sees it
+    if jobs is not None:
+        return max(1, jobs)
     return max(1, min(os.cpu_count() or 1, total // BYTES_PER_WORKER))
 
 
@@ -950,10 +1148,18 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
     if kdir:
         _view(kdir, extra)  # fail early, once, on a bad KDIR or symbols file
     workers = _workers(files, jobs)
+    _EXPORTS_SEEN.clear()
     results = _pool_map(_check_one, [(f, kdir, arch, version, extra) for f in files], workers)
     if kdir and len(files) > 1 and any(_unresolved(r) for _, r in results):
         results = _resolve_siblings(results, files, kdir, arch, version, extra, workers)
-    return missing + results
+    return missing + [(p, r if isinstance(r, str) else _locate_or_error(p, r)) for p, r in results]
+
+
+def _locate_or_error(path: str, findings: list[Finding]) -> list[Finding] | str:
+    try:
+        return locate_module(path, findings)
+    except RustkoError as err:  # the file changed between the check and now
+        return str(err)
 
 
 def _unresolved(result: list[Finding] | str) -> set[str]:
@@ -978,7 +1184,7 @@ def _resolve_siblings(results: list[tuple[str, list[Finding] | str]], files: lis
             siblings = {s: e for s, e in everything.items() if s not in own}
             try:
                 view = _view(kdir, extra).with_siblings(siblings)
-                result = check_module(path, view, arch, version)
+                result = check_module(path, view, arch, version, locate=False)
             except RustkoError as err:
                 result = str(err)
         out.append((path, result))
@@ -1006,6 +1212,8 @@ def run(args: argparse.Namespace) -> int:
     bad_input = [(p, r) for p, r in results if isinstance(r, str)]
     refused = [(p, r) for p, r in results if not isinstance(r, str) and is_refused(r)]
     if args.json:
+        import json
+
         print(json.dumps(results_json(results), indent=2))
     else:
         for p, r in results:

@@ -1,28 +1,26 @@
 """ELF decoding for the checker, done once: headers, sections, symbols, relocations, .modinfo,
 __versions, a module's own exports and its appended signature.
 
-Plain `numpy.frombuffer` over bounds-checked slices: relocation arrays are decoded in bulk, so a
-whole distribution tree checks in seconds. Nothing here knows what the loader accepts
-(`rustko.loader`, `rustko.relocs`) or reads anything but the bytes it is given, except
-`read_module_bytes`/`iter_modules`, the input layer.
+Pure Python over bounds-checked slices (`struct` for records, `memoryview.cast` for whole
+columns), so checking one module never imports numpy (0.2 s of start-up, more than the check).
+`Elf.shdrs`, `Symbols.table` and the `*64` dtypes are the same data as numpy structured arrays,
+made on first use for the bulk relocation pass over large modules and for `rustko.locate`.
+Nothing here knows what the loader accepts (`rustko.loader`, `rustko.relocs`) or reads anything
+but the bytes it is given, except `read_module_bytes`/`iter_modules`, the input layer.
 """
 
 from __future__ import annotations
 
 import functools
-
-import gzip
-import io
-import lzma
-import shutil
-import subprocess
-from dataclasses import dataclass
+import struct
+import sys
 from pathlib import Path
-from typing import Iterable, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
 from .errors import RustkoError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # ELF constants (include/uapi/linux/elf.h).
 SHT_SYMTAB, SHT_RELA, SHT_NOBITS, SHT_REL = 2, 4, 8, 9
@@ -34,12 +32,70 @@ SHN_UNDEF, SHN_ABS, SHN_COMMON, SHN_XINDEX = 0, 0xFFF1, 0xFFF2, 0xFFFF
 STB_GLOBAL, STB_WEAK = 1, 2
 STT_FUNC, STT_SECTION = 2, 3
 
-SHDR64 = np.dtype([("name", "<u4"), ("type", "<u4"), ("flags", "<u8"), ("addr", "<u8"),
-                   ("offset", "<u8"), ("size", "<u8"), ("link", "<u4"), ("info", "<u4"),
-                   ("addralign", "<u8"), ("entsize", "<u8")])
-SYM64 = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
-                  ("value", "<u8"), ("size", "<u8")])
-RELA64 = np.dtype([("offset", "<u8"), ("info", "<u8"), ("addend", "<i8")])
+# Elf64_Ehdr after e_ident, Elf64_Shdr, Elf64_Sym, Elf64_Rela (include/uapi/linux/elf.h) as
+# struct formats; the numpy dtypes of the same records come from `__getattr__` below.
+EHDR64 = struct.Struct("<HHIQQQIHHHHHH")
+SHDR64_FORMAT = struct.Struct("<IIQQQQIIQQ")
+SYM64_SIZE = 24
+RELA64_SIZE = 24
+# memoryview.cast reads native order: the column views need a little-endian host (struct, else).
+NATIVE_LITTLE = sys.byteorder == "little"
+
+
+class Shdr(NamedTuple):
+    """One Elf64_Shdr."""
+
+    name: int
+    type: int
+    flags: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+
+
+_DTYPES = {
+    "SHDR64": [("name", "<u4"), ("type", "<u4"), ("flags", "<u8"), ("addr", "<u8"),
+               ("offset", "<u8"), ("size", "<u8"), ("link", "<u4"), ("info", "<u4"),
+               ("addralign", "<u8"), ("entsize", "<u8")],
+    "SYM64": [("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
+              ("value", "<u8"), ("size", "<u8")],
+    "RELA64": [("offset", "<u8"), ("info", "<u8"), ("addend", "<i8")],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype(name: str) -> "np.dtype":
+    import numpy as np
+
+    return np.dtype(_DTYPES[name])
+
+
+def __getattr__(name: str) -> object:
+    """SHDR64, SYM64, RELA64: numpy dtypes, made (and numpy imported) only when asked for."""
+    if name in _DTYPES:
+        return _dtype(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def columns(blob: bytes | memoryview, fmt: str, size: int, fields: Iterable[int]) -> list[list[int]]:
+    """Fields of fixed-size little-endian records as lists: field k is the `fmt` item at index
+    k of each `size`-byte record (memoryview strides on a little-endian host, struct else)."""
+    count = len(blob) // size
+    wanted = list(fields)
+    if not count:
+        return [[] for _ in wanted]
+    view = memoryview(blob)[:count * size]
+    if NATIVE_LITTLE:
+        cells = view.cast("B").cast(fmt)
+        step = size // cells.itemsize
+        return [cells[k::step].tolist() for k in wanted]
+    item = struct.calcsize(fmt)
+    rows = list(struct.iter_unpack("<" + fmt * (size // item), view))
+    return [[row[k] for row in rows] for k in wanted]
 
 
 # Decompressed modules larger than this are refused as input (a decompression bomb guard).
@@ -50,8 +106,7 @@ MODULE_SIG_STRING = b"~Module signature appended~\n"
 SIGNATURE_INFO = 12
 
 
-@dataclass(frozen=True)
-class ModuleExport:
+class ModuleExport(NamedTuple):
     """One symbol a module exports (its __ksymtab entry), as modpost records it."""
 
     name: str
@@ -60,8 +115,7 @@ class ModuleExport:
     namespace: str
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(NamedTuple):
     """The appended signature's struct module_signature fields and the PKCS#7 blob."""
 
     algo: int
@@ -74,15 +128,48 @@ class Signature:
     signed_len: int  # bytes before the struct (module + signature data)
     blob: bytes
 
-@dataclass
 class Symbols:
-    """The module's symbol table, as arrays, plus its string table."""
+    """The module's symbol table (raw Elf64_Sym records) and its string table.
 
-    table: np.ndarray
-    strtab: bytes
+    Single symbols are read with `sym`; whole columns with `column`; `table` is the numpy
+    structured array of the same records (numpy imported on first use)."""
+
+    FIELDS = {"name": ("I", 0), "info": ("B", 4), "other": ("B", 5), "shndx": ("H", 3),
+              "value": ("Q", 1), "size": ("Q", 2)}
+
+    def __init__(self, raw: bytes, strtab: bytes) -> None:
+        self.raw = raw[:len(raw) // SYM64_SIZE * SYM64_SIZE]
+        self.strtab = strtab
+        self.count = len(self.raw) // SYM64_SIZE
+        self._columns: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def sym(self, index: int) -> tuple[int, int, int, int, int, int]:
+        """(name, info, other, shndx, value, size) of symbol `index`."""
+        return _SYM.unpack_from(self.raw, index * SYM64_SIZE)
+
+    def column(self, field: str) -> list[int]:
+        """One field of every symbol, as a list (kept: several checks ask for shndx)."""
+        if field not in self._columns:
+            fmt, k = self.FIELDS[field]
+            self._columns[field] = columns(self.raw, fmt, SYM64_SIZE, [k])[0]
+        return self._columns[field]
+
+    @functools.cached_property
+    def table(self) -> "np.ndarray":
+        import numpy as np
+
+        return np.frombuffer(self.raw, dtype=_dtype("SYM64"))
 
     def name(self, index: int) -> str:
-        return _cstring(self.strtab, int(self.table["name"][index]))
+        return _cstring(self.strtab, _NAME.unpack_from(self.raw, index * SYM64_SIZE)[0])
+
+
+_SYM = struct.Struct("<IBBHQQ")
+_MODVERSION = struct.Struct("<Q56s")
+_NAME = struct.Struct("<I")
 
 
 def _cstring(blob: bytes, start: int) -> str:
@@ -102,47 +189,51 @@ class Elf:
             raise RustkoError(f"{path}: not an ELF file")
         if data[4] != 2 or data[5] != 1:
             raise RustkoError(f"{path}: only 64-bit little-endian ELF modules are supported")
-        header = np.frombuffer(data, dtype=np.dtype([
-            ("type", "<u2"), ("machine", "<u2"), ("version", "<u4"), ("entry", "<u8"),
-            ("phoff", "<u8"), ("shoff", "<u8"), ("flags", "<u4"), ("ehsize", "<u2"),
-            ("phentsize", "<u2"), ("phnum", "<u2"), ("shentsize", "<u2"), ("shnum", "<u2"),
-            ("shstrndx", "<u2")]), count=1, offset=16)[0]
-        if int(header["type"]) != 1:
-            raise RustkoError(f"{path}: not a relocatable object (e_type {int(header['type'])}); "
+        (e_type, machine, _version, _entry, _phoff, shoff, _flags, _ehsize, _phentsize, _phnum,
+         shentsize, shnum, shstrndx) = EHDR64.unpack_from(data, 16)
+        if e_type != 1:
+            raise RustkoError(f"{path}: not a relocatable object (e_type {e_type}); "
                               "modules are ET_REL")
-        self.machine = int(header["machine"])
-        shoff, shnum = int(header["shoff"]), int(header["shnum"])
-        if shnum and int(header["shentsize"]) != SHDR64.itemsize:
-            raise RustkoError(f"{path}: unexpected section header size {int(header['shentsize'])}")
-        self.shdrs = self._array(SHDR64, shoff, shnum, "section header table")
+        self.machine = machine
+        if shnum and shentsize != SHDR64_FORMAT.size:
+            raise RustkoError(f"{path}: unexpected section header size {shentsize}")
+        self._shdr_raw = self._slice(shoff, shnum * SHDR64_FORMAT.size, "section header table")
+        self.sections: list[Shdr] = [Shdr._make(row)
+                                     for row in SHDR64_FORMAT.iter_unpack(self._shdr_raw)]
         self.names: list[str] = [f"section {i}" for i in range(shnum)]
-        shstrndx = int(header["shstrndx"])
         if shstrndx == SHN_XINDEX and shnum:
-            shstrndx = int(self.shdrs["link"][0])
+            shstrndx = self.sections[0].link
         if shnum and shstrndx >= shnum:
             raise RustkoError(f"{path}: section name table index {shstrndx} out of range")
         self.shstrtab = self.section_bytes(shstrndx) if shnum else b""
-        self.names = [_cstring(self.shstrtab, int(n)) for n in self.shdrs["name"]]
+        self.names = [_cstring(self.shstrtab, s.name) for s in self.sections]
 
-    def _array(self, dtype: np.dtype, offset: int, count: int, what: str) -> np.ndarray:
-        if offset + count * dtype.itemsize > len(self.data):
+    def _slice(self, offset: int, size: int, what: str) -> bytes:
+        if offset + size > len(self.data):
             raise RustkoError(f"{self.path}: {what} extends past the end of the file "
                               "(truncated or corrupt)")
-        return np.frombuffer(self.data, dtype=dtype, count=count, offset=offset)
-
-    def section_bytes(self, index: int) -> bytes:
-        if int(self.shdrs["type"][index]) == SHT_NOBITS:
-            return b""
-        offset, size = int(self.shdrs["offset"][index]), int(self.shdrs["size"][index])
-        if offset + size > len(self.data):
-            raise RustkoError(f"{self.path}: section {self.names[index]!r} extends past the end "
-                              "of the file (truncated or corrupt)")
         return self.data[offset:offset + size]
 
-    def section_array(self, index: int, dtype: np.dtype) -> np.ndarray:
-        size = int(self.shdrs["size"][index])
-        return self._array(dtype, int(self.shdrs["offset"][index]), size // dtype.itemsize,
-                           f"section {self.names[index]!r}")
+    @functools.cached_property
+    def shdrs(self) -> "np.ndarray":
+        """The section headers as a numpy structured array (numpy imported on first use)."""
+        import numpy as np
+
+        return np.frombuffer(self._shdr_raw, dtype=_dtype("SHDR64"))
+
+    def section_bytes(self, index: int) -> bytes:
+        section = self.sections[index]
+        if section.type == SHT_NOBITS:
+            return b""
+        return self._slice(section.offset, section.size, f"section {self.names[index]!r}")
+
+    def section_array(self, index: int, dtype: "np.dtype") -> "np.ndarray":
+        import numpy as np
+
+        section = self.sections[index]
+        count = section.size // dtype.itemsize
+        blob = self._slice(section.offset, count * dtype.itemsize, f"section {self.names[index]!r}")
+        return np.frombuffer(blob, dtype=dtype)
 
     def find(self, name: str) -> int | None:
         try:
@@ -150,17 +241,23 @@ class Elf:
         except ValueError:
             return None
 
+    @functools.cached_property
+    def _symbols(self) -> Symbols:
+        index = next((i for i, s in enumerate(self.sections) if s.type == SHT_SYMTAB), None)
+        if index is None:
+            return Symbols(b"", b"")
+        section = self.sections[index]
+        if section.entsize not in (0, SYM64_SIZE):
+            raise RustkoError(f"{self.path}: symbol table entry size is not {SYM64_SIZE}")
+        if section.link >= len(self.sections):
+            raise RustkoError(f"{self.path}: symbol table names string table {section.link}, out of range")
+        count = section.size // SYM64_SIZE
+        raw = self._slice(section.offset, count * SYM64_SIZE, f"section {self.names[index]!r}")
+        return Symbols(raw, self.section_bytes(section.link))
+
     def symbols(self) -> Symbols:
-        indexes = np.flatnonzero(self.shdrs["type"] == SHT_SYMTAB)
-        if len(indexes) == 0:
-            return Symbols(np.zeros(0, SYM64), b"")
-        index = int(indexes[0])
-        if int(self.shdrs["entsize"][index]) not in (0, SYM64.itemsize):
-            raise RustkoError(f"{self.path}: symbol table entry size is not {SYM64.itemsize}")
-        link = int(self.shdrs["link"][index])
-        if link >= len(self.shdrs):
-            raise RustkoError(f"{self.path}: symbol table names string table {link}, out of range")
-        return Symbols(self.section_array(index, SYM64), self.section_bytes(link))
+        """The symbol table (decoded once per Elf)."""
+        return self._symbols
 
     @functools.cached_property
     def _modinfo(self) -> dict[str, list[str]]:
@@ -186,17 +283,14 @@ class Elf:
         if index is None:
             return None
         blob = self.section_bytes(index)
-        entries = np.frombuffer(blob, dtype=np.dtype([("crc", "<u8"), ("name", "S56")]),
-                                count=len(blob) // 64)
-        return {n.decode("utf-8", "replace"): int(c) & 0xFFFFFFFF
-                for c, n in zip(entries["crc"], entries["name"])}
+        return {name.rstrip(b"\0").decode("utf-8", "replace"): crc & 0xFFFFFFFF
+                for crc, name in _MODVERSION.iter_unpack(blob[:len(blob) // 64 * 64])}
 
     def symbol_value_bytes(self, syms: Symbols, index: int, size: int) -> bytes:
         """`size` bytes at a defined symbol's place in its section ("" when out of range)."""
-        shndx = int(syms.table["shndx"][index])
-        if not 0 < shndx < len(self.shdrs) or int(self.shdrs["type"][shndx]) == SHT_NOBITS:
+        _, _, _, shndx, start, _ = syms.sym(index)
+        if not 0 < shndx < len(self.sections) or self.sections[shndx].type == SHT_NOBITS:
             return b""
-        start = int(syms.table["value"][index])
         blob = self.section_bytes(shndx)
         return blob[start:start + size] if start + size <= len(blob) else b""
 
@@ -219,37 +313,27 @@ class Elf:
         `__kstrtabns_X` (the namespace string in `__ksymtab_strings`): include/linux/export.h
         (6.1), include/linux/export-internal.h (6.12)."""
         strtab = syms.strtab
-        if b"__ksymtab_" not in strtab or not len(syms.table):
+        if b"__ksymtab_" not in strtab or not len(syms):
             return []
-        names = syms.table["name"]
-        starts: list[int] = []
-        at = strtab.find(b"__ksymtab_")
-        while at >= 0:
-            if at == 0 or strtab[at - 1] == 0:
-                starts.append(at)
-            at = strtab.find(b"__ksymtab_", at + 1)
-        found = np.flatnonzero(np.isin(names, np.array(starts, dtype=names.dtype))
-                               & (syms.table["shndx"] != SHN_UNDEF))
-        if not len(found):
+        names = syms.column("name")
+        shndxs = syms.column("shndx")
+        starts = _starts(strtab, b"__ksymtab_")
+        found = [i for i, n in enumerate(names) if n in starts and shndxs[i] != SHN_UNDEF]
+        if not found:
             return []
-        by_name = {syms.name(int(i)): int(i) for i in found}
+        by_name = {syms.name(i): i for i in found}
         wanted = {f"__crc_{n[10:]}" for n in by_name} | {f"__kstrtabns_{n[10:]}" for n in by_name}
         extra: dict[str, int] = {}
         for prefix in (b"__crc_", b"__kstrtabns_"):
-            at = strtab.find(prefix)
-            offsets: list[int] = []
-            while at >= 0:
-                if at == 0 or strtab[at - 1] == 0:
-                    offsets.append(at)
-                at = strtab.find(prefix, at + 1)
-            for i in np.flatnonzero(np.isin(names, np.array(offsets, dtype=names.dtype))).tolist():
+            offsets = _starts(strtab, prefix)
+            for i in [i for i, n in enumerate(names) if n in offsets]:
                 name = syms.name(i)
                 if name in wanted:
                     extra[name] = i
         out = []
         for full, index in sorted(by_name.items()):
             name = full[len("__ksymtab_"):]
-            shndx = int(syms.table["shndx"][index])
+            shndx = shndxs[index]
             section = self.names[shndx] if shndx < len(self.names) else ""
             crc = 0
             if f"__crc_{name}" in extra:
@@ -278,6 +362,17 @@ class Elf:
         return Signature(info[0], info[1], info[2], info[3], info[4], info[5:8], sig_len, modlen, blob)
 
 
+def _starts(strtab: bytes, prefix: bytes) -> set[int]:
+    """Offsets of the strings in `strtab` that begin with `prefix`."""
+    starts: set[int] = set()
+    at = strtab.find(prefix)
+    while at >= 0:
+        if at == 0 or strtab[at - 1] == 0:
+            starts.add(at)
+        at = strtab.find(prefix, at + 1)
+    return starts
+
+
 # --- input ------------------------------------------------------------------------------------
 MODULE_SUFFIXES = (".ko", ".o", ".ko.xz", ".ko.gz", ".ko.zst")
 
@@ -288,6 +383,14 @@ def read_module_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
     except OSError as err:
         raise RustkoError(f"cannot read {path}: {err.strerror}")
+    if not path.name.endswith((".xz", ".gz", ".zst")):
+        return raw
+    import gzip
+    import io
+    import lzma
+    import shutil
+    import subprocess
+
     try:
         if path.name.endswith(".xz"):
             return lzma.LZMADecompressor().decompress(raw, max_length=MAX_MODULE_BYTES)
