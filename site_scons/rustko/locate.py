@@ -190,10 +190,12 @@ def _address_map(elf: Elf) -> dict[int, int]:
     return out
 
 
-def _die_name(die) -> str:
-    """A DIE's linkage name (mangled, demangled later) or name, through abstract origins."""
+def _die_name(die, linkage_only: bool = False) -> str:
+    """A DIE's linkage name (mangled, demangled later) or name, through abstract origins;
+    with `linkage_only`, "" where there is no linkage name."""
+    attrs = ("DW_AT_linkage_name", "DW_AT_MIPS_linkage_name") + (() if linkage_only else ("DW_AT_name",))
     for _ in range(8):
-        for attr in ("DW_AT_linkage_name", "DW_AT_MIPS_linkage_name", "DW_AT_name"):
+        for attr in attrs:
             if attr in die.attributes:
                 value = die.attributes[attr].value
                 return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
@@ -276,15 +278,22 @@ def _inline_chains(dwarf, programs: dict, addresses: dict[int, int],
 
 
 def _frames_maker(chain: list, program):
+    # binutils' bfd (dwarf2.c _bfd_dwarf2_find_nearest_line) names the innermost frame from the
+    # symbol table (the function containing the place) when its DIE has no linkage name
+    # (rustc's -Cdebuginfo=line-tables-only leaves some with a short name only), and its
+    # callers by their DIE's name: "" asks locate_findings for the symbol table's.
+    def name(die) -> str:
+        return _die_name(die, linkage_only=die is chain[-1])
+
     def frames(innermost: str) -> list[tuple[str, str]]:
-        result = [(_die_name(chain[-1]), innermost)]
+        result = [(name(chain[-1]), innermost)]
         for outer, inner in zip(reversed(chain[:-1]), reversed(chain[1:])):
             attrs = inner.attributes
             call = "?"
             if program is not None and "DW_AT_call_file" in attrs:
                 line = attrs["DW_AT_call_line"].value if "DW_AT_call_line" in attrs else 0
                 call = f"{_file_name(program, attrs['DW_AT_call_file'].value)}:{line or '?'}"
-            result.append((_die_name(outer), call))
+            result.append((name(outer), call))
         return result
     return frames
 
@@ -337,6 +346,8 @@ def locate_findings(elf: Elf, syms: Symbols, findings: list) -> None:
     readable = demangle(mangled)
     for key, location in located.items():
         frames = [(readable.get(n, n), where) for n, where in location.frames]
+        if not frames[0][0]:  # the innermost frame, named from the symbol table as bfd does
+            frames[0] = (keys[key][0].function, frames[0][1])
         function, where = Location(frames).user_frame()
         for f in keys[key]:
             f.source = where
