@@ -122,6 +122,7 @@ def _require_c_tools(target: Target) -> None:
 class CrateOutput:
     obj: Path
     dep_file: Path
+    undefined: frozenset[str] = frozenset()  # the symbols the object leaves to the kernel and the shim
 
 
 def planned_sysroot(target: Target) -> sysroot.Sysroot:
@@ -257,7 +258,7 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
         raise RustkoError(f"the crate of module {name} defines no `{entry}`",
                           'add `#[no_mangle] pub extern "C" fn rust_init() -> i32` '
                           "(`#[unsafe(no_mangle)]` in edition 2024; return 0 or a negative errno)", exit_code=1)
-    return CrateOutput(obj=obj, dep_file=dep_file)
+    return CrateOutput(obj=obj, dep_file=dep_file, undefined=frozenset(undefined))
 
 
 def _extract_member(archive: Path, crate: str, out: Path) -> None:
@@ -439,6 +440,7 @@ class Plan:
     kbuild_text: str
     shim_text: str
     make: list[str]
+    runtime: tuple[str, ...] = ()          # the runtime parts (c/*.c) the shim carries
 
     def commands(self) -> list[list[str]]:
         return [*(cmd for _dep, cmd in self.dependencies), self.rustc, self.link, self.make]
@@ -459,10 +461,12 @@ def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj:
                           spec.edition, [*crate_flags(target, spec), *linked])
     objects = kbuild.c_objects(spec.layout)
     job = kbuild_job(target, spec)
+    files = rust_files(spec)
+    runtime = kbuild.runtime_parts([*files, *spec.c_sources], "rustko" in sysroot.uses(files))
     return Plan(target=target, dependencies=deps, rustc=rustc, link=link_command(target, spec.crate, obj, entry),
                 kbuild_text=kbuild.kbuild_file(spec.name, objects,
                                                kbuild.ccflags_for_kbuild(spec.ccflags, spec.project_dir)),
-                shim_text=kbuild.shim_source(spec.info), make=job.make_command())
+                shim_text=kbuild.shim_source(spec.info, runtime), make=job.make_command(), runtime=runtime)
 
 
 def kbuild_job(target: Target, spec: ModuleSpec) -> kbuild.KbuildJob:
@@ -495,12 +499,18 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
     planned = plan(target, spec)
     target = planned.target
     ensure_sysroot(target, spec, log)
-    kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text)
+    kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text, planned.shim_text)
     with kbuild.Kbuild(kbuild_job(target, spec), spec.name) as running:
         linked = (compile_dependencies(target, spec.deps, spec.work / "deps", crate_flags(target, spec), log)
                   if spec.deps else [])
         crate = compile_crate(target, spec.crate, spec.source, spec.obj, spec.dep_file, spec.project_dir,
                               spec.edition, [*crate_flags(target, spec), *linked], log)
+        missing = kbuild.missing_runtime(planned.runtime, crate.undefined)
+        if missing:
+            raise RustkoError(f"the crate of module {spec.name} calls {', '.join(missing)}, which no file of "
+                              "the module names (a macro put the name together)",
+                              "declare the function by its name in an `extern \"C\"` block of the crate",
+                              exit_code=1)
         log(f"  KBUILD  {spec.name}.ko")
         out_ko.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(running.deliver(crate.obj), out_ko)
