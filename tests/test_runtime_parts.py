@@ -3,6 +3,7 @@ for a module linking the support crate, else those whose `rustko_*` functions it
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from conftest import copy_example, scons
@@ -63,3 +64,24 @@ def test_module_calling_one_part_without_the_support_crate_loads(tmp_path: Path,
     booted = vm.vmtest(project / "build" / "hello.ko")
     assert booted.ok, booted
     assert any("kmalloc gave zeroed memory: true" in line for line in booted.module_log), booted.module_log
+
+
+def test_float_is_refused_after_the_object_went_to_kbuild(tmp_path: Path, kdir61: Path) -> None:
+    """The undefined symbols are checked while Kbuild already links the object: a refusal still
+    fails the build with its reason, publishes nothing, and leaves no make behind."""
+    project = copy_example(tmp_path / "float")
+    lib = project / "src" / "lib.rs"
+    lib.write_text(lib.read_text().replace(
+        "    let sum: u32 = primes.iter().sum();\n",
+        "    let sum: u32 = primes.iter().sum();\n"
+        "    let third = core::hint::black_box(sum as f64) / core::hint::black_box(3.0f64);\n"
+        "    let sum = sum + third as u32;\n", 1))
+    result = scons(project, f"KDIR={kdir61}")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "needs symbols no kernel provides" in output and "__divdf3" in output, output
+    assert "Traceback" not in output
+    assert not (project / "build" / "hello.ko").exists()
+    kbuild_dir = project / "build" / ".rustko" / "hello" / "kbuild"
+    left = subprocess.run(["pgrep", "-f", f"M={kbuild_dir}"], capture_output=True, text=True).stdout
+    assert not left.strip(), f"make still runs: {left}"

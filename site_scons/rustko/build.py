@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from . import flags as flagset
 from . import arch as arches
@@ -224,10 +224,11 @@ def compile_dependencies(target: Target, deps: Sequence[project.Dependency], out
 
 def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: Path,
                   project_dir: Path, edition: str = "2021", extra: list[str] | None = None,
-                  log: Log | None = None, entry: str | None = "rust_init") -> CrateOutput:
+                  log: Log | None = None, entry: str | None = "rust_init", gaps: bool = True) -> CrateOutput:
     """rustc (fat LTO, one codegen unit) then `ld -r`: one object with only the code it uses.
     `target` must already carry the sysroot flags `extra` needs (`with_rustflags`); `extra`
-    also carries the dependencies' --extern arguments. `entry`: see `link_command`."""
+    also carries the dependencies' --extern arguments. `entry`: see `link_command`. `gaps`:
+    refuse symbols no kernel provides here (False: the caller does, `refuse_runtime_gaps`)."""
     obj.parent.mkdir(parents=True, exist_ok=True)
     scratch = scratch_dir(obj)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -253,7 +254,8 @@ def compile_crate(target: Target, name: str, source: Path, obj: Path, dep_file: 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     symbols, undefined = object_symbols(obj)
-    _refuse_runtime_gaps(name, undefined)
+    if gaps:
+        refuse_runtime_gaps(name, undefined)
     if entry and entry not in symbols:
         raise RustkoError(f"the crate of module {name} defines no `{entry}`",
                           'add `#[no_mangle] pub extern "C" fn rust_init() -> i32` '
@@ -327,7 +329,7 @@ def _symbols(data: bytes) -> tuple[set[str], set[str]]:
     return defined, undefined
 
 
-def _refuse_runtime_gaps(name: str, undefined: set[str]) -> None:
+def refuse_runtime_gaps(name: str, undefined: Iterable[str]) -> None:
     """Symbols no kernel exports (float helpers, allocator shim, core itself) would only fail
     later, in modpost or insmod, with a bare name: say what they mean now."""
     from .check import explain_undefined
@@ -492,9 +494,12 @@ def ensure_sysroot(target: Target, spec: ModuleSpec, log: Log) -> None:
                    crates=sysroot.uses(rust_files(spec)))
 
 
-def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None = None) -> CrateOutput:
+def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None = None,
+                 after_rust: Callable[[], None] | None = None) -> CrateOutput:
     """The crate and Kbuild, run side by side: make's own start-up (half a second) and the shim's
-    compilation overlap rustc; Kbuild links the Rust object in as soon as it exists."""
+    compilation overlap rustc; Kbuild links the Rust object in as soon as it exists, while the
+    object's undefined symbols are checked (a refusal stops make) and `after_rust` runs (work
+    that would only compete with rustc and make for the CPUs before)."""
     log = log or (lambda line: None)
     planned = plan(target, spec)
     target = planned.target
@@ -504,7 +509,11 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
         linked = (compile_dependencies(target, spec.deps, spec.work / "deps", crate_flags(target, spec), log)
                   if spec.deps else [])
         crate = compile_crate(target, spec.crate, spec.source, spec.obj, spec.dep_file, spec.project_dir,
-                              spec.edition, [*crate_flags(target, spec), *linked], log)
+                              spec.edition, [*crate_flags(target, spec), *linked], log, gaps=False)
+        running.hand_over(crate.obj)
+        if after_rust:
+            after_rust()
+        refuse_runtime_gaps(spec.crate, crate.undefined)
         missing = kbuild.missing_runtime(planned.runtime, crate.undefined)
         if missing:
             raise RustkoError(f"the crate of module {spec.name} calls {', '.join(missing)}, which no file of "
@@ -513,7 +522,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
                               exit_code=1)
         log(f"  KBUILD  {spec.name}.ko")
         out_ko.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(running.deliver(crate.obj), out_ko)
+        shutil.copyfile(running.finish(), out_ko)
     if target.options.sign_key and target.options.sign_cert:
         log(f"  SIGN    {spec.name}.ko")
         kbuild.sign(target.kernel, out_ko, Path(target.options.sign_key), Path(target.options.sign_cert))

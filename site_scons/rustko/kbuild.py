@@ -469,10 +469,13 @@ class Kbuild:
     def __enter__(self) -> "Kbuild":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        """Whatever happened, make does not outlive us (an interrupted build leaves no job)."""
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """Whatever happened, make does not outlive us (an interrupted build leaves no job); a
+        build that failed here (after the object was handed over, too) stops make at once."""
         self._release()
         try:
+            if exc_type is not None and self._make.poll() is None:
+                os.killpg(self._make.pid, signal.SIGTERM)
             self._make.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self._make.pid, signal.SIGTERM)
@@ -487,8 +490,16 @@ class Kbuild:
 
     def deliver(self, rust_object: Path) -> Path:
         """Hand Kbuild the Rust object, wait for make; return the .ko it made."""
+        self.hand_over(rust_object)
+        return self.finish()
+
+    def hand_over(self, rust_object: Path) -> None:
+        """Put the Rust object in place and let Kbuild go on linking while the caller works."""
         shutil.copyfile(rust_object, self.shipped)
         self._release()
+
+    def finish(self) -> Path:
+        """Wait for make; return the .ko it made."""
         if self._make.wait() != 0:
             self._output.seek(0)
             tail = "\n".join(self._output.read().strip().splitlines()[-25:])

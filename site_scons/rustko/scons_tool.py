@@ -202,14 +202,15 @@ SCANNER = SCons.Scanner.ScannerBase(
 
 def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
     spec: build.ModuleSpec = env["RUSTKO_SPEC"]
-    _warm_checker(str(_target(env).kernel.kdir))
     headers = [Path(n.srcnode().abspath) for n in target[0].implicit or () if n.name.endswith(".h")]
     spec = dataclasses.replace(spec, c_sources=tuple(dict.fromkeys([*spec.c_sources, *headers])))
     try:
         # The steps after rustc say themselves when they start (a crate that does not compile
         # never reaches Kbuild); under V=1 the strfunction has shown every command already.
-        build.build_module(_target(env), spec, Path(target[0].abspath),
-                           lambda line: _say(env, line) if line.startswith(_RUN_LINES) else None)
+        tgt = _target(env)
+        build.build_module(tgt, spec, Path(target[0].abspath),
+                           lambda line: _say(env, line) if line.startswith(_RUN_LINES) else None,
+                           after_rust=lambda: _warm_checker(str(tgt.kernel.kdir)))
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         # A failed build leaves no module behind: not even the last one that was checked.
         Path(env["RUSTKO_PUBLISHED"]).unlink(missing_ok=True)
@@ -223,8 +224,9 @@ _WARMING: dict[str, threading.Thread] = {}  # KDIR -> the thread loading the che
 
 
 def _warm_checker(kdir: str) -> None:
-    """Load the checker (and numpy) and its view of KDIR (Module.symvers, .config) while rustc
-    and Kbuild run: the check right after the build finds them ready (`_check_action` waits)."""
+    """Load the checker (and numpy) and its view of KDIR (Module.symvers, .config) while Kbuild
+    links the module (one make job: a CPU is free then, not while rustc and make's start-up run):
+    the check right after the build finds them ready (`_check_action` waits)."""
     def warm() -> None:
         try:
             importlib.import_module("rustko.check").kernel_view(kdir)
