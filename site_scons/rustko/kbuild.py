@@ -327,7 +327,7 @@ def safe_dir(build_dir: Path) -> Path:
 
 def prepare(build_dir: Path, info: ModuleInfo, layout: dict[str, Path], kbuild_text: str, shim_text: str) -> None:
     """Write Kbuild, the shim and the project's C files and headers (at `layout`'s places) into
-    the Kbuild directory; the Rust object arrives later, through `Kbuild.deliver`."""
+    the Kbuild directory; the Rust object arrives later, through `Kbuild.hand_over`."""
     build_dir.mkdir(parents=True, exist_ok=True)
     _write_if_changed(build_dir / "Kbuild", kbuild_text)
     for rel, source in layout.items():
@@ -443,14 +443,15 @@ class Kbuild:
     """One `make modules` run that starts before the Rust object exists.
 
     rustko holds an flock on the Kbuild directory's lock file; Kbuild's rule for the Rust
-    object's `_shipped` file waits on that lock (`flock LOCK test -s FILE`). `deliver` puts the
-    object in place and releases the lock; leaving without delivering releases it with no object,
-    so the rule fails at once and make stops.
+    object's `_shipped` file waits on that lock (`flock LOCK test -s FILE`). `hand_over` puts the
+    object in place and releases the lock, `finish` waits for the .ko; leaving without handing
+    over releases it with no object, so the rule fails at once and make stops.
     """
 
     def __init__(self, job: KbuildJob, name: str) -> None:
         self.job, self.name = job, name
         self.shipped = job.build_dir / f"{name}_rust.o_shipped"
+        self._handed_over = False
         self._lock = open(job.build_dir / lock_name(name), "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._output = tempfile.TemporaryFile(mode="w+")
@@ -470,12 +471,16 @@ class Kbuild:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        """Whatever happened, make does not outlive us (an interrupted build leaves no job); a
-        build that failed here (after the object was handed over, too) stops make at once."""
+        """Whatever happened, make does not outlive us (an interrupted build leaves no job). A
+        build that failed after handing the object over stops make at once (it would link a
+        refused object); before, the released lock fails make's rule for the object."""
         self._release()
         try:
-            if exc_type is not None and self._make.poll() is None:
-                os.killpg(self._make.pid, signal.SIGTERM)
+            if exc_type is not None and self._handed_over and self._make.poll() is None:
+                try:
+                    os.killpg(self._make.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # make ended in between
             self._make.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self._make.pid, signal.SIGTERM)
@@ -488,14 +493,10 @@ class Kbuild:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
 
-    def deliver(self, rust_object: Path) -> Path:
-        """Hand Kbuild the Rust object, wait for make; return the .ko it made."""
-        self.hand_over(rust_object)
-        return self.finish()
-
     def hand_over(self, rust_object: Path) -> None:
         """Put the Rust object in place and let Kbuild go on linking while the caller works."""
         shutil.copyfile(rust_object, self.shipped)
+        self._handed_over = True
         self._release()
 
     def finish(self) -> Path:
