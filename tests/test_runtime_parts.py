@@ -3,7 +3,6 @@ for a module linking the support crate, else those whose `rustko_*` functions it
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from conftest import copy_example, scons
@@ -83,5 +82,17 @@ def test_float_is_refused_after_the_object_went_to_kbuild(tmp_path: Path, kdir61
     assert "Traceback" not in output
     assert not (project / "build" / "hello.ko").exists()
     kbuild_dir = project / "build" / ".rustko" / "hello" / "kbuild"
-    left = subprocess.run(["pgrep", "-f", f"M={kbuild_dir}"], capture_output=True, text=True).stdout
-    assert not left.strip(), f"make still runs: {left}"
+    left = [cmdline for cmdline in _command_lines() if f"M={kbuild_dir}".encode() in cmdline]
+    assert not left, f"make still runs: {left}"
+
+
+def _command_lines() -> list[bytes]:
+    """Every running process's command line (/proc/PID/cmdline)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" "))
+            except OSError:
+                pass  # ended meanwhile
+    return found
