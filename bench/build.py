@@ -12,13 +12,18 @@ Prints four comparisons (median of several runs each, the first build once):
      `rustko sysroot` once, at install time, then the first build with an empty cache of its own
      reading that prebuilt sysroot, each vs the C module's clean build.
 
-    .venv/bin/python bench/build.py [--kdir DIR] [--runs N]
+    .venv/bin/python bench/build.py [--kdir DIR] [--runs N] [--warm-only]
+
+Python keeps its bytecode (__pycache__) as on any installed system (dpkg and pip compile it at
+install): a PYTHONDONTWRITEBYTECODE in the caller's environment would have every run compile
+rustko's sources again (about 80 ms of each `scons`, measured here).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,11 +47,18 @@ MODULE_LICENSE("GPL");
 """
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
-    start = time.perf_counter()
+CPU: dict[str, list[float]] = {}  # what -> CPU seconds (user + system) of each timed run
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, what: str = "") -> float:
+    """Wall seconds of one run; its CPU seconds (every process it waited for) go to CPU[what]:
+    on a shared machine the CPU a build needs says what the wall time cannot."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, **(env or {})})
-    return time.perf_counter() - start
+                   env={**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, **(env or {})})
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.setdefault(what, []).append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return wall
 
 
 def median(samples: list[float]) -> float:
@@ -62,12 +74,28 @@ def default_kdir() -> Path:
 
 
 
+def report(kdir: Path, runs: int, load_start: str, noop_rust: float, noop_c: float, clean_rust: list[float],
+           clean_c: list[float], edit_rust: list[float], edit_c: list[float]) -> None:
+    """The notes and the three rows measured with a warm cache."""
+    note(f"bench/build.py: KDIR {kdir}, {runs} runs each, medians; reference: Kbuild, C hello module; "
+         f"load average {load_start} at the start, {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
+    note("  CPU seconds (user + system), medians: " + ", ".join(
+        f"{what} {median(CPU[what]):.2f}" for what in ("no-op rust", "no-op C", "clean rust", "clean C",
+                                                       "edit rust", "edit C")))
+    row("no-op build: `scons` vs Kbuild's no-op `make -C KDIR M=`", noop_rust, noop_c, 0.5)
+    row("clean build, warm sysroot cache, vs the C module's clean build", median(clean_rust), median(clean_c), 1.2)
+    row("edit one source file, then build (Rust vs C)", median(edit_rust), median(edit_c), 1.2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kdir", type=Path, default=None)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warm-only", action="store_true",
+                        help="only the first three rows (no build with an empty cache: minutes)")
     args = parser.parse_args()
     kdir = args.kdir or default_kdir()
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     env = {"PYTHONPATH": str(REPO / "site_scons")}
     with tempfile.TemporaryDirectory(prefix="rustko-bench-") as tmp:
         work = Path(tmp)
@@ -83,25 +111,28 @@ def main() -> None:
         # Warm everything once (sysroot cache, page cache), then measure.
         timed(scons, rust, env)
         timed(make, c_mod)
-        noop_rust = median([timed(scons, rust, env) for _ in range(args.runs)])
-        noop_c = median([timed(make, c_mod) for _ in range(args.runs)])
+        noop_rust = median([timed(scons, rust, env, "no-op rust") for _ in range(args.runs)])
+        noop_c = median([timed(make, c_mod, what="no-op C") for _ in range(args.runs)])
 
         clean_rust, clean_c = [], []
         for _ in range(args.runs):
             timed(scons + ["-c"], rust, env)
-            clean_rust.append(timed(scons, rust, env))
+            clean_rust.append(timed(scons, rust, env, "clean rust"))
             timed(["make", "-C", str(kdir), f"M={c_mod}", "clean"], c_mod)
-            clean_c.append(timed(make, c_mod))
+            clean_c.append(timed(make, c_mod, what="clean C"))
 
         edit_rust, edit_c = [], []
         for index in range(args.runs):
             with open(rust / "src" / "lib.rs", "a") as source:
                 source.write(f"\nconst _EDIT_{index}: u32 = {index};\n")
-            edit_rust.append(timed(scons, rust, env))
+            edit_rust.append(timed(scons, rust, env, "edit rust"))
             with open(c_mod / "chello.c", "a") as source:
                 source.write(f"\nstatic const int edit_{index} __attribute__((unused)) = {index};\n")
-            edit_c.append(timed(make, c_mod))
+            edit_c.append(timed(make, c_mod, what="edit C"))
 
+        if args.warm_only:
+            report(kdir, args.runs, load_start, noop_rust, noop_c, clean_rust, clean_c, edit_rust, edit_c)
+            return
         # A machine without a prebuilt sysroot: nothing in the machine-wide cache either.
         cold_cache, nowhere = work / "cache", work / "no-system-cache"
         timed(scons + ["-c"], rust, env)
@@ -122,10 +153,7 @@ def main() -> None:
         prebuilt = timed(scons, rust, {**env, "RUSTKO_CACHE": str(user), "RUSTKO_SYSTEM_CACHE": str(system)})
         c_ref.append(clean_c_build())
 
-    note(f"bench/build.py: KDIR {kdir}, {args.runs} runs each, medians; reference: Kbuild, C hello module")
-    row("no-op build: `scons` vs Kbuild's no-op `make -C KDIR M=`", noop_rust, noop_c, 0.5)
-    row("clean build, warm sysroot cache, vs the C module's clean build", median(clean_rust), median(clean_c), 1.2)
-    row("edit one source file, then build (Rust vs C)", median(edit_rust), median(edit_c), 1.2)
+    report(kdir, args.runs, load_start, noop_rust, noop_c, clean_rust, clean_c, edit_rust, edit_c)
     row("first build, empty cache (core, compiler_builtins), vs the C module", first, median(clean_c), 5.0)
     row("`rustko sysroot` (the .deb's postinst, the image build; once per flag set) vs the C module",
         prebuild, median(c_ref), None)

@@ -202,15 +202,15 @@ SCANNER = SCons.Scanner.ScannerBase(
 
 def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
     spec: build.ModuleSpec = env["RUSTKO_SPEC"]
-    # The checker (and numpy) loads while rustc and Kbuild run: the build needs it right after.
-    threading.Thread(target=importlib.import_module, args=("rustko.check",), daemon=True).start()
     headers = [Path(n.srcnode().abspath) for n in target[0].implicit or () if n.name.endswith(".h")]
     spec = dataclasses.replace(spec, c_sources=tuple(dict.fromkeys([*spec.c_sources, *headers])))
     try:
         # The steps after rustc say themselves when they start (a crate that does not compile
         # never reaches Kbuild); under V=1 the strfunction has shown every command already.
-        build.build_module(_target(env), spec, Path(target[0].abspath),
-                           lambda line: _say(env, line) if line.startswith(_RUN_LINES) else None)
+        tgt = _target(env)
+        build.build_module(tgt, spec, Path(target[0].abspath),
+                           lambda line: _say(env, line) if line.startswith(_RUN_LINES) else None,
+                           after_rust=lambda: _warm_checker(str(tgt.kernel.kdir)))
     except Exception as err:  # noqa: BLE001 - every failure becomes a message, never a traceback
         # A failed build leaves no module behind: not even the last one that was checked.
         Path(env["RUSTKO_PUBLISHED"]).unlink(missing_ok=True)
@@ -220,6 +220,22 @@ def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
 
 
 _RUN_LINES = ("  SYSROOT", "  KBUILD", "  SIGN")
+_WARMING: dict[str, threading.Thread] = {}  # KDIR -> the thread loading the checker's view of it
+
+
+def _warm_checker(kdir: str) -> None:
+    """Load the checker (and numpy) and its view of KDIR (Module.symvers, .config) while Kbuild
+    links the module (one make job: a CPU is free then, not while rustc and make's start-up run):
+    the check right after the build finds them ready (`_check_action` waits)."""
+    def warm() -> None:
+        try:
+            importlib.import_module("rustko.check").kernel_view(kdir)
+        except Exception:  # noqa: BLE001 - the check itself reports whatever went wrong here
+            pass
+
+    if kdir not in _WARMING:
+        _WARMING[kdir] = threading.Thread(target=warm, daemon=True)
+        _WARMING[kdir].start()
 
 
 def _module_string(target: list[Any], source: list[Any], env: Any) -> str:
@@ -274,7 +290,10 @@ OBJECT = SCons.Builder.Builder(
 def _check_action(target: list[Any], source: list[Any], env: Any) -> int:
     """Check the built .ko; only a module the kernel would load reaches the target path."""
     try:
-        build.check(_target(env), Path(source[0].abspath), env.get("RUSTKO_EXTRA_SYMBOLS") or ())
+        tgt = _target(env)
+        if str(tgt.kernel.kdir) in _WARMING:
+            _WARMING[str(tgt.kernel.kdir)].join()
+        build.check(tgt, Path(source[0].abspath), env.get("RUSTKO_EXTRA_SYMBOLS") or ())
         shutil.copyfile(source[0].abspath, target[0].abspath)
         record = repro.record_path(Path(source[0].abspath))
         if record.is_file():  # a RustKernelModule's build record goes beside the module it describes

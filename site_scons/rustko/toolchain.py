@@ -73,29 +73,77 @@ class Toolchain:
     lib_src: Path      # the `library` folder holding core/, alloc/
 
 
-def _version(rustc: Path) -> tuple[str, str]:
+def _version(rustc: Path, binary: Path | None) -> tuple[str, str]:
+    """(release, `rustc -vV` text). Every build asks, so the answer is kept in the cache per
+    compiler binary (`binary`: the real rustc that answers; None: unknown, always ask), keyed on
+    its path, inode, size, mtime and ctime: a reinstall, an upgrade or an edit changes them."""
+    stamp = _binary_stamp(binary) if binary else None
+    cached = cache.cache_root() / "probe" / f"rustc-{stamp}" if stamp else None
+    if cached is not None:
+        try:
+            text = cached.read_text()
+            return _release(text), text
+        except (OSError, ValueError):
+            pass
     try:
         out = subprocess.run([str(rustc), "-vV"], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "RUSTC_BOOTSTRAP": "1"})
     except OSError as err:
         raise RustkoError(f"cannot run RUSTC={rustc}: {err.strerror}", INSTALL_HINT) from None
-    match = re.search(r"^release: (\S+)", out.stdout, re.M)
-    if out.returncode != 0 or not match:
+    try:
+        release = _release(out.stdout) if out.returncode == 0 else None
+    except ValueError:
+        release = None
+    if release is None:
         raise RustkoError(f"RUSTC={rustc} does not behave like rustc (`rustc -vV` failed)", INSTALL_HINT)
-    return match.group(1), out.stdout
+    if cached is not None:
+        _store(cached, out.stdout)
+    return release, out.stdout
 
 
-def _sysroot_src(rustc: Path) -> Path:
-    """`$(rustc --print sysroot)/lib/rustlib/src/rust/library`. rustc's sysroot is the folder
-    above its own `bin/`; when that holds `lib/rustlib` the answer needs no process (this runs on
-    every build), otherwise (a rustup proxy, a wrapper script) rustc is asked."""
-    layout = rustc.resolve().parent.parent
-    if (layout / "lib" / "rustlib").is_dir():
-        sysroot = layout
-    else:
+def _release(text: str) -> str:
+    match = re.search(r"^release: (\S+)", text, re.M)
+    if not match:
+        raise ValueError("no release line in rustc -vV")
+    return match.group(1)
+
+
+def _binary_stamp(binary: Path) -> str | None:
+    try:
+        info = binary.stat()
+    except OSError:
+        return None
+    fields = (binary, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    return hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()[:24]
+
+
+def _store(path: Path, text: str) -> None:
+    """Write a cache file atomically; a read-only cache only costs the next build a process."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _sysroot(rustc: Path) -> tuple[Path, Path | None]:
+    """rustc's sysroot and the real rustc binary in it (None: not known). The sysroot is the
+    folder above rustc's own `bin/` when that holds `lib/rustlib`: no process (this runs on
+    every build). Otherwise (a rustup proxy, a wrapper, a Debian root's launcher) rustc is asked
+    each time, as a proxy's answer follows the folder and the environment, and the binary that
+    answers is `SYSROOT/bin/rustc`."""
+    real = rustc.resolve()
+    if (real.parent.parent / "lib" / "rustlib").is_dir():
+        return real.parent.parent, real
+    try:
         out = subprocess.run([str(rustc), "--print", "sysroot"], capture_output=True, text=True, timeout=60)
-        sysroot = Path(out.stdout.strip())
-    return sysroot / "lib/rustlib/src/rust/library"
+    except OSError:
+        return Path(""), None
+    sysroot = Path(out.stdout.strip())
+    binary = sysroot / "bin" / "rustc"
+    return sysroot, (binary if out.returncode == 0 and sysroot.is_absolute() and binary.is_file() else None)
 
 
 def _sources_version(lib_src: Path) -> str | None:
@@ -161,9 +209,10 @@ def _check(rustc: Path, lib_src_override: str | None) -> Toolchain:
     root = roots.owning(rustc.absolute().parent)
     if root is not None:
         rustc = _through_root(rustc, root)
-    version, verbose = _version(rustc)
+    sysroot, binary = _sysroot(rustc)
+    version, verbose = _version(rustc, binary)
     require_supported(version, rustc)
-    lib_src = Path(lib_src_override) if lib_src_override else _sysroot_src(rustc)
+    lib_src = Path(lib_src_override) if lib_src_override else sysroot / "lib/rustlib/src/rust/library"
     if not _has_sources(lib_src):
         origin = "RUST_LIB_SRC" if lib_src_override else f"`{rustc} --print sysroot`"
         raise RustkoError(
