@@ -7,7 +7,7 @@ the code base; each module now reads them from here through `resolve()`.
 
 from __future__ import annotations
 
-import platform
+import os
 from dataclasses import dataclass
 
 from .errors import RustkoError
@@ -41,7 +41,7 @@ class Arch:
     elf_machine: int               # e_machine of its modules (include/uapi/linux/elf-em.h)
     elf_machine_name: str          # pyelftools' spelling of it
     reloc_prefix: str              # relocation type names (R_X86_64_PC32, ...)
-    host_machines: tuple[str, ...]  # `platform.machine()` values that run its programs natively
+    host_machines: tuple[str, ...]  # `uname -m` values that run its programs natively
     vm: Vm | None = None
 
 
@@ -123,14 +123,15 @@ def from_config(config: dict[str, str]) -> Arch | None:
 
 
 def host() -> Arch | None:
-    """The architecture of this machine, when rustko knows it."""
-    machine = platform.machine().lower()
+    """The architecture of this machine, when rustko knows it (`os.uname()`, which is what
+    `platform.machine()` returns on Linux, without platform's import at every start-up)."""
+    machine = os.uname().machine.lower()
     return next((a for a in ALL if a.name != "um" and machine in a.host_machines), None)
 
 
 def runs_natively(arch: Arch) -> bool:
     """True when the host's own compiler builds for `arch` (UML is a host program)."""
-    return platform.machine().lower() in arch.host_machines
+    return os.uname().machine.lower() in arch.host_machines
 
 
 def default_cross_compile(name: str) -> str:

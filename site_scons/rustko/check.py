@@ -20,7 +20,7 @@ from itertools import compress, islice, repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from . import arm64ranges, loader, relocs
+from . import loader, relocs
 from .elf import (RELA64_SIZE, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS,
                   SHN_COMMON, SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, STB_GLOBAL, STB_WEAK,
                   STT_SECTION, Elf, Symbols, columns, iter_modules, read_module_bytes)
@@ -697,6 +697,8 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         labels.append("overflow")
     range_notes: dict[int, str] = {}
     if rules.range_checks:
+        from . import arm64ranges  # arm64 only: its tables are not built for other modules
+
         picked, range_notes = arm64ranges.overflowing(rows, rtype, symidx, syms.table, shdrs, elf.names,
                                                       targets, zero, ok, rules, version)
         problems.append(picked)

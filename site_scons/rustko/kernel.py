@@ -4,7 +4,6 @@ about the kernel that will load our modules."""
 from __future__ import annotations
 
 import os
-import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ def normalize_arch(name: str) -> str:
 
 def host_arch() -> str:
     found = arch.host()
-    return found.name if found else platform.machine().lower()
+    return found.name if found else os.uname().machine.lower()
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ class KernelInfo:
 
 
 def default_kdir() -> Path:
-    return Path("/lib/modules") / platform.release() / "build"
+    return Path("/lib/modules") / os.uname().release / "build"
 
 
 def installed_headers() -> list[Path]:
