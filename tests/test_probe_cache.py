@@ -1,20 +1,25 @@
 """What every build asks before it starts, kept between runs: a kept answer never outlives what it
 was read from.
 
-`rustc -vV` is kept per compiler binary (toolchain._version). These use the real rustc (Debian's
-/usr/bin/rustc, whose driver is a shared library, so a copy of it runs from anywhere).
+`rustc -vV` is kept per compiler binary (toolchain._version); those tests use the real rustc
+(Debian's /usr/bin/rustc, whose driver is a shared library, so a copy of it runs from anywhere).
+A KDIR's parsed .config (kernel.read_config) and Module.symvers (kernelview.read_symvers) are
+kept per file version.
 """
 
 from __future__ import annotations
 
+import marshal
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from rustko import toolchain
+from rustko import kernel, toolchain
+from rustko.kernelview import read_symvers
 
 REAL_RUSTC = Path("/usr/bin/rustc")
 
@@ -93,3 +98,62 @@ def test_unknown_binary_is_always_asked(copied_rustc: Path, tmp_path: Path) -> N
     """No binary known (a --print sysroot that named nothing usable): nothing is kept."""
     assert toolchain._version(copied_rustc, None)[0] == _real_release()
     assert not (tmp_path / "cache" / "probe").exists()
+
+
+def _tamper_config(cache: Path, value: str) -> None:
+    """Rewrite every kept .config, so that a test sees whether the cache or the file answered."""
+    for entry in (cache / "config").iterdir():
+        stamp, config = marshal.loads(entry.read_bytes())
+        entry.write_bytes(marshal.dumps((stamp, {**config, "CONFIG_MODULES": value})))
+
+
+def test_config_is_kept_until_the_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel.read_config keeps the parsed .config per file version (`rustko check --kdir` reads
+    it on every run): an in-place rewrite with the mtime put back, or a file renamed over it, is
+    read again."""
+    monkeypatch.setenv("RUSTKO_CACHE", str(tmp_path / "cache"))
+    dotconfig = tmp_path / ".config"
+    dotconfig.write_text("# Linux/x86 6.1 Kernel Configuration\nCONFIG_MODULES=y\n# CONFIG_KASAN is not set\n"
+                         "CONFIG_CC_VERSION_TEXT=\"gcc\"\n")
+    expected = {"CONFIG_MODULES": "y", "CONFIG_CC_VERSION_TEXT": '"gcc"'}
+    assert kernel.read_config(dotconfig) == expected
+    assert len(list((tmp_path / "cache" / "config").iterdir())) == 1
+
+    _tamper_config(tmp_path / "cache", "kept")
+    assert kernel.read_config(dotconfig)["CONFIG_MODULES"] == "kept"  # the file was not parsed
+
+    # Rewritten in place, same size, mtime put back: the ctime still moved (file times tick at
+    # the kernel's coarse clock, a few ms: wait one tick so the rewrite gets a new one).
+    stat = dotconfig.stat()
+    time.sleep(0.05)
+    dotconfig.write_text(dotconfig.read_text().replace("CONFIG_MODULES=y", "CONFIG_MODULES=m"))
+    os.utime(dotconfig, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert dotconfig.stat().st_size == stat.st_size and dotconfig.stat().st_mtime_ns == stat.st_mtime_ns
+    assert kernel.read_config(dotconfig)["CONFIG_MODULES"] == "m"
+
+    # Replaced by a new file renamed over it (a headers package upgrade): read again.
+    _tamper_config(tmp_path / "cache", "kept")
+    (tmp_path / "new").write_text(dotconfig.read_text())
+    os.replace(tmp_path / "new", dotconfig)
+    assert kernel.read_config(dotconfig) == {**expected, "CONFIG_MODULES": "m"}
+
+
+def test_symvers_is_kept_until_the_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernelview.read_symvers keeps Module.symvers as sorted lines per file version: an in-place
+    rewrite with the mtime put back is read again."""
+    monkeypatch.setenv("RUSTKO_CACHE", str(tmp_path / "cache"))
+    symvers = tmp_path / "Module.symvers"
+    symvers.write_text("0x12345678\tprintk\tvmlinux\tEXPORT_SYMBOL\t\n"
+                       "0x0badcafe\tkmalloc\tvmlinux\tEXPORT_SYMBOL_GPL\t\n")
+    assert read_symvers(symvers)["printk"].crc == 0x12345678
+    (entry,) = (tmp_path / "cache" / "symvers").iterdir()
+    entry.write_bytes(entry.read_bytes().replace(b"printk\t12345678", b"printk\t87654321"))
+    assert read_symvers(symvers)["printk"].crc == 0x87654321  # the file was not parsed
+
+    stat = symvers.stat()
+    time.sleep(0.05)  # one tick of the kernel's coarse file clock
+    symvers.write_text(symvers.read_text().replace("0x12345678", "0x11111111"))
+    os.utime(symvers, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert symvers.stat().st_size == stat.st_size and symvers.stat().st_mtime_ns == stat.st_mtime_ns
+    assert read_symvers(symvers)["printk"].crc == 0x11111111
+    assert read_symvers(symvers)["kmalloc"].gpl_only

@@ -130,9 +130,11 @@ def read_symvers(path: Path) -> Mapping[str, Export]:
     except OSError as err:
         raise RustkoError(f"cannot read {path}: {err.strerror}",
                           "KDIR must contain Module.symvers (a headers package or a built tree)")
-    # The first line names the file version; the name only spreads versions over files (zlib,
-    # not hashlib, whose OpenSSL start-up costs more than reading the cache).
-    stamp = f"{path.resolve()}|{info.st_size}|{info.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
+    # The first line names the file version (path, inode, size, mtime and ctime: an edit that
+    # puts the mtime back still moves the ctime); the name only spreads versions over files
+    # (zlib, not hashlib, whose OpenSSL start-up costs more than reading the cache).
+    stamp = (f"{path.resolve()}|{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|"
+             f"{info.st_ctime_ns}\n").encode("utf-8", "surrogateescape")
     cached = cache_root() / "symvers" / f"{zlib.crc32(stamp):08x}-{info.st_size}.sorted"
     try:
         blob = cached.read_bytes()
