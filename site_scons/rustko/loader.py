@@ -15,8 +15,7 @@ Message templates use `str.format` fields: `{name}` module name, `{symbol}`, `{n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .relocs import Version, Versioned
 
@@ -85,8 +84,7 @@ def _arm64_module_window(enabled: Callable[[str], bool]) -> int:
     return (ARM64_PLT_WINDOW if wide else ARM64_DIRECT_WINDOW) - PAGE_SIZE
 
 
-@dataclass(frozen=True)
-class ModuleArea:
+class ModuleArea(NamedTuple):
     """Where one architecture's module memory comes from, as far as a KDIR can tell.
 
     `size`: the largest piece one allocation can get for a .config (None: not computable from
@@ -133,8 +131,7 @@ MODULE_AREA: dict[str, ModuleArea] = {
 }
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     """One loader check: where it is, when it holds, what it prints, what it returns."""
 
     kind: str

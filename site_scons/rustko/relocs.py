@@ -15,6 +15,7 @@ predictable, rendered as `<loc>`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import arch as arches
 
@@ -22,8 +23,10 @@ Version = tuple[int, ...]
 LATEST: Version = (99, 0)
 
 
-@dataclass(frozen=True)
-class Accepted:
+# Rows are NamedTuples (ArchRules, with its mutable defaults, stays a dataclass): every
+# `rustko check` builds these tables at start-up, and a frozen dataclass costs several times
+# as much to create as a NamedTuple.
+class Accepted(NamedTuple):
     """A relocation type the loader applies, in kernels [since, until)."""
 
     since: Version = (0,)
@@ -34,8 +37,7 @@ class Accepted:
         return self.since <= version and (self.until is None or version < self.until)
 
 
-@dataclass(frozen=True)
-class Versioned:
+class Versioned(NamedTuple):
     """A message whose text changed over time: (first version, template), oldest first."""
 
     texts: tuple[tuple[Version, str], ...]
@@ -48,8 +50,7 @@ class Versioned:
         return chosen
 
 
-@dataclass(frozen=True)
-class AddressRange:
+class AddressRange(NamedTuple):
     """Where the loader puts module memory (inclusive low, exclusive high), and why."""
 
     low: int
@@ -57,8 +58,7 @@ class AddressRange:
     source: str
 
 
-@dataclass(frozen=True)
-class RangeCheck:
+class RangeCheck(NamedTuple):
     """An arm64 overflow check: arch/arm64/kernel/module.c apply_relocate_add (6.1.192,
     6.12.117, 7.3.4), through reloc_data (`data`: ABS unsigned, PREL signed, `bits` wide),
     reloc_insn_movw (`movw`: (S+A) >> lsb must fit 16 bits, unsigned for MOVKZ; with MOVNZ
