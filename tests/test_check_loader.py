@@ -246,6 +246,16 @@ def test_percpu_data_the_loader_cannot_place(variant: str, kind: str, line: str,
     assert findings[0].kind == kind and findings[0].kernel[0].startswith(line)
 
 
+def test_percpu_data_takes_no_module_memory_on_smp() -> None:
+    """On an SMP kernel layout_and_allocate clears .data..percpu's SHF_ALLOC (it is allocated per
+    CPU instead), so the module-area sums leave it out; on UP it is ordinary module data."""
+    module = _build("percpu")
+    elf = Elf(module.read_bytes(), str(module))
+    smp = check._allocations(elf, (6, 1), percpu_apart=True)
+    up = check._allocations(elf, (6, 1), percpu_apart=False)
+    assert sum(up) - sum(smp) == elf.sections[elf.find(".data..percpu")].size == 16384
+
+
 def test_unparsable_signature(kernel, tmp_path) -> None:
     """A signature trailer whose PKCS#7 data is not DER: fatal although 6.1 does not enforce
     signatures, with no kernel line (insmod: Bad message)."""

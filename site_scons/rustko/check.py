@@ -247,12 +247,17 @@ SHF_WRITE = 0x1
 _RO_AFTER_INIT = frozenset({".data..ro_after_init", "__jump_table"})
 
 
-def _allocations(elf: Elf, version: Version) -> list[int]:
+def _allocations(elf: Elf, version: Version, percpu_apart: bool) -> list[int]:
     """Lower bounds of the sizes module memory is allocated in: the SHF_ALLOC sections grouped as
     kernel/module/main.c layout_sections groups them (alignment padding left out, so never an
-    overestimate); one core and one init sum before v6.4, one per mod_mem_type since."""
+    overestimate); one core and one init sum before v6.4, one per mod_mem_type since.
+    `percpu_apart` (SMP kernels): layout_and_allocate clears SHF_ALLOC of find_pcpusec's
+    .data..percpu ("a special allocation for per-cpu sections later", 5.10.262, 6.1.192,
+    6.12.117), so it takes no module memory; on UP find_pcpusec returns 0 and it stays."""
     groups: dict[tuple[bool, str], int] = {}
     info_sections = {elf.find(".modinfo"), elf.find("__versions")}  # rewrite_section_headers
+    if percpu_apart:
+        info_sections.add(elf.find(".data..percpu"))
     for index, (flags, size) in enumerate((s.flags, s.size) for s in elf.sections):
         if not flags & SHF_ALLOC or index in info_sections:
             continue
@@ -274,7 +279,7 @@ def _check_module_area(elf: Elf, name: str, arch: str, view: KernelView, version
     if table is None or table.size is None:
         return []
     area = view.module_area if view.module_area is not None else table.largest
-    largest = max(_allocations(elf, version), default=0)
+    largest = max(_allocations(elf, version, percpu_apart=view.percpu_reserve is not None), default=0)
     if largest >= loader.LAYOUT_SIZE_WRAP:  # the loader's own sum wraps: no verdict
         return []
     if -(-largest // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:  # module_alloc's PAGE_ALIGN
