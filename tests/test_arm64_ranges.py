@@ -11,6 +11,7 @@ and the kernel's `val` is predictable. `jiffies` is a kernel symbol: somewhere i
 from __future__ import annotations
 
 import functools
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -77,6 +78,17 @@ CASES: dict[str, tuple[str, tuple[int, str] | None]] = {
 # Depends on placement: the checker says so; the kernel refuses it unless the module happens to
 # land within 1 MiB of jiffies (one placement in about two thousand).
 DEPENDS = {"rk_lo19_kernel": "ldr x0, jiffies"}
+# Made from a module that loads the way a packaging step can break one, each refused before any
+# relocation: `strip` drops the symbol table (setup_load_info, elf_validity_cache_index_sym),
+# objcopy --remove-section the empty .plt that Kbuild's module.lds adds (arm64's
+# module_frob_arch_sections). name -> (command, finding kind, the kernel's line)
+DERIVED = {
+    "rk_stripped": (["aarch64-linux-gnu-strip"], "no-symbols",
+                    "rk_adrp_kernel: module has no symbols (stripped?)"),
+    "rk_no_plt": (["aarch64-linux-gnu-objcopy", "--remove-section=.plt"], "plt-missing",
+                  "rk_adrp_kernel: module PLT section(s) missing"),
+}
+DERIVED_FROM = "rk_adrp_kernel"
 
 RELEASES = {"6.1": None, "7.3": "7.3.4+deb13-arm64"}
 
@@ -116,11 +128,26 @@ def _built(series: str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
+def _derived(series: str) -> Path:
+    built = _built(series)
+
+    def fill(tmp: Path) -> None:
+        for name, (command, _, _) in DERIVED.items():
+            shutil.copyfile(built / f"{DERIVED_FROM}.ko", tmp / f"{name}.ko")
+            done = subprocess.run([*command, str(tmp / f"{name}.ko")], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+
+    return cached_dir(CACHE / f"arm64-derived-{series}-{built.name}", fill)
+
+
+@functools.lru_cache(maxsize=None)
 def _booted(series: str) -> tuple[KernelInfo, dict[str, vm.VmResult]]:
     """Every module of the series in one boot of its Debian kernel."""
     folder = _built(series)
     names = [*CASES, *DEPENDS]
-    results = vm.vmtest_many([folder / f"{name}.ko" for name in names], arch="arm64", timeout=600)
+    paths = [folder / f"{name}.ko" for name in names] + [_derived(series) / f"{name}.ko" for name in DERIVED]
+    names += list(DERIVED)
+    results = vm.vmtest_many(paths, arch="arm64", timeout=600)
     return probe(_kdir(series)), dict(zip(names, results))
 
 
@@ -163,6 +190,21 @@ def test_depends_on_placement_says_so(series: str) -> None:
     result = results[name]
     if not result.loaded:  # the likely placement: the kernel's line is the checker's
         assert findings[0].kernel_regex().search(result.console), result.console[-2000:]
+
+
+@pytest.mark.parametrize("series", list(RELEASES))
+@pytest.mark.parametrize("name", list(DERIVED))
+def test_sections_the_loader_needs(series: str, name: str) -> None:
+    """A stripped module and one without .plt: refused with the line the checker predicts."""
+    kernel, results = _booted(series)
+    _, kind, line = DERIVED[name]
+    findings = check.check_module(_derived(series) / f"{name}.ko", kernel)
+    assert findings[0].kind == kind and findings[0].kernel == [line], findings
+    assert check.check_module(_built(series) / f"{DERIVED_FROM}.ko", kernel) == []
+    result = results[name]
+    assert not result.loaded
+    assert findings[0].kernel_regex().search(result.console), (line, result.console[-2000:])
+    assert "invalid module format" in (result.insmod_error or "")
 
 
 def test_range_rows_and_placements_cite_the_kernel() -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from . import loader, relocs
 from .elf import (RELA64_SIZE, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS,
-                  SHN_COMMON, SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, STB_GLOBAL, STB_WEAK,
+                  SHN_COMMON, SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, SHT_SYMTAB, STB_GLOBAL, STB_WEAK,
                   STT_SECTION, Elf, Symbols, columns, iter_modules, read_module_bytes)
 from .errors import RustkoError
 from .kernelview import Export, KernelView, kernel_view, read_extra_symbols, read_symvers
@@ -181,6 +181,17 @@ def _check_this_module(elf: Elf, name: str, view: KernelView, version: Version,
                      "rebuild it with this kernel's KDIR", name=name)]
 
 
+def _check_symtab(elf: Elf, name: str, version: Version, path: str) -> list[Finding]:
+    """The symbol table the loader resolves with: none (or, since 6.12, more than one) refuses."""
+    count = sum(1 for section in elf.sections if section.type == SHT_SYMTAB)
+    if count == 1 or (count > 1 and version < loader.ONE_SYMTAB_SINCE):
+        return []
+    return [_finding(path, "module", "no-symbols", version,
+                     "the module lost its symbol table (`strip`, `strip --strip-all`, `install -s` "
+                     "or a packaging step): the loader needs it to resolve and relocate; strip "
+                     "modules with `strip --strip-debug` only", name=name)]
+
+
 # --- stage 3: module_layout and vermagic (check_modstruct_version, check_modinfo) ------------
 def _bad_version_line(symbol: str, versions: dict[str, int]) -> str:
     """check_version's first line: the symbol missing from __versions, or its CRC differing."""
@@ -238,6 +249,21 @@ def _check_license(modinfo: dict[str, list[str]], name: str, version: Version,
                      f"the kernel treats '{license}' as proprietary: it taints the kernel and the "
                      "module cannot use GPL-only exports; if the code is GPL-compatible, use one "
                      f"of: {', '.join(sorted(GPL_COMPATIBLE))}", name=name, license=license)]
+
+
+def _check_plt_sections(elf: Elf, name: str, view: KernelView, version: Version,
+                        path: str) -> list[Finding]:
+    """The empty PLT sections Kbuild's module.lds.h adds, which arm64's loader fills."""
+    wanted = view.plt_sections
+    if wanted is None:
+        wanted = loader.needs_plt_sections(view.arch, version, None)
+    missing = [section for section in wanted if elf.find(section) is None]
+    if not missing:
+        return []
+    return [_finding(path, "module", "plt-missing", version,
+                     f"the module has no {' or '.join(missing)} section: link it with Kbuild (its "
+                     "module.lds adds them), and do not remove sections with objcopy afterwards",
+                     name=name)]
 
 
 # --- stage 4: module memory (layout_and_allocate) --------------------------------------------
@@ -962,6 +988,7 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
     is_module = elf.find(".gnu.linkonce.this_module") is not None or bool(modinfo)
     if is_module:
         findings += _check_signature(elf, name, version, path)
+        findings += _check_symtab(elf, name, version, path)
     versions = elf.versions() if is_module and kernel is not None else None
     if kernel is not None and is_module:
         findings += _check_this_module(elf, name, kernel, version, path)
@@ -970,6 +997,7 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
     if is_module:
         findings += _check_license(modinfo, name, version, path)
         view = kernel or KernelView(rules.arch, version)
+        findings += _check_plt_sections(elf, name, view, version, path)
         findings += _check_module_area(elf, name, rules.arch, view, version, path)
         findings += _check_percpu(elf, name, view, version, path)
         findings += _check_imports(modinfo, name, version, path)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from .cache import cache_root
 from .errors import RustkoError
+from .loader import needs_plt_sections
 from .relocs import Version
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ class KernelView:
     sig_enforce: bool = False
     # Bytes of the module area for this .config (loader.module_area; None: not modelled).
     module_area: int | None = None
+    # Sections this kernel's module_frob_arch_sections requires (loader.PLT_SECTIONS; None: no
+    # .config was read).
+    plt_sections: tuple[str, ...] | None = None
     # Exports from the modules checked together and from --extra-symbols files; the kernel's own
     # `exports` win over them, as the loader searches vmlinux first (kernel/module/main.c
     # find_symbol).
@@ -207,6 +211,7 @@ def kernel_view(kdir: str) -> KernelView:
                             else None),
         sig_enforce=info.enabled("MODULE_SIG_FORCE"),
         module_area=module_area(info.arch, info.enabled),
+        plt_sections=needs_plt_sections(info.arch, tuple(info.version), info.enabled),
     )
 
 

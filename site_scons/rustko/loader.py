@@ -131,6 +131,44 @@ MODULE_AREA: dict[str, ModuleArea] = {
 }
 
 
+# elf_validity_cache_index_sym (6.12.117, 7.3.4) refuses a second SHT_SYMTAB as it refuses none;
+# 6.1.192's setup_load_info takes the first. Read in those two; the change between them is not
+# pinned to a commit here.
+ONE_SYMTAB_SINCE: Version = (6, 12)
+
+
+class PltSections(NamedTuple):
+    """Sections an architecture's module_frob_arch_sections refuses a module without, and when
+    its kernel has that code: with `option` in .config, or from `always_since` on."""
+
+    names: tuple[str, ...]
+    option: str
+    always_since: Version
+    source: str
+
+
+PLT_SECTIONS: dict[str, PltSections] = {
+    # module-plts.o is built with CONFIG_ARM64_MODULE_PLTS (arch/arm64/kernel/Makefile, 5.10.262,
+    # 6.1.192; Debian: y, RANDOMIZE_BASE selects it) and with CONFIG_MODULES alone in 6.12.117
+    # and 7.3.4, where the option is gone (the version it went in is not pinned here: between
+    # them a kernel without the option in its .config gets no verdict).
+    "arm64": PltSections((".plt", ".init.plt"), "ARM64_MODULE_PLTS", (6, 12),
+                         "arch/arm64/kernel/module-plts.c module_frob_arch_sections"),
+}
+
+
+def needs_plt_sections(arch: str, version: Version, enabled: Callable[[str], bool] | None
+                       ) -> tuple[str, ...]:
+    """The sections `arch`'s loader requires of a module (none where it has no such code or the
+    .config is unknown before `always_since`: a refusal is missed, never invented)."""
+    row = PLT_SECTIONS.get(arch)
+    if row is None:
+        return ()
+    if version >= row.always_since or (enabled is not None and enabled(row.option)):
+        return row.names
+    return ()
+
+
 class Rule(NamedTuple):
     """One loader check: where it is, when it holds, what it prints, what it returns."""
 
@@ -173,6 +211,13 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
          _v(((0,), "module {name}: .gnu.linkonce.this_module section size must match the "
                    "kernel's built struct module size at run time")),
          "ENOEXEC", since=(6, 12)),
+    # The symbol table the loader resolves and relocates with: 5.10.262 kernel/module.c and
+    # 6.1.192 setup_load_info take the first SHT_SYMTAB and refuse a module with none (after
+    # the signature and the ELF header checks); 6.12.117 and 7.3.4 elf_validity_cache_index_sym
+    # want exactly one (ONE_SYMTAB_SINCE), checked right after .gnu.linkonce.this_module's size.
+    Rule("no-symbols", 21, f"{_MAIN} setup_load_info (5.10.262: kernel/module.c, 6.1.192) / "
+         "elf_validity_cache_index_sym (6.12.117, 7.3.4)",
+         _v(((0,), "{name}: module has no symbols (stripped?)")), "ENOEXEC"),
     # check_modstruct_version (kernel/module/version.c, 6.1 and 6.12): the CRC of module_layout
     # is the first one checked, before vermagic.
     Rule("module-layout", 30, "kernel/module/version.c check_modstruct_version -> check_version",
@@ -186,6 +231,13 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
          "include/linux/license.h license_is_gpl_compatible",
          _v(((0,), "{name}: module license '{license}' taints kernel.")), "",
          severity="warning"),
+    # layout_and_allocate -> module_frob_arch_sections, after check_modinfo: arm64's
+    # (arch/arm64/kernel/module-plts.c, 5.10.262, 6.1.192, 6.12.117, 7.3.4) finds the empty
+    # .plt and .init.plt that Kbuild's arch/arm64/include/asm/module.lds.h adds and sizes them
+    # for the module's branches; without either the module is refused (PLT_SECTIONS).
+    Rule("plt-missing", 45, "arch/arm64/kernel/module-plts.c module_frob_arch_sections (via "
+         f"{_MAIN} layout_and_allocate)",
+         _v(((0,), "{name}: module PLT section(s) missing")), "ENOEXEC"),
     # percpu_modalloc -> __alloc_reserved_percpu (mm/percpu.c pcpu_alloc): larger than
     # PCPU_MIN_UNIT_SIZE (32 KiB) is "illegal" (a WARN with a backtrace); larger than the
     # reserved chunk (PERCPU_MODULE_RESERVE) simply does not fit.
