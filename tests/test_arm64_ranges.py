@@ -101,15 +101,27 @@ def _second_symtab(path: Path) -> None:
     path.write_bytes(data)
 
 
+def _rename_this_module(path: Path) -> None:
+    """Rename .gnu.linkonce.this_module (and its .rela twin, which shares the string)."""
+    data = path.read_bytes()
+    assert data.count(b".gnu.linkonce.this_module\0") == 1
+    path.write_bytes(data.replace(b".gnu.linkonce.this_module\0", b".gnu.linkonce.this_modulX\0"))
+
+
 STRIPPED = ("no-symbols", "rk_adrp_kernel: module has no symbols (stripped?)")
 # Made from a module that loads, the way a packaging step can break one, each refused before any
 # relocation: `strip` drops the symbol table (setup_load_info; elf_validity_cache_index_sym, which
-# from 6.12 also refuses a second one), objcopy --remove-section the empty .plt that Kbuild's
-# module.lds adds (arm64's module_frob_arch_sections).
+# from 6.12 also refuses a second one), struct module's section renamed (as if the module was
+# linked without modpost's .mod.o), objcopy --remove-section the empty .plt that Kbuild's module.lds adds
+# (arm64's module_frob_arch_sections).
 # name -> (how, {series: (finding kind, the kernel's line), absent: it loads})
 DERIVED: dict[str, tuple[Callable[[Path], None], dict[str, tuple[str, str]]]] = {
     "rk_stripped": (_tool("aarch64-linux-gnu-strip"), {"6.1": STRIPPED, "7.3": STRIPPED}),
     "rk_two_symtabs": (_second_symtab, {"7.3": STRIPPED}),
+    "rk_no_this_module": (_rename_this_module,
+                          {"6.1": ("no-this-module", "rk_adrp_kernel: No module found in object"),
+                           "7.3": ("this-module-count", "module rk_adrp_kernel: Exactly one "
+                                   ".gnu.linkonce.this_module section must exist.")}),
     "rk_no_plt": (_tool("aarch64-linux-gnu-objcopy", "--remove-section=.plt"),
                   {series: ("plt-missing", "rk_adrp_kernel: module PLT section(s) missing")
                    for series in ("6.1", "7.3")}),

@@ -181,6 +181,16 @@ def _check_this_module(elf: Elf, name: str, view: KernelView, version: Version,
                      "rebuild it with this kernel's KDIR", name=name)]
 
 
+def _check_this_module_present(elf: Elf, name: str, version: Version, path: str) -> list[Finding]:
+    """The struct module modpost writes (its .mod.o linked in): without it there is no module."""
+    if elf.find(".gnu.linkonce.this_module") is not None:
+        return []
+    kind = "this-module-count" if version >= RULES["this-module-count"].since else "no-this-module"
+    return [_finding(path, "module", kind, version,
+                     "the file has no .gnu.linkonce.this_module: link the module with Kbuild "
+                     "(modpost's NAME.mod.o holds it), not with a bare `ld -r`", name=name)]
+
+
 def _check_symtab(elf: Elf, name: str, version: Version, path: str) -> list[Finding]:
     """The symbol table the loader resolves with: none (or, since 6.12, more than one) refuses."""
     count = sum(1 for section in elf.sections if section.type == SHT_SYMTAB)
@@ -989,6 +999,7 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
     if is_module:
         findings += _check_signature(elf, name, version, path)
         findings += _check_symtab(elf, name, version, path)
+        findings += _check_this_module_present(elf, name, version, path)
     versions = elf.versions() if is_module and kernel is not None else None
     if kernel is not None and is_module:
         findings += _check_this_module(elf, name, kernel, version, path)

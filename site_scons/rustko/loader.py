@@ -211,6 +211,14 @@ RULES: dict[str, Rule] = {r.kind: r for r in (
          _v(((0,), "module {name}: .gnu.linkonce.this_module section size must match the "
                    "kernel's built struct module size at run time")),
          "ENOEXEC", since=(6, 12)),
+    # The section modpost fills with struct module: 6.12.117 and 7.3.4 elf_validity_cache_index_mod
+    # want exactly one (find_any_unique_sec), before they look at the symbol table;
+    # 5.10.262 and 6.1.192 setup_load_info look for it after the symbol table.
+    Rule("this-module-count", 20, f"{_MAIN} elf_validity_cache_index_mod (6.12.117, 7.3.4)",
+         _v(((0,), "module {name}: Exactly one .gnu.linkonce.this_module section must exist.")),
+         "ENOEXEC", since=(6, 12)),
+    Rule("no-this-module", 22, f"{_MAIN} setup_load_info (5.10.262: kernel/module.c, 6.1.192)",
+         _v(((0,), "{name}: No module found in object")), "ENOEXEC"),
     # The symbol table the loader resolves and relocates with: 5.10.262 kernel/module.c and
     # 6.1.192 setup_load_info take the first SHT_SYMTAB and refuse a module with none (after
     # the signature and the ELF header checks); 6.12.117 and 7.3.4 elf_validity_cache_index_sym
