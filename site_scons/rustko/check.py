@@ -482,13 +482,16 @@ def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
     return lut, widths
 
 
-# When the pure-Python pass (`rustko.purepass`) decides a module. Per RELA entry it costs about
-# 0.1 microsecond against the numpy pass's 0.8 (`bench/check_dkms.py`: 89,000 entries of the
-# DKMS corpus), and importing numpy costs 0.2 s, as much as 2 million entries more in Python. So:
-# once numpy is imported, always numpy; before, Python for tables up to PURE_BUDGET entries; and
-# a run whose modules add up to more than PURE_BYTES (about 1 entry per 60 bytes of module in
-# Debian's tree, so 500,000 entries) imports numpy before it starts (`_workers`).
-PURE_BUDGET = 1_000_000
+# When the pure-Python pass (`rustko.purepass`) decides a module. Measured per RELA entry, CPU
+# (2026-11-26, 2-core machine at load 5-7, medians of 7 interleaved runs): on the DKMS corpus
+# (89,000 entries) 0.77-0.89 microseconds against the numpy pass's 0.81-0.89, on every 20th module
+# of Debian's 6.1 tree (197,000) 0.80 against 0.86, on its 12 largest modules (1 million) 0.60
+# against 0.28; importing numpy costs 0.2-0.3 s. So Python up to PURE_BUDGET entries in one
+# module (about 0.15 s more than numpy's marginal cost at worst, less than its import), once
+# numpy is imported always numpy, and a run whose modules add up to more than PURE_BYTES (1 entry
+# per 75 bytes of module in Debian's tree and in the DKMS corpus: about 450,000 entries) imports
+# numpy before it starts (`_workers`), as the whole tree does.
+PURE_BUDGET = 500_000
 PURE_BYTES = 32 << 20
 
 

@@ -15,7 +15,7 @@ import operator
 import sys
 from array import array
 from functools import lru_cache
-from itertools import compress, islice, repeat
+from itertools import chain, compress, islice, repeat
 from typing import Iterable
 
 from .elf import RELA64_SIZE, SHN_ABS, SHN_UNDEF, SHT_NOBITS, STB_WEAK, Elf, Shdr, Symbols
@@ -54,58 +54,65 @@ def clean(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, parts: li
     """True when the loader applies every entry of `parts` (the RELA tables of sections
     `owners`) without a finding; False when one may have a finding (numpy decides).
 
-    The tables of one target section are checked together, as the numpy pass compares them: the
-    types and symbol indexes once per distinct value; x86's fields inside the section, zero in
-    the file and written once (sorted offsets); the 32-bit overflow once per distinct (r_info,
-    addend). Architectures with range checks or branch reordering (arm64) always return False:
-    that logic lives in the numpy pass."""
+    All tables at once where the check is per entry (the types and symbol indexes, once per
+    distinct value; the 32-bit overflow); the tables of one target section together where the
+    numpy pass compares entries (x86's fields inside the section, zero in the file and written
+    once: sorted offsets). Architectures with range checks or branch reordering (arm64) always
+    return False: that logic lives in the numpy pass."""
     if rules.range_checks or rules.branch_partition:
         return False
-    ok = accepted(rules.arch, version)
-    nsyms = len(syms)
-    sizes = rules.sizes
-    sections, data = elf.sections, elf.data
-    by_target: dict[int, list[bytes]] = {}
-    for rsec, blob in zip(owners, parts):
-        by_target.setdefault(sections[rsec].info, []).append(blob)
-    pcpu = elf.find(".data..percpu")
-    for target, blobs in by_target.items():
-        blob = blobs[0] if len(blobs) == 1 else b"".join(blobs)
-        count = len(blob) // RELA64_SIZE
-        # r_info's low byte, the type when its three other bytes are 0: types above 255 are
-        # never accepted where this pass runs (x86, UML)
-        types = blob[TYPE_BYTE::RELA64_SIZE]
-        if (blob[TYPE_BYTE + 1::RELA64_SIZE] + blob[TYPE_BYTE + 2::RELA64_SIZE]
-                + blob[TYPE_BYTE + 3::RELA64_SIZE]).count(0) != 3 * count:
+    blob = parts[0] if len(parts) == 1 else b"".join(parts)
+    count = len(blob) // RELA64_SIZE
+    # r_info's low byte is the type when its three other bytes are 0; a type above 255 goes to
+    # the numpy pass (never accepted where this pass runs: x86, UML)
+    types = blob[TYPE_BYTE::RELA64_SIZE]
+    if (blob[TYPE_BYTE + 1::RELA64_SIZE] + blob[TYPE_BYTE + 2::RELA64_SIZE]
+            + blob[TYPE_BYTE + 3::RELA64_SIZE]).count(0) != 3 * count:
+        return False
+    present = set(types)
+    if (not accepted(rules.arch, version).issuperset(present)
+            or max(_column(blob, "I")[SYMBOL_WORD::WORDS]) >= len(syms)):
+        return False
+    if not rules.sizes:
+        return True
+    quads = _column(blob, "Q")
+    offsets = quads[0::3].tolist()
+    sections = elf.sections
+    spans: dict[int, list[tuple[int, int]]] = {}  # target section -> entry ranges of its tables
+    start = 0
+    for rsec, part in zip(owners, parts):
+        spans.setdefault(sections[rsec].info, []).append((start, start + len(part) // RELA64_SIZE))
+        start += len(part) // RELA64_SIZE
+    width_of = {t: rules.sizes.get(t, 0) for t in present}
+    every = set(width_of.values())
+    for target, ranges in spans.items():
+        if len(ranges) == 1:
+            ((first, end),) = ranges
+            mine, kinds = offsets[first:end], types[first:end]
+        else:
+            mine = list(chain.from_iterable(offsets[first:end] for first, end in ranges))
+            kinds = b"".join(types[first:end] for first, end in ranges)
+        widths = every if len(every) == 1 else set(map(width_of.__getitem__, set(kinds)))
+        if not _fields_clean(mine, kinds, widths, width_of, sections[target], elf.data):
             return False
-        present = set(types)
-        if not ok.issuperset(present) or max(_column(blob, "I")[SYMBOL_WORD::WORDS]) >= nsyms:
-            return False
-        if not sizes:
-            continue
-        quads = _column(blob, "Q")
-        widths = {sizes.get(t, 0) for t in present}
-        if not _fields_clean(quads[0::3].tolist(), types, widths, sizes, sections[target], data):
-            return False
-        checked = present.intersection(rules.overflow_checked)
-        if checked:
-            infos, addends = quads[1::3], _column(blob, "q")[2::3]
-            if checked != present:
-                mask = types.translate(_selector(frozenset(checked)))
-                infos, addends = list(compress(infos, mask)), compress(addends, mask)
-            if not _fit(infos, addends, syms, rules, pcpu, view):
-                return False
-    return True
+    checked = present.intersection(rules.overflow_checked)
+    if not checked:
+        return True
+    infos, addends = quads[1::3], _column(blob, "q")[2::3].tolist()
+    if checked != present:
+        mask = types.translate(_selector(frozenset(checked)))
+        infos, addends = list(compress(infos, mask)), list(compress(addends, mask))
+    return _fit(infos, addends, syms, rules, elf.find(".data..percpu"), view)
 
 
-def _fields_clean(offsets: list[int], types: bytes, widths: set[int], sizes: dict[int, int],
+def _fields_clean(offsets: list[int], types: bytes, widths: set[int], width_of: dict[int, int],
                   section: Shdr, data: bytes) -> bool:
     """x86: every field the entries write lies inside `section`, is zero in the file (unless
     SHT_NOBITS) and no other entry writes any of its bytes."""
     if widths == {0}:
         return True  # R_X86_64_NONE alone: nothing is written
     if len(widths) > 1:
-        return _mixed_fields_clean(offsets, types, sizes, section, data)
+        return _mixed_fields_clean(offsets, types, width_of, section, data)
     (width,) = widths
     starts = offsets
     if len(offsets) > 1 and min(map(operator.sub, islice(offsets, 1, None), offsets)) < width:
@@ -119,7 +126,7 @@ def _fields_clean(offsets: list[int], types: bytes, widths: set[int], sizes: dic
     if section.offset + section.size > len(data):
         return False  # the numpy pass words this error
     body = data[section.offset:section.offset + section.size]
-    if body.count(0) == len(body):
+    if body == bytes(len(body)):
         return True  # a zero section (.orc_unwind_ip, __mcount_loc, ...): every field is zero
     if len(starts) == 1:
         return not any(body[starts[0]:starts[0] + width])
@@ -129,12 +136,12 @@ def _fields_clean(offsets: list[int], types: bytes, widths: set[int], sizes: dic
     return all(gather(body[k:]).count(0) == len(starts) for k in range(width))
 
 
-def _mixed_fields_clean(offsets: list[int], types: bytes, sizes: dict[int, int], section: Shdr,
-                        data: bytes) -> bool:
+def _mixed_fields_clean(offsets: list[int], types: bytes, width_of: dict[int, int],
+                        section: Shdr, data: bytes) -> bool:
     """`_fields_clean` for tables whose types write fields of several widths (__jump_table:
     PC32 and PC64; NONE among others): (offset, width) packed and sorted."""
     keys = sorted(map(operator.add, map(operator.lshift, offsets, repeat(4)),
-                      map({t: sizes.get(t, 0) for t in set(types)}.__getitem__, types)))
+                      map(width_of.__getitem__, types)))
     starts = list(map(operator.rshift, keys, repeat(4)))
     ends = list(map(operator.add, starts, map(operator.and_, keys, repeat(15))))
     if max(ends) > section.size:
@@ -151,32 +158,35 @@ def _mixed_fields_clean(offsets: list[int], types: bytes, sizes: dict[int, int],
     return written.count(0) == len(written)
 
 
-def _fit(infos: Iterable[int], addends: Iterable[int], syms: Symbols, rules: ArchRules,
+def _fit(infos: Iterable[int], addends: list[int], syms: Symbols, rules: ArchRules,
          pcpu: int | None, view: KernelView | None) -> bool:
     """Whether S+A fits the 32-bit field of every overflow-checked entry wherever the module
-    lands: with the lowest and highest bases (`overflow_bases`) lo and hi = lo + d, d < 2**32,
-    both fit exactly when ((lo + A) mod 2**64) + d < 2**32."""
+    lands. With the lowest and highest bases of a symbol (`overflow_bases`) lo and hi = lo + d,
+    d < 2**32, both fit exactly when ((lo + A) mod 2**64) + d < 2**32; first tried at once for
+    the lowest lo and addend and the highest hi and addend of the module (every value between
+    fits when those do without wrapping), then entry by entry."""
+    if rules.module_range is None or rules.kernel_range is None:
+        return True  # no address ranges: the overflow is not checked
     low: dict[int, int] = {}
     span: dict[int, int] = {}
     for info in set(infos):
-        bases = overflow_bases(syms, rules, pcpu, view, info)
-        if not bases:
-            return True  # no address ranges: the overflow is not checked
-        lo, hi = bases
+        lo, hi = overflow_bases(syms, rules, pcpu, view, info)
         if hi - lo >= 1 << 32:
             return False  # no S+A fits both
         low[info], span[info] = lo, hi - lo
+    least, most = min(low.values()), max(map(operator.add, low.values(), span.values()))
+    smallest, largest = min(addends), max(addends)
+    if ((least + smallest) & MASK64) + (most + largest) - (least + smallest) < 1 << 32:
+        return True
     sums = map(operator.add, map(low.__getitem__, infos), addends)
     return max(map(operator.add, map(MASK64.__and__, sums), map(span.__getitem__, infos))) < 1 << 32
 
 
 def overflow_bases(syms: Symbols, rules: ArchRules, pcpu: int | None, view: KernelView | None,
-                   info: int) -> tuple[int, ...]:
+                   info: int) -> tuple[int, int]:
     """check.py's `_overflows` for one r_info: the lowest and highest S the symbol can have,
     plus 2**31 for a sign-extended field, so that S+A fits exactly when
-    (base + A) mod 2**64 < 2**32."""
-    if rules.module_range is None or rules.kernel_range is None:
-        return ()
+    (base + A) mod 2**64 < 2**32. The rules have both address ranges."""
     index = info >> 32
     _, sinfo, _, shndx, value, _ = syms.sym(index)
     zero = sibling = False
