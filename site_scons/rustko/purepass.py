@@ -15,7 +15,7 @@ import operator
 import sys
 from array import array
 from functools import lru_cache
-from itertools import chain, compress, islice, repeat
+from itertools import chain, compress, islice
 from typing import Iterable
 
 from .elf import RELA64_SIZE, SHN_ABS, SHN_UNDEF, SHT_NOBITS, STB_WEAK, Elf, Shdr, Symbols
@@ -83,17 +83,15 @@ def clean(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, parts: li
     for rsec, part in zip(owners, parts):
         spans.setdefault(sections[rsec].info, []).append((start, start + len(part) // RELA64_SIZE))
         start += len(part) // RELA64_SIZE
-    width_of = {t: rules.sizes.get(t, 0) for t in present}
-    every = set(width_of.values())
+    widths = types.translate(_width_table(rules.arch))
     for target, ranges in spans.items():
         if len(ranges) == 1:
             ((first, end),) = ranges
-            mine, kinds = offsets[first:end], types[first:end]
+            mine, wide = offsets[first:end], widths[first:end]
         else:
             mine = list(chain.from_iterable(offsets[first:end] for first, end in ranges))
-            kinds = b"".join(types[first:end] for first, end in ranges)
-        widths = every if len(every) == 1 else set(map(width_of.__getitem__, set(kinds)))
-        if not _fields_clean(mine, kinds, widths, width_of, sections[target], elf.data):
+            wide = b"".join(widths[first:end] for first, end in ranges)
+        if not _fields_clean(mine, wide, sections[target], elf.data):
             return False
     checked = present.intersection(rules.overflow_checked)
     if not checked:
@@ -105,21 +103,20 @@ def clean(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, parts: li
     return _fit(infos, addends, syms, rules, elf.find(".data..percpu"), view)
 
 
-def _fields_clean(offsets: list[int], types: bytes, widths: set[int], width_of: dict[int, int],
-                  section: Shdr, data: bytes) -> bool:
-    """x86: every field the entries write lies inside `section`, is zero in the file (unless
-    SHT_NOBITS) and no other entry writes any of its bytes."""
-    if widths == {0}:
+def _fields_clean(offsets: list[int], widths: bytes, section: Shdr, data: bytes) -> bool:
+    """x86: every field the entries (at `offsets`, writing `widths` bytes) write lies inside
+    `section`, is zero in the file (unless SHT_NOBITS) and no other entry writes any of its
+    bytes. An empty write (R_X86_64_NONE) inside a field or past the end is left to numpy."""
+    if widths.count(0) == len(widths):
         return True  # R_X86_64_NONE alone: nothing is written
-    if len(widths) > 1:
-        return _mixed_fields_clean(offsets, types, width_of, section, data)
-    (width,) = widths
-    starts = offsets
-    if len(offsets) > 1 and min(map(operator.sub, islice(offsets, 1, None), offsets)) < width:
-        starts = sorted(offsets)  # not in order, or two entries write the same bytes
-        if min(map(operator.sub, islice(starts, 1, None), starts)) < width:
+    ends = list(map(operator.add, offsets, widths))
+    if len(offsets) > 1 and min(map(operator.sub, islice(offsets, 1, None), ends)) < 0:
+        pairs = sorted(zip(offsets, widths))  # out of order, or two entries write the same bytes
+        offsets, widths = [o for o, _ in pairs], bytes(w for _, w in pairs)
+        ends = list(map(operator.add, offsets, widths))
+        if min(map(operator.sub, islice(offsets, 1, None), ends)) < 0:
             return False
-    if starts[-1] + width > section.size:
+    if ends[-1] > section.size:  # in order and apart, the last field ends last
         return False  # outside the section
     if section.type == SHT_NOBITS:
         return True
@@ -128,34 +125,33 @@ def _fields_clean(offsets: list[int], types: bytes, widths: set[int], width_of: 
     body = data[section.offset:section.offset + section.size]
     if body == bytes(len(body)):
         return True  # a zero section (.orc_unwind_ip, __mcount_loc, ...): every field is zero
-    if len(starts) == 1:
-        return not any(body[starts[0]:starts[0] + width])
-    # Byte k of every field at once: the k-th shifted copy of the section, all fields gathered
-    # by one itemgetter (small ints, no per-entry object).
-    gather = operator.itemgetter(*starts)
-    return all(gather(body[k:]).count(0) == len(starts) for k in range(width))
+    # Byte k of every field that has one at once: the k-th shifted copy of the section, the
+    # fields gathered by one itemgetter (small ints, no object per entry).
+    chosen, gather = b"", None
+    for k in range(max(widths)):
+        wider = widths.translate(_wider(k))
+        if wider != chosen:
+            chosen = wider
+            starts = offsets if wider.count(1) == len(wider) else list(compress(offsets, wider))
+            gather = operator.itemgetter(*starts) if len(starts) > 1 else None
+        if gather is not None:
+            if gather(body[k:]).count(0) != len(starts):
+                return False
+        elif starts and body[starts[0] + k]:
+            return False
+    return True
 
 
-def _mixed_fields_clean(offsets: list[int], types: bytes, width_of: dict[int, int],
-                        section: Shdr, data: bytes) -> bool:
-    """`_fields_clean` for tables whose types write fields of several widths (__jump_table:
-    PC32 and PC64; NONE among others): (offset, width) packed and sorted."""
-    keys = sorted(map(operator.add, map(operator.lshift, offsets, repeat(4)),
-                      map(width_of.__getitem__, types)))
-    starts = list(map(operator.rshift, keys, repeat(4)))
-    ends = list(map(operator.add, starts, map(operator.and_, keys, repeat(15))))
-    if max(ends) > section.size:
-        return False  # outside the section (or an empty write past it: numpy decides)
-    if any(map(operator.lt, islice(starts, 1, None), ends)):
-        return False  # two entries write the same bytes (an empty write inside a field too)
-    if section.type == SHT_NOBITS:
-        return True
-    if section.offset + section.size > len(data):
-        return False
-    base = section.offset
-    written = b"".join(map(data.__getitem__, map(slice, map(base.__add__, starts),
-                                                   map(base.__add__, ends))))
-    return written.count(0) == len(written)
+@lru_cache(maxsize=8)
+def _wider(k: int) -> bytes:
+    """A `bytes.translate` table: 1 for the widths above `k`, 0 for the others."""
+    return bytes(int(width > k) for width in range(256))
+
+
+@lru_cache(maxsize=8)
+def _width_table(arch: str) -> bytes:
+    """A `bytes.translate` table from a type to the bytes x86's loader writes for it."""
+    return bytes(BY_ARCH[arch].sizes.get(t, 0) for t in range(256))
 
 
 def _fit(infos: Iterable[int], addends: list[int], syms: Symbols, rules: ArchRules,
