@@ -108,16 +108,25 @@ def _fields_clean(offsets: list[int], widths: bytes, section: Shdr, data: bytes)
     """x86: every field the entries (at `offsets`, writing `widths` bytes) write lies inside
     `section`, is zero in the file (unless SHT_NOBITS) and no other entry writes any of its
     bytes. An empty write (R_X86_64_NONE) inside a field or past the end is left to numpy."""
-    if widths.count(0) == len(widths):
-        return True  # R_X86_64_NONE alone: nothing is written
-    ends = list(map(operator.add, offsets, widths))
-    if len(offsets) > 1 and min(map(operator.sub, islice(offsets, 1, None), ends)) < 0:
-        pairs = sorted(zip(offsets, widths))  # out of order, or two entries write the same bytes
-        offsets, widths = [o for o, _ in pairs], bytes(w for _, w in pairs)
+    width = widths[0]
+    if widths.count(width) == len(widths):  # one width: the gaps between offsets suffice
+        if not width:
+            return True  # R_X86_64_NONE alone: nothing is written
+        if len(offsets) > 1 and min(map(operator.sub, islice(offsets, 1, None), offsets)) < width:
+            offsets = sorted(offsets)  # out of order, or two entries write the same bytes
+            if min(map(operator.sub, islice(offsets, 1, None), offsets)) < width:
+                return False
+        last = offsets[-1] + width
+    else:
         ends = list(map(operator.add, offsets, widths))
-        if min(map(operator.sub, islice(offsets, 1, None), ends)) < 0:
-            return False
-    if ends[-1] > section.size:  # in order and apart, the last field ends last
+        if len(offsets) > 1 and min(map(operator.sub, islice(offsets, 1, None), ends)) < 0:
+            pairs = sorted(zip(offsets, widths))  # as above, empty writes first at one offset
+            offsets, widths = [o for o, _ in pairs], bytes(w for _, w in pairs)
+            ends = list(map(operator.add, offsets, widths))
+            if min(map(operator.sub, islice(offsets, 1, None), ends)) < 0:
+                return False
+        last = ends[-1]
+    if last > section.size:  # in order and apart, the last field ends last
         return False  # outside the section
     if section.type == SHT_NOBITS:
         return True
