@@ -483,10 +483,10 @@ def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
 
 
 # When the pure-Python pass (`rustko.purepass`) decides a module. Measured per RELA entry, CPU
-# (2026-11-26, 2-core machine at load 5-7, medians of 7 interleaved runs): on the DKMS corpus
-# (89,000 entries) 0.77-0.89 microseconds against the numpy pass's 0.81-0.89, on every 20th module
-# of Debian's 6.1 tree (197,000) 0.80 against 0.86, on its 12 largest modules (1 million) 0.60
-# against 0.28; importing numpy costs 0.2-0.3 s. So Python up to PURE_BUDGET entries in one
+# (2026-11-26, 2-core machine at load 7.5, medians of 7 interleaved runs): on the DKMS corpus
+# (89,000 entries) 0.73 microseconds against the numpy pass's 0.91, on every 20th module of
+# Debian's 6.1 tree (197,000) 0.53 against 0.65, on its 12 largest modules (1 million) 0.52
+# against 0.23; importing numpy costs 0.2-0.3 s. So Python up to PURE_BUDGET entries in one
 # module (about 0.15 s more than numpy's marginal cost at worst, less than its import), once
 # numpy is imported always numpy, and a run whose modules add up to more than PURE_BYTES (1 entry
 # per 75 bytes of module in Debian's tree and in the DKMS corpus: about 450,000 entries) imports
