@@ -518,16 +518,17 @@ def _tables(arch: str, version: Version) -> tuple[np.ndarray, np.ndarray]:
     return lut, widths
 
 
-# When the pure-Python pass decides a module. Per RELA entry it costs about five times the
-# numpy pass (about 4 and 0.8 microseconds with everything else a check does; fat.ko, 3,177
-# entries, in bench/check_tree.py's machine), and importing numpy costs 0.2 s, as much as
-# 50,000 to 70,000 entries more in Python. So: once numpy is imported, always numpy; before,
-# Python for tables up to PURE_BUDGET entries; and a run whose modules add up to more than
-# PURE_BYTES (about 30,000 entries: 1 per 60 bytes of module in Debian's tree) imports numpy
-# before it starts (`check_paths`).
-PURE_BUDGET = 60_000
-PURE_BYTES = 2 << 20
-MASK64 = (1 << 64) - 1
+# When the pure-Python pass (`rustko.purepass`) decides a module. Measured per RELA entry, CPU
+# (2026-11-26, 2-core machine at load 7.5, medians of 7 interleaved runs): on the DKMS corpus
+# (89,000 entries) 0.73 microseconds against the numpy pass's 0.91, on every 20th module of
+# Debian's 6.1 tree (197,000) 0.53 against 0.65, on its 12 largest modules (1 million) 0.52
+# against 0.23; importing numpy costs 0.2-0.3 s. So Python up to PURE_BUDGET entries in one
+# module (about 0.15 s more than numpy's marginal cost at worst, less than its import), once
+# numpy is imported always numpy, and a run whose modules add up to more than PURE_BYTES (1 entry
+# per 75 bytes of module in Debian's tree and in the DKMS corpus: about 450,000 entries) imports
+# numpy before it starts (`_workers`), as the whole tree does.
+PURE_BUDGET = 500_000
+PURE_BYTES = 32 << 20
 
 
 def _pure_pass(entries: int) -> bool:
@@ -535,100 +536,13 @@ def _pure_pass(entries: int) -> bool:
     return "numpy" not in sys.modules and entries <= PURE_BUDGET
 
 
-@lru_cache(maxsize=32)
-def _accepted(arch: str, version: Version) -> frozenset[int]:
-    return relocs.BY_ARCH[arch].accepted_types(version)
-
-
 def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, parts: list[bytes],
                  owners: list[int], view: KernelView | None) -> bool:
-    """True when the loader applies every entry of `parts` (the RELA tables of sections
-    `owners`) without a finding, decided without numpy; False sends the module to the numpy
-    pass, which makes the findings (and the errors for corrupt tables).
+    """`rustko.purepass.clean`: True when no entry of `parts` has a finding; False sends the
+    module to the numpy pass, which makes the findings."""
+    from .purepass import clean
 
-    The checks of the numpy pass, each answered for the whole table at once: the type and the
-    symbol index once per distinct r_info; x86's field inside its section, zero in the file
-    and written once (sorted (offset, width) pairs); the 32-bit overflow once per distinct
-    (r_info, addend). Architectures with range checks or branch reordering (arm64) always take
-    the numpy pass, where that logic lives."""
-    if rules.range_checks or rules.branch_partition:
-        return False
-    accepted = _accepted(rules.arch, version)
-    nsyms = len(syms)
-    sizes = rules.sizes
-    width: dict[int, int] = {}  # r_info -> bytes the loader writes (0: none)
-    fields: dict[int, list[int]] = {}  # target section -> offset << 4 | width, per entry
-    hot: dict[int, set[int]] = {}  # r_info -> addends, of the overflow-checked entries
-    sections, data = elf.sections, elf.data
-    checked: set[int] = set()  # r_info values whose type x86 checks for overflow
-    for rsec, blob in zip(owners, parts):
-        offsets, infos = columns(blob, "Q", RELA64_SIZE, (0, 1))
-        for info in set(infos).difference(width):
-            if info & 0xFFFFFFFF not in accepted or info >> 32 >= nsyms:
-                return False
-            width[info] = sizes.get(info & 0xFFFFFFFF, 0)
-            if sizes and info & 0xFFFFFFFF in rules.overflow_checked:
-                checked.add(info)
-        if not sizes:
-            continue
-        target = sections[sections[rsec].info]
-        widths = list(map(width.__getitem__, infos))
-        ends = list(map(operator.add, offsets, widths))
-        if max(ends) > target.size:
-            return False  # outside the section (or an empty write past it: numpy decides)
-        if target.type != SHT_NOBITS:
-            base = target.offset
-            if base + target.size > len(data):
-                return False
-            written = b"".join(map(data.__getitem__, map(slice, map(base.__add__, offsets),
-                                                           map(base.__add__, ends))))
-            if written.count(0) != len(written):
-                return False  # a field is nonzero in the file
-        fields.setdefault(sections[rsec].info, []).extend(
-            map(operator.add, map(operator.lshift, offsets, repeat(4)), widths))
-        if checked:
-            addends = columns(blob, "q", RELA64_SIZE, (2,))[0]
-            for info, addend in set(compress(zip(infos, addends), map(checked.__contains__, infos))):
-                hot.setdefault(info, set()).add(addend)
-    for keys in fields.values():
-        keys.sort()
-        starts = list(map(operator.rshift, keys, repeat(4)))
-        ends = map(operator.add, starts, map(operator.and_, keys, repeat(15)))
-        if any(map(operator.lt, islice(starts, 1, None), ends)):
-            return False  # two entries write the same bytes (an empty write inside a field too)
-    pcpu = elf.find(".data..percpu")
-    for info, addends in hot.items():
-        for base in _overflow_bases(syms, rules, pcpu, view, info):
-            if any(map((1 << 32).__le__, map(MASK64.__and__, map(base.__add__, addends)))):
-                return False  # S+A may not fit the 32-bit field
-    return True
-
-
-def _overflow_bases(syms: Symbols, rules: ArchRules, pcpu: int | None, view: KernelView | None,
-                    info: int) -> tuple[int, ...]:
-    """`_overflows` for one r_info: the lowest and highest S the symbol can have, plus 2**31 for
-    a sign-extended field, so that S+A fits exactly when (base + A) mod 2**64 < 2**32."""
-    if rules.module_range is None or rules.kernel_range is None:
-        return ()
-    index = info >> 32
-    _, sinfo, _, shndx, value, _ = syms.sym(index)
-    zero = sibling = False
-    if shndx == SHN_UNDEF:
-        symbol = syms.name(index)
-        zero = sinfo >> 4 == STB_WEAK and (view is None or view.exports is None
-                                           or view.export(symbol) is None)
-        sibling = (view is not None and symbol in view.siblings
-                   and (view.exports is None or symbol not in view.exports))
-    low, high = rules.module_range.low, rules.module_range.high - 1
-    if shndx == SHN_UNDEF and not sibling:
-        low, high = rules.kernel_range.low, rules.kernel_range.high - 1
-    if shndx == SHN_ABS or index == 0 or zero:
-        low = high = 0
-    if pcpu is not None and rules.percpu_range is not None and shndx == pcpu:
-        low, high = rules.percpu_range.low, rules.percpu_range.high - 1
-    value = 0 if shndx == SHN_UNDEF else value
-    bias = 0 if rules.overflow_checked[info & 0xFFFFFFFF] == "u32" else 1 << 31
-    return (low + value + bias, high + value + bias)
+    return clean(elf, syms, rules, version, parts, owners, view)
 
 
 def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, name: str,
