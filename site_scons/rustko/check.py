@@ -595,16 +595,48 @@ def _overflow_bases(syms: Symbols, rules: ArchRules, pcpu: int | None, view: Ker
     return (low + value + bias, high + value + bias)
 
 
+def _applied_tables(elf: Elf) -> tuple[list[int], list[bytes], list[int]]:
+    """What apply_relocations applies: sections SHT_RELA/SHT_REL whose target is SHF_ALLOC (and
+    not .modinfo/__versions, whose SHF_ALLOC the loader clears). Returns the SHT_REL sections
+    with entries (refused), and the RELA tables' bytes with their section indices."""
+    rels: list[int] = []
+    parts: list[bytes] = []
+    owners: list[int] = []
+    sections, names, data = elf.sections, elf.names, elf.data
+    for rsec, rel in enumerate(sections):
+        if rel.type not in (SHT_RELA, SHT_REL) or rel.flags & SHF_RELA_LIVEPATCH:
+            continue
+        target = rel.info
+        if target >= len(sections) or not sections[target].flags & SHF_ALLOC:
+            continue
+        if names[target] in (".modinfo", "__versions"):
+            continue
+        if rel.type == SHT_REL:
+            if rel.size:
+                rels.append(rsec)
+            continue
+        count = rel.size // RELA64_SIZE
+        if count:
+            if rel.offset + count * RELA64_SIZE > len(data):
+                raise RustkoError(f"{elf.path}: section {names[rsec]!r} extends past the end of "
+                                  "the file (truncated or corrupt)")
+            parts.append(data[rel.offset:rel.offset + count * RELA64_SIZE])
+            owners.append(rsec)
+    return rels, parts, owners
+
+
 def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, name: str,
-                       path: str, view: KernelView | None = None) -> list[Finding]:
+                       path: str, view: KernelView | None = None,
+                       screened: list[int] | None = None) -> list[Finding]:
     """apply_relocations: every SHT_RELA/SHT_REL section whose target section is SHF_ALLOC.
 
     A small table is first decided in pure Python (`_clean_small`): most modules have no
-    finding, and numpy costs more than such a check. Otherwise all applied RELA sections of the
-    file are concatenated and classified in one vectorised pass; findings keep the loader's
-    order (section index, then entry, after arm64's branch partition), so the first one is the
-    line the kernel prints. Relocations write live memory in that order: a field an earlier
-    relocation wrote is nonzero for a later one (x86).
+    finding, and numpy costs more than such a check. `screened` (the SHT_REL sections): `_screen`
+    found the RELA tables clean already. Otherwise all applied RELA sections of the file are concatenated and
+    classified in one vectorised pass; findings keep the loader's order (section index, then
+    entry, after arm64's branch partition), so the first one is the line the kernel prints.
+    Relocations write live memory in that order: a field an earlier relocation wrote is nonzero
+    for a later one (x86).
     """
     groups: dict[tuple, Finding] = {}
 
@@ -614,32 +646,13 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         elif len(groups) < MAX_FINDINGS:
             groups[key] = make(offset)
 
-    parts: list[bytes] = []
-    owners: list[int] = []
-    sections = elf.sections
-    for rsec, rel in enumerate(sections):
-        if rel.type not in (SHT_RELA, SHT_REL) or rel.flags & SHF_RELA_LIVEPATCH:
-            continue
-        target = rel.info
-        if target >= len(sections) or not sections[target].flags & SHF_ALLOC:
-            continue
-        if elf.names[target] in (".modinfo", "__versions"):  # the loader clears their SHF_ALLOC
-            continue
-        if rel.type == SHT_REL:
-            if rel.size:
-                add(("rel", rsec), 0, lambda off, rsec=rsec: _finding(
-                    path, "relocation", "rel-section", version,
-                    "the loader only applies RELA sections on this architecture: emit RELA "
-                    "relocations (the default for x86_64/aarch64/riscv64 toolchains)",
-                    name=name, section=elf.names[rsec], offset=off))
-            continue
-        count = rel.size // RELA64_SIZE
-        if count:
-            if rel.offset + count * RELA64_SIZE > len(elf.data):
-                raise RustkoError(f"{path}: section {elf.names[rsec]!r} extends past the end of "
-                                  "the file (truncated or corrupt)")
-            parts.append(elf.data[rel.offset:rel.offset + count * RELA64_SIZE])
-            owners.append(rsec)
+    rels, parts, owners = _applied_tables(elf) if screened is None else (screened, [], [])
+    for rsec in rels:
+        add(("rel", rsec), 0, lambda off, rsec=rsec: _finding(
+            path, "relocation", "rel-section", version,
+            "the loader only applies RELA sections on this architecture: emit RELA "
+            "relocations (the default for x86_64/aarch64/riscv64 toolchains)",
+            name=name, section=elf.names[rsec], offset=off))
     if not parts or (_pure_pass(sum(map(len, parts)) // RELA64_SIZE)
                      and _clean_small(elf, syms, rules, version, parts, owners, view)):
         return list(groups.values())
@@ -875,6 +888,141 @@ def _overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sy
     return sel[bad]
 
 
+def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelView | None
+            ) -> list[list[int] | None]:
+    """Per module: its SHT_REL sections (`_applied_tables`) when `_check_relocations`' numpy
+    pass surely finds nothing in its RELA tables (else None), decided for many modules in one
+    vectorised pass (a module column), so numpy's fixed cost per call is paid per batch, not
+    per module (most of the cost in a tree of small ones).
+
+    Never says clean where the numpy pass would find or raise something; it may say None where
+    the pass finds nothing, and that module just takes the pass. So it needs no symbol names:
+    an undefined symbol is checked at every place the loader may put it (a kernel export; 0
+    when weak; in module memory when a sibling may export it), and any two writes to the same
+    bytes count (a module's tables are in offset order, so neighbours tell; two tables for one
+    section go to the pass). Architectures with range checks or branch reordering (arm64)
+    always take the pass."""
+    import numpy as np
+
+    from .elf import RELA64, SYM64
+
+    clean: list[list[int] | None] = [None] * len(elfs)
+    if rules.range_checks or rules.branch_partition:
+        return clean
+    rels: list[list[int]] = [[]] * len(elfs)
+    parts: list[bytes] = []
+    bodies: list[bytes] = []
+    symtabs: list[bytes] = []
+    # Per RELA table: its module, entries, the module's symbol count and first symbol in the
+    # batch's symbol table, the target's size, file offset in the batch's bytes and type, the
+    # module's bytes' end and length in the batch, the module's .data..percpu index (-1: none).
+    table: list[tuple[int, int, int, int, int, int, bool, int, int, int]] = []
+    base = symbase = 0
+    for m, elf in enumerate(elfs):
+        try:
+            rel, mine, owners = _applied_tables(elf)
+            syms = elf.symbols()
+        except RustkoError:
+            continue  # the pass raises it
+        rels[m] = rel
+        if not mine:
+            clean[m] = rel
+            continue
+        targets = [elf.sections[rsec].info for rsec in owners]
+        if len(set(targets)) != len(targets):
+            continue
+        pcpu = elf.find(".data..percpu")
+        size = len(elf.data)
+        for part, target in zip(mine, targets):
+            sec = elf.sections[target]
+            table.append((m, len(part) // RELA64_SIZE, len(syms), symbase, sec.size,
+                          base + min(sec.offset, size + 1), sec.type == SHT_NOBITS, base + size,
+                          size, -1 if pcpu is None else pcpu))
+        parts += mine
+        bodies.append(elf.data)
+        symtabs.append(syms.raw)
+        base += size
+        symbase += len(syms)
+    if not table:
+        return clean
+    (module, count, nsyms, first_sym, sec_size, sec_start, nobits, end_of_module, length,
+     pcpu) = (np.array(column) for column in zip(*table))
+    sec_size = sec_size.astype(np.uint64)
+    rows = np.frombuffer(b"".join(parts), dtype=RELA64)
+    part = np.repeat(np.arange(len(table)), count)
+    offset = rows["offset"]
+    rtype = (rows["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    symidx = (rows["info"] >> np.uint64(32)).astype(np.int64)
+    lut, widths = _tables(rules.arch, version)
+    clipped = np.minimum(rtype, len(lut) - 1)
+    bad = ~lut[clipped] | (symidx >= nsyms[part])
+    if rules.sizes:
+        width = widths[clipped].astype(np.uint64)
+        end = offset + width
+        live = width > 0
+        bad |= live & ((end > sec_size[part]) | (end < offset))
+        # Fields in the file: under its length (so no sum below wraps), inside it, and zero.
+        readable = live & ~nobits[part]
+        bad |= readable & (offset > length[part].astype(np.uint64))
+        sel = np.flatnonzero(readable & ~bad)
+        start = sec_start[part[sel]] + offset[sel].astype(np.int64)
+        past = start + width[sel].astype(np.int64) > end_of_module[part[sel]]
+        bad[sel[past]] = True
+        sel, start = sel[~past], start[~past]
+        body = np.frombuffer(b"".join(bodies), dtype=np.uint8)
+        for size in np.unique(width[sel]).tolist():
+            mine = width[sel] == size
+            bad[sel[mine]] |= body[start[mine][:, None] + np.arange(size)].any(axis=1)
+        at = np.flatnonzero(live)
+        overlap = (part[at][1:] == part[at][:-1]) & (offset[at][1:] < end[at][:-1])
+        bad[at[1:][overlap]] = True
+        if rules.overflow_checked and rules.module_range and rules.kernel_range:
+            bad[_maybe_overflowing(rows, clipped, symidx, part, bad, first_sym, pcpu,
+                                   np.frombuffer(b"".join(symtabs), dtype=SYM64), rules,
+                                   view is not None and bool(view.siblings))] = True
+    for m in set(module.tolist()) - set(module[part[bad]].tolist()):
+        clean[m] = rels[m]
+    return clean
+
+
+def _maybe_overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, part: np.ndarray,
+                       bad: np.ndarray, first_sym: np.ndarray, pcpu: np.ndarray, symtab: np.ndarray,
+                       rules: ArchRules, siblings: bool) -> np.ndarray:
+    """`_screen`'s `_overflows`: the rows (not yet bad) whose S+A may not fit, S at each place
+    the loader may put the symbol. A field fits when (S + A + bias) mod 2**64 < 2**32, bias 0
+    zero-extended and 2**31 sign-extended (as `_overflow_bases`)."""
+    import numpy as np
+
+    bias = np.full(int(rtype.max()) + 1, -1, dtype=np.int64)  # rtype: clipped to the type table
+    for t, kind in rules.overflow_checked.items():
+        if t < len(bias):
+            bias[t] = 0 if kind == "u32" else 1 << 31
+    sel = np.flatnonzero(~bad & (bias[rtype] >= 0))
+    if not len(sel):
+        return sel
+    sym = symtab[first_sym[part[sel]] + symidx[sel]]
+    shndx = sym["shndx"].astype(np.int64)
+    undef = shndx == SHN_UNDEF
+    absolute = (shndx == SHN_ABS) | (symidx[sel] == 0)
+    kernel = undef & ~absolute
+    with np.errstate(over="ignore"):
+        at = (np.where(undef, np.uint64(0), sym["value"]) + rows["addend"][sel].astype(np.uint64)
+              + bias[rtype[sel]].astype(np.uint64))
+        places = [(rules.module_range, ~undef & ~absolute), (rules.kernel_range, kernel)]
+        if rules.percpu_range is not None:
+            places = [(rules.module_range, ~undef & ~absolute & (shndx != pcpu[part[sel]])),
+                      (rules.kernel_range, kernel),
+                      (rules.percpu_range, shndx == pcpu[part[sel]])]
+        if siblings:
+            places.append((rules.module_range, kernel))
+        limit = np.uint64(1 << 32)
+        over = absolute & (at >= limit) | kernel & ((sym["info"] >> 4) == STB_WEAK) & (at >= limit)
+        for where, mine in places:
+            over |= mine & ((np.uint64(where.low) + at >= limit)
+                            | (np.uint64(where.high - 1) + at >= limit))
+    return sel[over]
+
+
 def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kind: str,
                    section: str, offset: int, rtype: int, symbol: str, exact: int | None,
                    where: tuple[int, int], note: str = "") -> Finding:
@@ -948,13 +1096,14 @@ def _order(finding: Finding) -> int:
 
 
 def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = None,
-              version: Version | None = None, locate: bool = True) -> list[Finding]:
+              version: Version | None = None, locate: bool = True,
+              screened: list[int] | None = None) -> list[Finding]:
     """Every reason the loader would refuse (or taint on) the decoded module, in its order.
+    `screened` (its SHT_REL sections): `_screen` found its RELA tables clean.
 
     Pure: reads nothing but `elf` and `kernel`."""
     path = elf.path
-    rules = _rules(arch or (kernel.arch if kernel else None), elf.machine, path)
-    version = version or (kernel.version if kernel else relocs.LATEST)
+    rules, version = _target(elf, kernel, arch, version)
     syms = elf.symbols()
     modinfo = elf.modinfo()
     name = _module_name(modinfo, path)
@@ -974,7 +1123,7 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
         findings += _check_percpu(elf, name, view, version, path)
         findings += _check_imports(modinfo, name, version, path)
         findings += _check_symbols(elf, syms, modinfo, versions, name, view, version, path)
-    findings += _check_relocations(elf, syms, rules, version, name, path, kernel)
+    findings += _check_relocations(elf, syms, rules, version, name, path, kernel, screened)
     if kernel is not None and is_module:
         findings += _check_exports(elf, syms, name, kernel, version, path)
     findings.sort(key=_order)
@@ -982,6 +1131,13 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
         from .locate import locate_findings
         locate_findings(elf, syms, findings)
     return findings
+
+
+def _target(elf: Elf, kernel: KernelView | None, arch: str | None, version: Version | None
+            ) -> tuple[ArchRules, Version]:
+    """The loader rules and kernel version `check_elf` applies to the module."""
+    return (_rules(arch or (kernel.arch if kernel else None), elf.machine, elf.path),
+            version or (kernel.version if kernel else relocs.LATEST))
 
 
 def check_bytes(data: bytes, path: str, kernel: KernelView | None = None, arch: str | None = None,
@@ -1006,14 +1162,18 @@ def check_module(path: str | Path, kernel: "KernelInfo | KernelView | None" = No
 
 
 def _check_read(elf: Elf, view: KernelView | None, arch: str | None, version: Version | None,
-                locate: bool) -> list[Finding]:
+                locate: bool, screened: list[int] | None = None) -> list[Finding]:
     """`check_module` once the file is read."""
-    if arch is None and view is None:
-        arch = _uml_by_release(elf)
-    findings = check_elf(elf, view, arch, version, locate)
+    findings = check_elf(elf, view, _arch(elf, view, arch), version, locate, screened)
     for f in findings:
         f.source = _local_source(Path(elf.path), f.source)
     return findings
+
+
+def _arch(elf: Elf, view: KernelView | None, arch: str | None) -> str | None:
+    """The architecture asked for; without one or a KDIR, "um" for a module of the installed UML
+    kernel's release (else e_machine decides)."""
+    return _uml_by_release(elf) if arch is None and view is None else arch
 
 
 def locate_module(path: str, findings: list[Finding]) -> list[Finding]:
@@ -1052,7 +1212,8 @@ def _as_view(kernel: object) -> KernelView | None:
 
 
 # --- many modules: one run is one set ---------------------------------------------------------
-Job = tuple[str, "str | None", "str | None", "Version | None", tuple[str, ...]]
+# A run of modules checked together in one process: paths, kdir, arch, version, extra symbols.
+Batch = tuple[list[str], "str | None", "str | None", "Version | None", tuple[str, ...]]
 
 
 @lru_cache(maxsize=4)
@@ -1061,26 +1222,62 @@ def _view(kdir: str, extra: tuple[str, ...]) -> KernelView:
     return view.with_siblings(read_extra_symbols(list(extra))) if extra else view
 
 
-# The exports of the modules this process has read in `_check_one` (or why they could not be
+# The exports of the modules this process has read in `_check_batch` (or why they could not be
 # read), for `_exports_of`: a run checked in-process reads no file twice. Emptied per run.
 _EXPORTS_SEEN: dict[str, "dict[str, Export] | RustkoError"] = {}
 
 
-def _check_one(job: Job) -> tuple[str, list[Finding] | str]:
-    path, kdir, arch, version, extra = job
-    try:
-        elf = Elf(read_module_bytes(Path(path)), path)
-    except RustkoError as err:
-        return path, str(err)
-    if kdir:
+def _check_batch(batch: Batch) -> list[tuple[str, list[Finding] | str]]:
+    """Check a run of modules: read them, screen their RELA tables together (`_screened`),
+    then check each in full; errors stay per file."""
+    paths, kdir, arch, version, extra = batch
+    view = _view(kdir, extra) if kdir else None
+    read: list[Elf | str] = []
+    for path in paths:
         try:
-            _EXPORTS_SEEN[path] = _own_exports(elf)
+            elf = Elf(read_module_bytes(Path(path)), path)
         except RustkoError as err:
-            _EXPORTS_SEEN[path] = err
-    try:
-        return path, _check_read(elf, _view(kdir, extra) if kdir else None, arch, version, False)
-    except RustkoError as err:
-        return path, str(err)
+            read.append(str(err))
+            continue
+        if kdir:
+            try:
+                _EXPORTS_SEEN[path] = _own_exports(elf)
+            except RustkoError as err:
+                _EXPORTS_SEEN[path] = err
+        read.append(elf)
+    elfs = [elf for elf in read if isinstance(elf, Elf)]
+    screened = dict(zip(map(id, elfs), _screened(elfs, view, arch, version)))
+    out: list[tuple[str, list[Finding] | str]] = []
+    for path, elf in zip(paths, read):
+        if isinstance(elf, str):
+            out.append((path, elf))
+            continue
+        try:
+            out.append((path, _check_read(elf, view, arch, version, False, screened[id(elf)])))
+        except RustkoError as err:
+            out.append((path, str(err)))
+    return out
+
+
+def _screened(elfs: list[Elf], view: KernelView | None, arch: str | None,
+              version: Version | None) -> list[list[int] | None]:
+    """`_screen`'s verdict per module, the modules grouped by the rules they are checked with.
+    Only once numpy is imported (a big run, `_workers`): before, the pure-Python pass decides
+    a clean module for less than numpy's import."""
+    out: list[list[int] | None] = [None] * len(elfs)
+    if "numpy" not in sys.modules:
+        return out
+    groups: dict[tuple[str, Version], tuple[ArchRules, list[int]]] = {}
+    for i, elf in enumerate(elfs):
+        try:
+            rules, wanted = _target(elf, view, _arch(elf, view, arch), version)
+        except RustkoError:
+            continue  # the check raises it
+        groups.setdefault((rules.arch, wanted), (rules, []))[1].append(i)
+    for (_, wanted), (rules, members) in groups.items():
+        for i, clean in zip(members, _screen([elfs[i] for i in members], rules, wanted, view)):
+            out[i] = clean
+    return out
 
 
 def _own_exports(elf: Elf) -> dict[str, Export]:
@@ -1107,31 +1304,56 @@ def _exports_of(path: str) -> tuple[str, dict[str, Export]]:
 # collecting results cost about as much as checking this much in-process (measured: 92 DKMS
 # modules, 6.9 MB, took 0.26 s in-process and 0.58 s on two workers).
 BYTES_PER_WORKER = 32 << 20
+# Module bytes per `_check_batch`: enough that `_screen`'s fixed numpy cost (about 0.5 ms) is
+# small beside the modules' check, few enough that workers share the end of a run evenly.
+BATCH_BYTES = 4 << 20
 
 
-def _workers(files: list[str], jobs: int | None) -> int:
-    """Processes for checking `files`: one (in-process) unless there is enough to share; numpy
-    imported first (once, before any worker starts) when the relocations to check are many."""
-    total = 0
+def _sizes(files: list[str]) -> list[int]:
+    sizes = []
     for path in files:
         try:
-            total += os.stat(path).st_size
+            sizes.append(os.stat(path).st_size)
         except OSError:
-            pass
+            sizes.append(0)  # reading it makes the error
+    return sizes
+
+
+def _workers(total: int, jobs: int | None) -> int:
+    """Processes for checking `total` bytes of modules: one (in-process) unless there is enough
+    to share; numpy imported first (once, before any worker starts) when the relocations to
+    check are many."""
     if total > PURE_BYTES:
-        import numpy  # noqa: F401 - `_pure_pass` sees it
+        import numpy  # noqa: F401 - `_pure_pass` and `_screened` see it
     if jobs is not None:
         return max(1, jobs)
     return max(1, min(os.cpu_count() or 1, total // BYTES_PER_WORKER))
 
 
-def _pool_map(function, work: list, workers: int) -> list:
+def _batches(files: list[str], sizes: list[int]) -> list[tuple[int, list[str]]]:
+    """`files` in runs of about BATCH_BYTES (bytes, paths), in their order."""
+    batches: list[tuple[int, list[str]]] = []
+    paths: list[str] = []
+    filled = 0
+    for path, size in zip(files, sizes):
+        if paths and filled + size > BATCH_BYTES:
+            batches.append((filled, paths))
+            paths, filled = [], 0
+        paths.append(path)
+        filled += size
+    if paths:
+        batches.append((filled, paths))
+    return batches
+
+
+def _pool_map(function, work: list, workers: int, chunksize: int | None = None) -> list:
     if workers <= 1:
         return [function(w) for w in work]
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(function, work, chunksize=max(1, len(work) // (workers * 8))))
+        return list(pool.map(function, work,
+                             chunksize=chunksize or max(1, len(work) // (workers * 8))))
 
 
 def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str | None = None,
@@ -1154,9 +1376,17 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
         raise RustkoError("--extra-symbols needs --kdir", "symbols are only checked against a KDIR")
     if kdir:
         _view(kdir, extra)  # fail early, once, on a bad KDIR or symbols file
-    workers = _workers(files, jobs)
+    sizes = _sizes(files)
+    workers = _workers(sum(sizes), jobs)
     _EXPORTS_SEEN.clear()
-    results = _pool_map(_check_one, [(f, kdir, arch, version, extra) for f in files], workers)
+    batches = _batches(files, sizes)
+    # The biggest batches first (one large module is a batch of its own), so that no worker
+    # is left alone with one at the end; the results go back in the files' order.
+    order = sorted(range(len(batches)), key=lambda i: -batches[i][0])
+    done = _pool_map(_check_batch, [(batches[i][1], kdir, arch, version, extra) for i in order],
+                     workers, chunksize=1)
+    by_batch = dict(zip(order, done))
+    results = [result for i in range(len(batches)) for result in by_batch[i]]
     if kdir and len(files) > 1 and any(_unresolved(r) for _, r in results):
         results = _resolve_siblings(results, files, kdir, arch, version, extra, workers)
     return missing + [(p, r if isinstance(r, str) else _locate_or_error(p, r)) for p, r in results]
