@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable
 from . import loader, relocs
 from .elf import (RELA64_SIZE, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS,
                   SHN_COMMON, SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, STB_GLOBAL, STB_WEAK,
-                  STT_SECTION, Elf, Symbols, columns, iter_modules, read_module_bytes)
+                  STT_SECTION, Elf, Symbols, columns, module_files, read_module_bytes)
 from .errors import RustkoError
 from .kernelview import Export, KernelView, kernel_view, read_extra_symbols, read_symvers
 from .loader import ENOENT, EINVAL, GPL_COMPATIBLE, IGNORED_UNDEFINED, RULES
@@ -279,6 +279,9 @@ def _check_module_area(elf: Elf, name: str, arch: str, view: KernelView, version
     if table is None or table.size is None:
         return []
     area = view.module_area if view.module_area is not None else table.largest
+    # All sections together bound every allocation: one sum settles nearly every module.
+    if -(-sum(s.size for s in elf.sections) // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:
+        return []
     largest = max(_allocations(elf, version, percpu_apart=view.percpu_reserve is not None), default=0)
     if largest >= loader.LAYOUT_SIZE_WRAP:  # the loader's own sum wraps: no verdict
         return []
@@ -603,24 +606,23 @@ def _applied_tables(elf: Elf) -> tuple[list[int], list[bytes], list[int]]:
     parts: list[bytes] = []
     owners: list[int] = []
     sections, names, data = elf.sections, elf.names, elf.data
-    for rsec, rel in enumerate(sections):
-        if rel.type not in (SHT_RELA, SHT_REL) or rel.flags & SHF_RELA_LIVEPATCH:
+    for rsec, (_, kind, flags, _, offset, size, _, target, _, _) in enumerate(sections):
+        if kind != SHT_RELA and kind != SHT_REL or flags & SHF_RELA_LIVEPATCH:
             continue
-        target = rel.info
         if target >= len(sections) or not sections[target].flags & SHF_ALLOC:
             continue
         if names[target] in (".modinfo", "__versions"):
             continue
-        if rel.type == SHT_REL:
-            if rel.size:
+        if kind == SHT_REL:
+            if size:
                 rels.append(rsec)
             continue
-        count = rel.size // RELA64_SIZE
+        count = size // RELA64_SIZE
         if count:
-            if rel.offset + count * RELA64_SIZE > len(data):
+            if offset + count * RELA64_SIZE > len(data):
                 raise RustkoError(f"{elf.path}: section {names[rsec]!r} extends past the end of "
                                   "the file (truncated or corrupt)")
-            parts.append(data[rel.offset:rel.offset + count * RELA64_SIZE])
+            parts.append(data[offset:offset + count * RELA64_SIZE])
             owners.append(rsec)
     return rels, parts, owners
 
@@ -969,10 +971,12 @@ def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelVie
         past = start + width[sel].astype(np.int64) > end_of_module[part[sel]]
         bad[sel[past]] = True
         sel, start = sel[~past], start[~past]
-        body = np.frombuffer(b"".join(bodies), dtype=np.uint8)
-        for size in np.unique(width[sel]).tolist():
-            mine = width[sel] == size
-            bad[sel[mine]] |= body[start[mine][:, None] + np.arange(size)].any(axis=1)
+        # Each field's 8 bytes from its start as one little-endian word (8 zero bytes after
+        # the last module), its width's bytes masked: nonzero when any of them is.
+        body = np.frombuffer(b"".join([*bodies, bytes(8)]), dtype=np.uint8)
+        words = np.lib.stride_tricks.sliding_window_view(body, 8)[start].view("<u8")[:, 0]
+        masks = np.array([(1 << 8 * k) - 1 for k in range(9)], dtype=np.uint64)
+        bad[sel[(words & masks[width[sel].astype(np.int64)]) != 0]] = True
         at = np.flatnonzero(live)
         overlap = (part[at][1:] == part[at][:-1]) & (offset[at][1:] < end[at][:-1])
         bad[at[1:][overlap]] = True
@@ -1368,7 +1372,7 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
     missing: list[tuple[str, list[Finding] | str]] = []
     for raw in paths:
         try:
-            files += [str(p) for p in iter_modules([raw])]
+            files += module_files(raw)
         except RustkoError as err:
             missing.append((str(raw), str(err)))
     extra = tuple(str(Path(p)) for p in extra_symbols)
