@@ -598,12 +598,13 @@ def _overflow_bases(syms: Symbols, rules: ArchRules, pcpu: int | None, view: Ker
     return (low + value + bias, high + value + bias)
 
 
-def _applied_tables(elf: Elf) -> tuple[list[int], list[bytes], list[int]]:
+def _applied_tables(elf: Elf) -> tuple[list[int], list[tuple[int, int]], list[int]]:
     """What apply_relocations applies: sections SHT_RELA/SHT_REL whose target is SHF_ALLOC (and
     not .modinfo/__versions, whose SHF_ALLOC the loader clears). Returns the SHT_REL sections
-    with entries (refused), and the RELA tables' bytes with their section indices."""
+    with entries (refused), and the RELA tables' (file offset, entries) with their section
+    indices."""
     rels: list[int] = []
-    parts: list[bytes] = []
+    spans: list[tuple[int, int]] = []
     owners: list[int] = []
     sections, names, data = elf.sections, elf.names, elf.data
     for rsec, (_, kind, flags, _, offset, size, _, target, _, _) in enumerate(sections):
@@ -622,9 +623,9 @@ def _applied_tables(elf: Elf) -> tuple[list[int], list[bytes], list[int]]:
             if offset + count * RELA64_SIZE > len(data):
                 raise RustkoError(f"{elf.path}: section {names[rsec]!r} extends past the end of "
                                   "the file (truncated or corrupt)")
-            parts.append(data[offset:offset + count * RELA64_SIZE])
+            spans.append((offset, count))
             owners.append(rsec)
-    return rels, parts, owners
+    return rels, spans, owners
 
 
 def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, name: str,
@@ -648,7 +649,8 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         elif len(groups) < MAX_FINDINGS:
             groups[key] = make(offset)
 
-    rels, parts, owners = _applied_tables(elf) if screened is None else (screened, [], [])
+    rels, spans, owners = _applied_tables(elf) if screened is None else (screened, [], [])
+    parts = [elf.data[offset:offset + count * RELA64_SIZE] for offset, count in spans]
     for rsec in rels:
         add(("rel", rsec), 0, lambda off, rsec=rsec: _finding(
             path, "relocation", "rel-section", version,
@@ -902,99 +904,107 @@ def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelVie
     an undefined symbol is checked at every place the loader may put it (a kernel export; 0
     when weak; in module memory when a sibling may export it), and any two writes to the same
     bytes count (a module's tables are in offset order, so neighbours tell; two tables for one
-    section go to the pass). Architectures with range checks or branch reordering (arm64)
-    always take the pass."""
+    section, or a table off 8-byte alignment, go to the pass). Architectures with range checks
+    or branch reordering (arm64) always take the pass."""
     import numpy as np
-
-    from .elf import RELA64, SYM64
 
     clean: list[list[int] | None] = [None] * len(elfs)
     if rules.range_checks or rules.branch_partition:
         return clean
     rels: list[list[int]] = [[]] * len(elfs)
-    parts: list[bytes] = []
+    # The screened modules' bytes one after another, each padded to 8 bytes so that every
+    # RELA entry is three aligned little-endian words of the whole; their symbol tables too.
     bodies: list[bytes] = []
     symtabs: list[bytes] = []
-    # Per RELA table: its module, entries, the module's symbol count and first symbol in the
-    # batch's symbol table, the target's size, file offset in the batch's bytes and type, the
-    # module's bytes' end and length in the batch, the module's .data..percpu index (-1: none).
-    table: list[tuple[int, int, int, int, int, int, bool, int, int, int]] = []
+    # Per screened module: its place in `elfs`, its symbol count and first symbol in the
+    # batch's symbol table, its length and end in the batch's bytes, its .data..percpu (-1:
+    # none). Per RELA table: entries, first word in the batch's bytes, and its target's size,
+    # start in the batch's bytes and whether it is SHT_NOBITS.
+    modules: list[tuple[int, int, int, int, int, int]] = []
+    tables: list[tuple[int, int, int, int, bool]] = []
+    counts: list[int] = []  # RELA tables per screened module
     base = symbase = 0
     for m, elf in enumerate(elfs):
         try:
-            rel, mine, owners = _applied_tables(elf)
+            rel, spans, owners = _applied_tables(elf)
             syms = elf.symbols()
         except RustkoError:
             continue  # the pass raises it
         rels[m] = rel
-        if not mine:
+        if not spans:
             clean[m] = rel
             continue
-        targets = [elf.sections[rsec].info for rsec in owners]
-        if len(set(targets)) != len(targets):
+        sections = elf.sections
+        targets = [sections[rsec].info for rsec in owners]
+        if len(set(targets)) != len(targets) or any(offset % 8 for offset, _ in spans):
             continue
-        pcpu = elf.find(".data..percpu")
         size = len(elf.data)
-        for part, target in zip(mine, targets):
-            sec = elf.sections[target]
-            table.append((m, len(part) // RELA64_SIZE, len(syms), symbase, sec.size,
-                          base + min(sec.offset, size + 1), sec.type == SHT_NOBITS, base + size,
-                          size, -1 if pcpu is None else pcpu))
-        parts += mine
-        bodies.append(elf.data)
+        for (offset, count), target in zip(spans, targets):
+            _, kind, _, _, start, length, *_ = sections[target]
+            tables.append((count, (base + offset) // 8, length, base + min(start, size + 1),
+                           kind == SHT_NOBITS))
+        pcpu = elf.find(".data..percpu")
+        modules.append((m, len(syms), symbase, size, base + size, -1 if pcpu is None else pcpu))
+        counts.append(len(spans))
+        bodies += (elf.data, bytes(-size % 8))
         symtabs.append(syms.raw)
-        base += size
+        base += size + -size % 8
         symbase += len(syms)
-    if not table:
+    if not tables:
         return clean
-    (module, count, nsyms, first_sym, sec_size, sec_start, nobits, end_of_module, length,
-     pcpu) = (np.array(column) for column in zip(*table))
-    sec_size = sec_size.astype(np.uint64)
-    rows = np.frombuffer(b"".join(parts), dtype=RELA64)
-    part = np.repeat(np.arange(len(table)), count)
-    offset = rows["offset"]
-    rtype = (rows["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    symidx = (rows["info"] >> np.uint64(32)).astype(np.int64)
+    place, nsyms, first_sym, length, end_of_module, pcpu = map(np.array, zip(*modules))
+    count, first_word, sec_size, sec_start, nobits = map(np.array, zip(*tables))
+    words = np.frombuffer(b"".join([*bodies, bytes(8)]), dtype="<u8")  # one word past the end
+    part = np.repeat(np.arange(len(tables)), count)
+    mod = np.repeat(np.repeat(np.arange(len(modules)), counts), count)
+    at = np.repeat(first_word - 3 * (np.cumsum(count) - count), count) + 3 * np.arange(len(part))
+    offset, info, addend = words[at], words[at + 1], words[at + 2].view(np.int64)
+    rtype = (info & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    symidx = (info >> np.uint64(32)).astype(np.int64)
     lut, widths = _tables(rules.arch, version)
     clipped = np.minimum(rtype, len(lut) - 1)
-    bad = ~lut[clipped] | (symidx >= nsyms[part])
+    bad = ~lut[clipped] | (symidx >= nsyms[mod])
     if rules.sizes:
         width = widths[clipped].astype(np.uint64)
         end = offset + width
         live = width > 0
-        bad |= live & ((end > sec_size[part]) | (end < offset))
+        bad |= live & ((end > sec_size.astype(np.uint64)[part]) | (end < offset))
         # Fields in the file: under its length (so no sum below wraps), inside it, and zero.
         readable = live & ~nobits[part]
-        bad |= readable & (offset > length[part].astype(np.uint64))
+        bad |= readable & (offset > length[mod].astype(np.uint64))
         sel = np.flatnonzero(readable & ~bad)
         start = sec_start[part[sel]] + offset[sel].astype(np.int64)
-        past = start + width[sel].astype(np.int64) > end_of_module[part[sel]]
+        past = start + width[sel].astype(np.int64) > end_of_module[mod[sel]]
         bad[sel[past]] = True
         sel, start = sel[~past], start[~past]
-        # Each field's 8 bytes from its start as one little-endian word (8 zero bytes after
-        # the last module), its width's bytes masked: nonzero when any of them is.
-        body = np.frombuffer(b"".join([*bodies, bytes(8)]), dtype=np.uint8)
-        words = np.lib.stride_tricks.sliding_window_view(body, 8)[start].view("<u8")[:, 0]
+        # A field's 8 bytes from its start, made of the two aligned words it straddles, its
+        # width's bytes masked: nonzero when any of them is.
+        shift = (start % 8 * 8).astype(np.uint64)
+        field = ((words[start // 8] >> shift)
+                 | ((words[start // 8 + 1] << np.uint64(1)) << (np.uint64(63) - shift)))
         masks = np.array([(1 << 8 * k) - 1 for k in range(9)], dtype=np.uint64)
-        bad[sel[(words & masks[width[sel].astype(np.int64)]) != 0]] = True
+        bad[sel[(field & masks[width[sel].astype(np.int64)]) != 0]] = True
         at = np.flatnonzero(live)
         overlap = (part[at][1:] == part[at][:-1]) & (offset[at][1:] < end[at][:-1])
         bad[at[1:][overlap]] = True
         if rules.overflow_checked and rules.module_range and rules.kernel_range:
-            bad[_maybe_overflowing(rows, clipped, symidx, part, bad, first_sym, pcpu,
-                                   np.frombuffer(b"".join(symtabs), dtype=SYM64), rules,
-                                   view is not None and bool(view.siblings))] = True
-    for m in set(module.tolist()) - set(module[part[bad]].tolist()):
+            symbols = np.frombuffer(b"".join(symtabs), dtype="<u8")
+            bad[_maybe_overflowing(addend, clipped, symidx, mod, bad, first_sym, pcpu, symbols,
+                                   rules, view is not None and bool(view.siblings))] = True
+    dirty = np.zeros(len(modules), dtype=bool)
+    dirty[mod[bad]] = True
+    for m in place[~dirty].tolist():
         clean[m] = rels[m]
     return clean
 
 
-def _maybe_overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, part: np.ndarray,
-                       bad: np.ndarray, first_sym: np.ndarray, pcpu: np.ndarray, symtab: np.ndarray,
-                       rules: ArchRules, siblings: bool) -> np.ndarray:
+def _maybe_overflowing(addend: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, mod: np.ndarray,
+                       bad: np.ndarray, first_sym: np.ndarray, pcpu: np.ndarray,
+                       symbols: np.ndarray, rules: ArchRules, siblings: bool) -> np.ndarray:
     """`_screen`'s `_overflows`: the rows (not yet bad) whose S+A may not fit, S at each place
     the loader may put the symbol. A field fits when (S + A + bias) mod 2**64 < 2**32, bias 0
-    zero-extended and 2**31 sign-extended (as `_overflow_bases`)."""
+    zero-extended and 2**31 sign-extended (as `_overflow_bases`). `symbols`: the Elf64_Sym
+    records as words (name, info, other and shndx in the first; value in the second)."""
     import numpy as np
 
     bias = np.full(int(rtype.max()) + 1, -1, dtype=np.int64)  # rtype: clipped to the type table
@@ -1004,26 +1014,30 @@ def _maybe_overflowing(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, 
     sel = np.flatnonzero(~bad & (bias[rtype] >= 0))
     if not len(sel):
         return sel
-    sym = symtab[first_sym[part[sel]] + symidx[sel]]
-    shndx = sym["shndx"].astype(np.int64)
+    at = 3 * (first_sym[mod[sel]] + symidx[sel])
+    head, value = symbols[at], symbols[at + 1]
+    shndx = (head >> np.uint64(48)).astype(np.int64)
+    weak = ((head >> np.uint64(36)) & np.uint64(0xF)) == STB_WEAK
     undef = shndx == SHN_UNDEF
     absolute = (shndx == SHN_ABS) | (symidx[sel] == 0)
     kernel = undef & ~absolute
+    percpu = shndx == pcpu[mod[sel]]
     with np.errstate(over="ignore"):
-        at = (np.where(undef, np.uint64(0), sym["value"]) + rows["addend"][sel].astype(np.uint64)
-              + bias[rtype[sel]].astype(np.uint64))
-        places = [(rules.module_range, ~undef & ~absolute), (rules.kernel_range, kernel)]
+        base = (np.where(undef, np.uint64(0), value) + addend[sel].astype(np.uint64)
+                + bias[rtype[sel]].astype(np.uint64))
+        places = [(rules.kernel_range, kernel)]
         if rules.percpu_range is not None:
-            places = [(rules.module_range, ~undef & ~absolute & (shndx != pcpu[part[sel]])),
-                      (rules.kernel_range, kernel),
-                      (rules.percpu_range, shndx == pcpu[part[sel]])]
+            places += [(rules.module_range, ~undef & ~absolute & ~percpu),
+                       (rules.percpu_range, percpu)]
+        else:
+            places.append((rules.module_range, ~undef & ~absolute))
         if siblings:
             places.append((rules.module_range, kernel))
         limit = np.uint64(1 << 32)
-        over = absolute & (at >= limit) | kernel & ((sym["info"] >> 4) == STB_WEAK) & (at >= limit)
+        over = (absolute | kernel & weak) & (base >= limit)
         for where, mine in places:
-            over |= mine & ((np.uint64(where.low) + at >= limit)
-                            | (np.uint64(where.high - 1) + at >= limit))
+            over |= mine & ((np.uint64(where.low) + base >= limit)
+                            | (np.uint64(where.high - 1) + base >= limit))
     return sel[over]
 
 
