@@ -1253,7 +1253,7 @@ def _check_batch(batch: Batch) -> list[tuple[str, list[Finding] | str]]:
     read: list[Elf | str] = []
     for path in paths:
         try:
-            elf = Elf(read_module_bytes(Path(path)), path)
+            elf = Elf(read_module_bytes(path), path)
         except RustkoError as err:
             read.append(str(err))
             continue

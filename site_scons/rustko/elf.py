@@ -284,8 +284,10 @@ class Elf:
         info: dict[str, list[str]] = {}
         if index is None:
             return info
-        for entry in self.section_bytes(index).split(b"\0"):
-            key, sep, value = entry.decode("utf-8", "replace").partition("=")
+        # Decoded whole: a NUL never is part of a UTF-8 sequence, so each string decodes as
+        # it would alone.
+        for entry in self.section_bytes(index).decode("utf-8", "replace").split("\0"):
+            key, sep, value = entry.partition("=")
             if sep:
                 info.setdefault(key, []).append(value)
         return info
@@ -396,13 +398,15 @@ def _starts(strtab: bytes, prefix: bytes) -> set[int]:
 MODULE_SUFFIXES = (".ko", ".o", ".ko.xz", ".ko.gz", ".ko.zst")
 
 
-def read_module_bytes(path: Path) -> bytes:
+def read_module_bytes(path: Path | str) -> bytes:
     """The ELF bytes of a module, decompressing .xz/.gz/.zst (as kmod does) when needed."""
+    path = str(path)  # a run of thousands of modules makes no Path per file
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as file:
+            raw = file.read()
     except OSError as err:
         raise RustkoError(f"cannot read {path}: {err.strerror}")
-    if not path.name.endswith((".xz", ".gz", ".zst")):
+    if not path.endswith((".xz", ".gz", ".zst")):
         return raw
     import gzip
     import io
@@ -411,14 +415,14 @@ def read_module_bytes(path: Path) -> bytes:
     import subprocess
 
     try:
-        if path.name.endswith(".xz"):
+        if path.endswith(".xz"):
             return lzma.LZMADecompressor().decompress(raw, max_length=MAX_MODULE_BYTES)
-        if path.name.endswith(".gz"):
+        if path.endswith(".gz"):
             with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
                 return stream.read(MAX_MODULE_BYTES)
     except (lzma.LZMAError, OSError, EOFError) as err:
         raise RustkoError(f"{path}: cannot decompress: {err}")
-    if path.name.endswith(".zst"):
+    if path.endswith(".zst"):
         zstd = shutil.which("zstd")
         if zstd is None:
             raise RustkoError(f"{path}: zstd-compressed, but the `zstd` tool is not installed",
