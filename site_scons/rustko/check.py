@@ -904,8 +904,8 @@ def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelVie
     an undefined symbol is checked at every place the loader may put it (a kernel export; 0
     when weak; in module memory when a sibling may export it), and any two writes to the same
     bytes count (a module's tables are in offset order, so neighbours tell; two tables for one
-    section, or a table off 8-byte alignment, go to the pass). Architectures with range checks
-    or branch reordering (arm64) always take the pass."""
+    section, a table off 8-byte alignment, or a target past the file's end, go to the pass).
+    Architectures with range checks or branch reordering (arm64) always take the pass."""
     import numpy as np
 
     clean: list[list[int] | None] = [None] * len(elfs)
@@ -917,10 +917,10 @@ def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelVie
     bodies: list[bytes] = []
     symtabs: list[bytes] = []
     # Per screened module: its place in `elfs`, its symbol count and first symbol in the
-    # batch's symbol table, its length and end in the batch's bytes, its .data..percpu (-1:
-    # none). Per RELA table: entries, first word in the batch's bytes, and its target's size,
-    # start in the batch's bytes and whether it is SHT_NOBITS.
-    modules: list[tuple[int, int, int, int, int, int]] = []
+    # batch's symbol table, its .data..percpu (-1: none). Per RELA table: entries, first word
+    # in the batch's bytes, and its target's size, start in the batch's bytes and whether it
+    # is SHT_NOBITS.
+    modules: list[tuple[int, int, int, int]] = []
     tables: list[tuple[int, int, int, int, bool]] = []
     counts: list[int] = []  # RELA tables per screened module
     base = symbase = 0
@@ -939,12 +939,14 @@ def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelVie
         if len(set(targets)) != len(targets) or any(offset % 8 for offset, _ in spans):
             continue
         size = len(elf.data)
-        for (offset, count), target in zip(spans, targets):
-            _, kind, _, _, start, length, *_ = sections[target]
-            tables.append((count, (base + offset) // 8, length, base + min(start, size + 1),
-                           kind == SHT_NOBITS))
+        mine = [(count, (base + offset) // 8, sections[target].type, sections[target].offset,
+                 sections[target].size) for (offset, count), target in zip(spans, targets)]
+        if any(kind != SHT_NOBITS and start + length > size for _, _, kind, start, length in mine):
+            continue
+        tables += [(count, word, length, base + start, kind == SHT_NOBITS)
+                   for count, word, kind, start, length in mine]
         pcpu = elf.find(".data..percpu")
-        modules.append((m, len(syms), symbase, size, base + size, -1 if pcpu is None else pcpu))
+        modules.append((m, len(syms), symbase, -1 if pcpu is None else pcpu))
         counts.append(len(spans))
         bodies += (elf.data, bytes(-size % 8))
         symtabs.append(syms.raw)
@@ -952,44 +954,39 @@ def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelVie
         symbase += len(syms)
     if not tables:
         return clean
-    place, nsyms, first_sym, length, end_of_module, pcpu = map(np.array, zip(*modules))
+    place, nsyms, first_sym, pcpu = map(np.array, zip(*modules))
     count, first_word, sec_size, sec_start, nobits = map(np.array, zip(*tables))
     words = np.frombuffer(b"".join([*bodies, bytes(8)]), dtype="<u8")  # one word past the end
-    part = np.repeat(np.arange(len(tables)), count)
-    mod = np.repeat(np.repeat(np.arange(len(modules)), counts), count)
-    at = np.repeat(first_word - 3 * (np.cumsum(count) - count), count) + 3 * np.arange(len(part))
-    offset, info, addend = words[at], words[at + 1], words[at + 2].view(np.int64)
-    rtype = (info & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    symidx = (info >> np.uint64(32)).astype(np.int64)
+    owner = np.repeat(np.arange(len(modules)), counts)  # per table
+    mod, part = np.repeat(owner, count), np.repeat(np.arange(len(tables)), count)
+    at = np.repeat(first_word - 3 * (np.cumsum(count) - count), count) + 3 * np.arange(len(mod))
+    offset, info = words[at], words[at + 1].view("<u4")
+    rtype, symidx = info[::2], info[1::2]
     lut, widths = _tables(rules.arch, version)
     clipped = np.minimum(rtype, len(lut) - 1)
-    bad = ~lut[clipped] | (symidx >= nsyms[mod])
+    bad = ~lut[clipped] | (symidx >= np.repeat(nsyms[owner], count))
     if rules.sizes:
-        width = widths[clipped].astype(np.uint64)
+        width = widths.astype(np.uint64)[clipped]
         end = offset + width
         live = width > 0
-        bad |= live & ((end > sec_size.astype(np.uint64)[part]) | (end < offset))
-        # Fields in the file: under its length (so no sum below wraps), inside it, and zero.
-        readable = live & ~nobits[part]
-        bad |= readable & (offset > length[mod].astype(np.uint64))
-        sel = np.flatnonzero(readable & ~bad)
-        start = sec_start[part[sel]] + offset[sel].astype(np.int64)
-        past = start + width[sel].astype(np.int64) > end_of_module[mod[sel]]
-        bad[sel[past]] = True
-        sel, start = sel[~past], start[~past]
+        bad |= live & ((end > np.repeat(sec_size.astype(np.uint64), count)) | (end < offset))
+        # Inside its section, which is inside the file: a field's place in the batch's bytes.
+        sel = np.flatnonzero(live & ~np.repeat(nobits, count) & ~bad)
+        start = np.repeat(sec_start, count)[sel] + offset[sel].view(np.int64)
         # A field's 8 bytes from its start, made of the two aligned words it straddles, its
         # width's bytes masked: nonzero when any of them is.
         shift = (start % 8 * 8).astype(np.uint64)
         field = ((words[start // 8] >> shift)
                  | ((words[start // 8 + 1] << np.uint64(1)) << (np.uint64(63) - shift)))
         masks = np.array([(1 << 8 * k) - 1 for k in range(9)], dtype=np.uint64)
-        bad[sel[(field & masks[width[sel].astype(np.int64)]) != 0]] = True
-        at = np.flatnonzero(live)
-        overlap = (part[at][1:] == part[at][:-1]) & (offset[at][1:] < end[at][:-1])
-        bad[at[1:][overlap]] = True
+        bad[sel[(field & masks[width[sel]]) != 0]] = True
+        at_live = np.flatnonzero(live)
+        overlap = ((part[at_live][1:] == part[at_live][:-1])
+                   & (offset[at_live][1:] < end[at_live][:-1]))
+        bad[at_live[1:][overlap]] = True
         if rules.overflow_checked and rules.module_range and rules.kernel_range:
             symbols = np.frombuffer(b"".join(symtabs), dtype="<u8")
-            bad[_maybe_overflowing(addend, clipped, symidx, mod, bad, first_sym, pcpu, symbols,
+            bad[_maybe_overflowing(words, at, clipped, symidx, mod, bad, first_sym, pcpu, symbols,
                                    rules, view is not None and bool(view.siblings))] = True
     dirty = np.zeros(len(modules), dtype=bool)
     dirty[mod[bad]] = True
@@ -998,13 +995,14 @@ def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelVie
     return clean
 
 
-def _maybe_overflowing(addend: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, mod: np.ndarray,
-                       bad: np.ndarray, first_sym: np.ndarray, pcpu: np.ndarray,
+def _maybe_overflowing(words: np.ndarray, at: np.ndarray, rtype: np.ndarray, symidx: np.ndarray,
+                       mod: np.ndarray, bad: np.ndarray, first_sym: np.ndarray, pcpu: np.ndarray,
                        symbols: np.ndarray, rules: ArchRules, siblings: bool) -> np.ndarray:
     """`_screen`'s `_overflows`: the rows (not yet bad) whose S+A may not fit, S at each place
     the loader may put the symbol. A field fits when (S + A + bias) mod 2**64 < 2**32, bias 0
-    zero-extended and 2**31 sign-extended (as `_overflow_bases`). `symbols`: the Elf64_Sym
-    records as words (name, info, other and shndx in the first; value in the second)."""
+    zero-extended and 2**31 sign-extended (as `_overflow_bases`). Row i's entry is words
+    at[i]..at[i]+2; `symbols`: the Elf64_Sym records as words (name, info, other and shndx in
+    the first; value in the second)."""
     import numpy as np
 
     bias = np.full(int(rtype.max()) + 1, -1, dtype=np.int64)  # rtype: clipped to the type table
@@ -1014,8 +1012,8 @@ def _maybe_overflowing(addend: np.ndarray, rtype: np.ndarray, symidx: np.ndarray
     sel = np.flatnonzero(~bad & (bias[rtype] >= 0))
     if not len(sel):
         return sel
-    at = 3 * (first_sym[mod[sel]] + symidx[sel])
-    head, value = symbols[at], symbols[at + 1]
+    record = 3 * (first_sym[mod[sel]] + symidx[sel])
+    head, value = symbols[record], symbols[record + 1]
     shndx = (head >> np.uint64(48)).astype(np.int64)
     weak = ((head >> np.uint64(36)) & np.uint64(0xF)) == STB_WEAK
     undef = shndx == SHN_UNDEF
@@ -1023,7 +1021,7 @@ def _maybe_overflowing(addend: np.ndarray, rtype: np.ndarray, symidx: np.ndarray
     kernel = undef & ~absolute
     percpu = shndx == pcpu[mod[sel]]
     with np.errstate(over="ignore"):
-        base = (np.where(undef, np.uint64(0), value) + addend[sel].astype(np.uint64)
+        base = (np.where(undef, np.uint64(0), value) + words[at[sel] + 2]
                 + bias[rtype[sel]].astype(np.uint64))
         places = [(rules.kernel_range, kernel)]
         if rules.percpu_range is not None:
