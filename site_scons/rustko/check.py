@@ -1362,14 +1362,58 @@ def _batches(files: list[str], sizes: list[int]) -> list[tuple[int, list[str]]]:
     return batches
 
 
-def _pool_map(function, work: list, workers: int, chunksize: int | None = None) -> list:
-    if workers <= 1:
+def _pool_map(function, work: list, workers: int) -> list:
+    """`[function(w) for w in work]` over `workers` forked processes, each taking the next item
+    when it is free (the items' numbers wait in one pipe, 4 bytes each: a read that small is
+    atomic) and sending its results back pickled at the end. Forking directly spares
+    concurrent.futures' imports and pool (about 0.1 s of a big run's start-up). The first
+    exception a worker raised is raised here."""
+    if workers <= 1 or len(work) <= 1:
         return [function(w) for w in work]
-    from concurrent.futures import ProcessPoolExecutor
+    import pickle
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(function, work,
-                             chunksize=chunksize or max(1, len(work) // (workers * 8))))
+    tasks, feed = os.pipe()
+    children: list[tuple[int, int]] = []
+    for _ in range(min(workers, len(work))):
+        back, send = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            os.close(feed)
+            os.close(back)
+            try:
+                done = []
+                while item := os.read(tasks, 4):
+                    index = int.from_bytes(item, "little")
+                    done.append((index, function(work[index])))
+                payload = pickle.dumps((None, done))
+            except BaseException as err:  # raised in the parent
+                try:
+                    payload = pickle.dumps((err, []))
+                except Exception:
+                    payload = pickle.dumps((RuntimeError(repr(err)), []))
+            with os.fdopen(send, "wb") as out:
+                out.write(payload)
+            os._exit(0)
+        os.close(send)
+        children.append((pid, back))
+    os.close(tasks)
+    numbers = b"".join(i.to_bytes(4, "little") for i in range(len(work)))
+    for start in range(0, len(numbers), 4096):  # whole numbers per atomic pipe write
+        os.write(feed, numbers[start:start + 4096])
+    os.close(feed)
+    results: list = [None] * len(work)
+    error: BaseException | None = None
+    for pid, back in children:
+        with os.fdopen(back, "rb") as pipe:
+            payload = pipe.read()
+        os.waitpid(pid, 0)
+        raised, done = pickle.loads(payload) if payload else (RuntimeError("a worker died"), [])
+        error = error or raised
+        for index, result in done:
+            results[index] = result
+    if error is not None:
+        raise error
+    return results
 
 
 def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str | None = None,
@@ -1400,7 +1444,7 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
     # is left alone with one at the end; the results go back in the files' order.
     order = sorted(range(len(batches)), key=lambda i: -batches[i][0])
     done = _pool_map(_check_batch, [(batches[i][1], kdir, arch, version, extra) for i in order],
-                     workers, chunksize=1)
+                     workers)
     by_batch = dict(zip(order, done))
     results = [result for i in range(len(batches)) for result in by_batch[i]]
     if kdir and len(files) > 1 and any(_unresolved(r) for _, r in results):
