@@ -634,12 +634,12 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
     """apply_relocations: every SHT_RELA/SHT_REL section whose target section is SHF_ALLOC.
 
     A small table is first decided in pure Python (`_clean_small`): most modules have no
-    finding, and numpy costs more than such a check. `screened` (the SHT_REL sections): `_screen`
-    found the RELA tables clean already. Otherwise all applied RELA sections of the file are concatenated and
-    classified in one vectorised pass; findings keep the loader's order (section index, then
-    entry, after arm64's branch partition), so the first one is the line the kernel prints.
-    Relocations write live memory in that order: a field an earlier relocation wrote is nonzero
-    for a later one (x86).
+    finding, and numpy costs more than such a check. `screened` (the SHT_REL sections):
+    `_screen` found the RELA tables clean already. Otherwise all applied RELA sections of the
+    file are concatenated and classified in one vectorised pass; findings keep the loader's
+    order (section index, then entry, after arm64's branch partition), so the first one is the
+    line the kernel prints. Relocations write live memory in that order: a field an earlier
+    relocation wrote is nonzero for a later one (x86).
     """
     groups: dict[tuple, Finding] = {}
 
