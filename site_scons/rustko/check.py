@@ -280,7 +280,8 @@ def _check_module_area(elf: Elf, name: str, arch: str, view: KernelView, version
         return []
     area = view.module_area if view.module_area is not None else table.largest
     # All sections together bound every allocation: one sum settles nearly every module.
-    if -(-sum(s.size for s in elf.sections) // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:
+    total = sum(map(operator.attrgetter("size"), elf.sections))
+    if -(-total // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:
         return []
     largest = max(_allocations(elf, version, percpu_apart=view.percpu_reserve is not None), default=0)
     if largest >= loader.LAYOUT_SIZE_WRAP:  # the loader's own sum wraps: no verdict
@@ -607,8 +608,10 @@ def _applied_tables(elf: Elf) -> tuple[list[int], list[tuple[int, int]], list[in
     spans: list[tuple[int, int]] = []
     owners: list[int] = []
     sections, names, data = elf.sections, elf.names, elf.data
-    for rsec, (_, kind, flags, _, offset, size, _, target, _, _) in enumerate(sections):
-        if kind != SHT_RELA and kind != SHT_REL or flags & SHF_RELA_LIVEPATCH:
+    relocating = map({SHT_RELA, SHT_REL}.__contains__, map(operator.attrgetter("type"), sections))
+    for rsec in compress(range(len(sections)), relocating):  # the rest skipped at C speed
+        _, kind, flags, _, offset, size, _, target, _, _ = sections[rsec]
+        if flags & SHF_RELA_LIVEPATCH:
             continue
         if target >= len(sections) or not sections[target].flags & SHF_ALLOC:
             continue

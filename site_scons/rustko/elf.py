@@ -13,9 +13,11 @@ layer.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import struct
 import sys
+from itertools import compress
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
@@ -175,6 +177,7 @@ _NAME = struct.Struct("<I")
 
 
 _SHDR = functools.partial(tuple.__new__, Shdr)  # Shdr._make without its per-row checks
+_TYPE = operator.attrgetter("type")  # of a Shdr, for searches over all sections at C speed
 
 
 def _strings(blob: bytes, starts: list[int]) -> list[str]:
@@ -262,7 +265,8 @@ class Elf:
 
     @functools.cached_property
     def _symbols(self) -> Symbols:
-        index = next((i for i, s in enumerate(self.sections) if s.type == SHT_SYMTAB), None)
+        types = map(_TYPE, self.sections)
+        index = next(compress(range(len(self.sections)), map(SHT_SYMTAB.__eq__, types)), None)
         if index is None:
             return Symbols(b"", b"")
         section = self.sections[index]
