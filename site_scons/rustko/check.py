@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable
 from . import loader, relocs
 from .elf import (RELA64_SIZE, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS,
                   SHN_COMMON, SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, SHT_SYMTAB, STB_GLOBAL, STB_WEAK,
-                  STT_SECTION, Elf, Symbols, columns, iter_modules, read_module_bytes)
+                  STT_SECTION, Elf, Symbols, columns, module_files, read_module_bytes)
 from .errors import RustkoError
 from .kernelview import Export, KernelView, kernel_view, read_extra_symbols, read_symvers
 from .loader import ENOENT, EINVAL, GPL_COMPATIBLE, IGNORED_UNDEFINED, RULES
@@ -315,6 +315,10 @@ def _check_module_area(elf: Elf, name: str, arch: str, view: KernelView, version
     if table is None or table.size is None:
         return []
     area = view.module_area if view.module_area is not None else table.largest
+    # All sections together bound every allocation: one sum settles nearly every module.
+    total = sum(map(operator.attrgetter("size"), elf.sections))
+    if -(-total // loader.PAGE_SIZE) * loader.PAGE_SIZE <= area:
+        return []
     largest = max(_allocations(elf, version, percpu_apart=view.percpu_reserve is not None), default=0)
     if largest >= loader.LAYOUT_SIZE_WRAP:  # the loader's own sum wraps: no verdict
         return []
@@ -545,12 +549,46 @@ def _clean_small(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, pa
     return clean(elf, syms, rules, version, parts, owners, view)
 
 
+def _applied_tables(elf: Elf) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    """What apply_relocations applies: sections SHT_RELA/SHT_REL whose target is SHF_ALLOC (and
+    not .modinfo/__versions, whose SHF_ALLOC the loader clears). Returns the SHT_REL sections
+    with entries (refused), and the RELA tables' (file offset, entries) with their section
+    indices."""
+    rels: list[int] = []
+    spans: list[tuple[int, int]] = []
+    owners: list[int] = []
+    sections, names, data = elf.sections, elf.names, elf.data
+    relocating = map({SHT_RELA, SHT_REL}.__contains__, map(operator.attrgetter("type"), sections))
+    for rsec in compress(range(len(sections)), relocating):  # the rest skipped at C speed
+        _, kind, flags, _, offset, size, _, target, _, _ = sections[rsec]
+        if flags & SHF_RELA_LIVEPATCH:
+            continue
+        if target >= len(sections) or not sections[target].flags & SHF_ALLOC:
+            continue
+        if names[target] in (".modinfo", "__versions"):
+            continue
+        if kind == SHT_REL:
+            if size:
+                rels.append(rsec)
+            continue
+        count = size // RELA64_SIZE
+        if count:
+            if offset + count * RELA64_SIZE > len(data):
+                raise RustkoError(f"{elf.path}: section {names[rsec]!r} extends past the end of "
+                                  "the file (truncated or corrupt)")
+            spans.append((offset, count))
+            owners.append(rsec)
+    return rels, spans, owners
+
+
 def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, name: str,
-                       path: str, view: KernelView | None = None) -> list[Finding]:
+                       path: str, view: KernelView | None = None,
+                       screened: list[int] | None = None) -> list[Finding]:
     """apply_relocations: every SHT_RELA/SHT_REL section whose target section is SHF_ALLOC.
 
     A small table is first decided in pure Python (`_clean_small`): most modules have no
-    finding, and numpy costs more than such a check. Otherwise all applied RELA sections of the
+    finding, and numpy costs more than such a check. `screened` (the SHT_REL sections):
+    `_screen` found the RELA tables clean already. Otherwise all applied RELA sections of the
     file are concatenated and classified in one vectorised pass; findings keep the loader's
     order (section index, then entry, after arm64's branch partition), so the first one is the
     line the kernel prints. Relocations write live memory in that order: a field an earlier
@@ -564,32 +602,14 @@ def _check_relocations(elf: Elf, syms: Symbols, rules: ArchRules, version: Versi
         elif len(groups) < MAX_FINDINGS:
             groups[key] = make(offset)
 
-    parts: list[bytes] = []
-    owners: list[int] = []
-    sections = elf.sections
-    for rsec, rel in enumerate(sections):
-        if rel.type not in (SHT_RELA, SHT_REL) or rel.flags & SHF_RELA_LIVEPATCH:
-            continue
-        target = rel.info
-        if target >= len(sections) or not sections[target].flags & SHF_ALLOC:
-            continue
-        if elf.names[target] in (".modinfo", "__versions"):  # the loader clears their SHF_ALLOC
-            continue
-        if rel.type == SHT_REL:
-            if rel.size:
-                add(("rel", rsec), 0, lambda off, rsec=rsec: _finding(
-                    path, "relocation", "rel-section", version,
-                    "the loader only applies RELA sections on this architecture: emit RELA "
-                    "relocations (the default for x86_64/aarch64/riscv64 toolchains)",
-                    name=name, section=elf.names[rsec], offset=off))
-            continue
-        count = rel.size // RELA64_SIZE
-        if count:
-            if rel.offset + count * RELA64_SIZE > len(elf.data):
-                raise RustkoError(f"{path}: section {elf.names[rsec]!r} extends past the end of "
-                                  "the file (truncated or corrupt)")
-            parts.append(elf.data[rel.offset:rel.offset + count * RELA64_SIZE])
-            owners.append(rsec)
+    rels, spans, owners = _applied_tables(elf) if screened is None else (screened, [], [])
+    parts = [elf.data[offset:offset + count * RELA64_SIZE] for offset, count in spans]
+    for rsec in rels:
+        add(("rel", rsec), 0, lambda off, rsec=rsec: _finding(
+            path, "relocation", "rel-section", version,
+            "the loader only applies RELA sections on this architecture: emit RELA "
+            "relocations (the default for x86_64/aarch64/riscv64 toolchains)",
+            name=name, section=elf.names[rsec], offset=off))
     if not parts or (_pure_pass(sum(map(len, parts)) // RELA64_SIZE)
                      and _clean_small(elf, syms, rules, version, parts, owners, view)):
         return list(groups.values())
@@ -825,6 +845,153 @@ def _overflows(rows: np.ndarray, rtype: np.ndarray, symidx: np.ndarray, syms: Sy
     return sel[bad]
 
 
+def _screen(elfs: list[Elf], rules: ArchRules, version: Version, view: KernelView | None
+            ) -> list[list[int] | None]:
+    """Per module: its SHT_REL sections (`_applied_tables`) when `_check_relocations`' numpy
+    pass surely finds nothing in its RELA tables (else None), decided for many modules in one
+    vectorised pass (a module column), so numpy's fixed cost per call is paid per batch, not
+    per module (most of the cost in a tree of small ones).
+
+    Never says clean where the numpy pass would find or raise something; it may say None where
+    the pass finds nothing, and that module just takes the pass. So it needs no symbol names:
+    an undefined symbol is checked at every place the loader may put it (a kernel export; 0
+    when weak; in module memory when a sibling may export it), and any two writes to the same
+    bytes count (a module's tables are in offset order, so neighbours tell; two tables for one
+    section, a table off 8-byte alignment, or a target past the file's end, go to the pass).
+    Architectures with range checks or branch reordering (arm64) always take the pass."""
+    import numpy as np
+
+    clean: list[list[int] | None] = [None] * len(elfs)
+    if rules.range_checks or rules.branch_partition:
+        return clean
+    rels: list[list[int]] = [[]] * len(elfs)
+    # The screened modules' bytes one after another, each padded to 8 bytes so that every
+    # RELA entry is three aligned little-endian words of the whole; their symbol tables too.
+    bodies: list[bytes] = []
+    symtabs: list[bytes] = []
+    # Per screened module: its place in `elfs`, its symbol count and first symbol in the
+    # batch's symbol table, its .data..percpu (-1: none). Per RELA table: entries, first word
+    # in the batch's bytes, and its target's size, start in the batch's bytes and whether it
+    # is SHT_NOBITS.
+    modules: list[tuple[int, int, int, int]] = []
+    tables: list[tuple[int, int, int, int, bool]] = []
+    counts: list[int] = []  # RELA tables per screened module
+    base = symbase = 0
+    for m, elf in enumerate(elfs):
+        try:
+            rel, spans, owners = _applied_tables(elf)
+            syms = elf.symbols()
+        except RustkoError:
+            continue  # the pass raises it
+        rels[m] = rel
+        if not spans:
+            clean[m] = rel
+            continue
+        sections = elf.sections
+        targets = [sections[rsec].info for rsec in owners]
+        if len(set(targets)) != len(targets) or any(offset % 8 for offset, _ in spans):
+            continue
+        size = len(elf.data)
+        mine = [(count, (base + offset) // 8, sections[target].type, sections[target].offset,
+                 sections[target].size) for (offset, count), target in zip(spans, targets)]
+        if any(kind != SHT_NOBITS and start + length > size for _, _, kind, start, length in mine):
+            continue
+        tables += [(count, word, length, base + start, kind == SHT_NOBITS)
+                   for count, word, kind, start, length in mine]
+        pcpu = elf.find(".data..percpu")
+        modules.append((m, len(syms), symbase, -1 if pcpu is None else pcpu))
+        counts.append(len(spans))
+        bodies += (elf.data, bytes(-size % 8))
+        symtabs.append(syms.raw)
+        base += size + -size % 8
+        symbase += len(syms)
+    if not tables:
+        return clean
+    place, nsyms, first_sym, pcpu = map(np.array, zip(*modules))
+    count, first_word, sec_size, sec_start, nobits = map(np.array, zip(*tables))
+    words = np.frombuffer(b"".join([*bodies, bytes(8)]), dtype="<u8")  # one word past the end
+    owner = np.repeat(np.arange(len(modules)), counts)  # per table
+    mod, part = np.repeat(owner, count), np.repeat(np.arange(len(tables)), count)
+    at = np.repeat(first_word - 3 * (np.cumsum(count) - count), count) + 3 * np.arange(len(mod))
+    offset, info = words[at], words[at + 1].view("<u4")
+    rtype, symidx = info[::2], info[1::2]
+    lut, widths = _tables(rules.arch, version)
+    clipped = np.minimum(rtype, len(lut) - 1)
+    bad = ~lut[clipped] | (symidx >= np.repeat(nsyms[owner], count))
+    if rules.sizes:
+        width = widths.astype(np.uint64)[clipped]
+        end = offset + width
+        live = width > 0
+        bad |= live & ((end > np.repeat(sec_size.astype(np.uint64), count)) | (end < offset))
+        # Inside its section, which is inside the file: a field's place in the batch's bytes.
+        sel = np.flatnonzero(live & ~np.repeat(nobits, count) & ~bad)
+        start = np.repeat(sec_start, count)[sel] + offset[sel].view(np.int64)
+        # A field's 8 bytes from its start, made of the two aligned words it straddles, its
+        # width's bytes masked: nonzero when any of them is.
+        shift = (start % 8 * 8).astype(np.uint64)
+        field = ((words[start // 8] >> shift)
+                 | ((words[start // 8 + 1] << np.uint64(1)) << (np.uint64(63) - shift)))
+        masks = np.array([(1 << 8 * k) - 1 for k in range(9)], dtype=np.uint64)
+        bad[sel[(field & masks[width[sel]]) != 0]] = True
+        at_live = np.flatnonzero(live)
+        overlap = ((part[at_live][1:] == part[at_live][:-1])
+                   & (offset[at_live][1:] < end[at_live][:-1]))
+        bad[at_live[1:][overlap]] = True
+        if rules.overflow_checked and rules.module_range and rules.kernel_range:
+            symbols = np.frombuffer(b"".join(symtabs), dtype="<u8")
+            bad[_maybe_overflowing(words, at, clipped, symidx, mod, bad, first_sym, pcpu, symbols,
+                                   rules, view is not None and bool(view.siblings))] = True
+    dirty = np.zeros(len(modules), dtype=bool)
+    dirty[mod[bad]] = True
+    for m in place[~dirty].tolist():
+        clean[m] = rels[m]
+    return clean
+
+
+def _maybe_overflowing(words: np.ndarray, at: np.ndarray, rtype: np.ndarray, symidx: np.ndarray,
+                       mod: np.ndarray, bad: np.ndarray, first_sym: np.ndarray, pcpu: np.ndarray,
+                       symbols: np.ndarray, rules: ArchRules, siblings: bool) -> np.ndarray:
+    """`_screen`'s `_overflows`: the rows (not yet bad) whose S+A may not fit, S at each place
+    the loader may put the symbol. A field fits when (S + A + bias) mod 2**64 < 2**32, bias 0
+    zero-extended and 2**31 sign-extended (as `_overflow_bases`). Row i's entry is words
+    at[i]..at[i]+2; `symbols`: the Elf64_Sym records as words (name, info, other and shndx in
+    the first; value in the second)."""
+    import numpy as np
+
+    bias = np.full(int(rtype.max()) + 1, -1, dtype=np.int64)  # rtype: clipped to the type table
+    for t, kind in rules.overflow_checked.items():
+        if t < len(bias):
+            bias[t] = 0 if kind == "u32" else 1 << 31
+    sel = np.flatnonzero(~bad & (bias[rtype] >= 0))
+    if not len(sel):
+        return sel
+    record = 3 * (first_sym[mod[sel]] + symidx[sel])
+    head, value = symbols[record], symbols[record + 1]
+    shndx = (head >> np.uint64(48)).astype(np.int64)
+    weak = ((head >> np.uint64(36)) & np.uint64(0xF)) == STB_WEAK
+    undef = shndx == SHN_UNDEF
+    absolute = (shndx == SHN_ABS) | (symidx[sel] == 0)
+    kernel = undef & ~absolute
+    percpu = shndx == pcpu[mod[sel]]
+    with np.errstate(over="ignore"):
+        base = (np.where(undef, np.uint64(0), value) + words[at[sel] + 2]
+                + bias[rtype[sel]].astype(np.uint64))
+        places = [(rules.kernel_range, kernel)]
+        if rules.percpu_range is not None:
+            places += [(rules.module_range, ~undef & ~absolute & ~percpu),
+                       (rules.percpu_range, percpu)]
+        else:
+            places.append((rules.module_range, ~undef & ~absolute))
+        if siblings:
+            places.append((rules.module_range, kernel))
+        limit = np.uint64(1 << 32)
+        over = (absolute | kernel & weak) & (base >= limit)
+        for where, mine in places:
+            over |= mine & ((np.uint64(where.low) + base >= limit)
+                            | (np.uint64(where.high - 1) + base >= limit))
+    return sel[over]
+
+
 def _reloc_finding(path: str, name: str, rules: ArchRules, version: Version, kind: str,
                    section: str, offset: int, rtype: int, symbol: str, exact: int | None,
                    where: tuple[int, int], note: str = "") -> Finding:
@@ -898,13 +1065,14 @@ def _order(finding: Finding) -> int:
 
 
 def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = None,
-              version: Version | None = None, locate: bool = True) -> list[Finding]:
+              version: Version | None = None, locate: bool = True,
+              screened: list[int] | None = None) -> list[Finding]:
     """Every reason the loader would refuse (or taint on) the decoded module, in its order.
+    `screened` (its SHT_REL sections): `_screen` found its RELA tables clean.
 
     Pure: reads nothing but `elf` and `kernel`."""
     path = elf.path
-    rules = _rules(arch or (kernel.arch if kernel else None), elf.machine, path)
-    version = version or (kernel.version if kernel else relocs.LATEST)
+    rules, version = _target(elf, kernel, arch, version)
     syms = elf.symbols()
     modinfo = elf.modinfo()
     name = _module_name(modinfo, path)
@@ -927,7 +1095,7 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
         findings += _check_percpu(elf, name, view, version, path)
         findings += _check_imports(modinfo, name, version, path)
         findings += _check_symbols(elf, syms, modinfo, versions, name, view, version, path)
-    findings += _check_relocations(elf, syms, rules, version, name, path, kernel)
+    findings += _check_relocations(elf, syms, rules, version, name, path, kernel, screened)
     if kernel is not None and is_module:
         findings += _check_exports(elf, syms, name, kernel, version, path)
     findings.sort(key=_order)
@@ -935,6 +1103,13 @@ def check_elf(elf: Elf, kernel: KernelView | None = None, arch: str | None = Non
         from .locate import locate_findings
         locate_findings(elf, syms, findings)
     return findings
+
+
+def _target(elf: Elf, kernel: KernelView | None, arch: str | None, version: Version | None
+            ) -> tuple[ArchRules, Version]:
+    """The loader rules and kernel version `check_elf` applies to the module."""
+    return (_rules(arch or (kernel.arch if kernel else None), elf.machine, elf.path),
+            version or (kernel.version if kernel else relocs.LATEST))
 
 
 def check_bytes(data: bytes, path: str, kernel: KernelView | None = None, arch: str | None = None,
@@ -959,14 +1134,18 @@ def check_module(path: str | Path, kernel: "KernelInfo | KernelView | None" = No
 
 
 def _check_read(elf: Elf, view: KernelView | None, arch: str | None, version: Version | None,
-                locate: bool) -> list[Finding]:
+                locate: bool, screened: list[int] | None = None) -> list[Finding]:
     """`check_module` once the file is read."""
-    if arch is None and view is None:
-        arch = _uml_by_release(elf)
-    findings = check_elf(elf, view, arch, version, locate)
+    findings = check_elf(elf, view, _arch(elf, view, arch), version, locate, screened)
     for f in findings:
         f.source = _local_source(Path(elf.path), f.source)
     return findings
+
+
+def _arch(elf: Elf, view: KernelView | None, arch: str | None) -> str | None:
+    """The architecture asked for; without one or a KDIR, "um" for a module of the installed UML
+    kernel's release (else e_machine decides)."""
+    return _uml_by_release(elf) if arch is None and view is None else arch
 
 
 def locate_module(path: str, findings: list[Finding]) -> list[Finding]:
@@ -1005,7 +1184,8 @@ def _as_view(kernel: object) -> KernelView | None:
 
 
 # --- many modules: one run is one set ---------------------------------------------------------
-Job = tuple[str, "str | None", "str | None", "Version | None", tuple[str, ...]]
+# A run of modules checked together in one process: paths, kdir, arch, version, extra symbols.
+Batch = tuple[list[str], "str | None", "str | None", "Version | None", tuple[str, ...]]
 
 
 @lru_cache(maxsize=4)
@@ -1014,26 +1194,62 @@ def _view(kdir: str, extra: tuple[str, ...]) -> KernelView:
     return view.with_siblings(read_extra_symbols(list(extra))) if extra else view
 
 
-# The exports of the modules this process has read in `_check_one` (or why they could not be
+# The exports of the modules this process has read in `_check_batch` (or why they could not be
 # read), for `_exports_of`: a run checked in-process reads no file twice. Emptied per run.
 _EXPORTS_SEEN: dict[str, "dict[str, Export] | RustkoError"] = {}
 
 
-def _check_one(job: Job) -> tuple[str, list[Finding] | str]:
-    path, kdir, arch, version, extra = job
-    try:
-        elf = Elf(read_module_bytes(Path(path)), path)
-    except RustkoError as err:
-        return path, str(err)
-    if kdir:
+def _check_batch(batch: Batch) -> list[tuple[str, list[Finding] | str]]:
+    """Check a run of modules: read them, screen their RELA tables together (`_screened`),
+    then check each in full; errors stay per file."""
+    paths, kdir, arch, version, extra = batch
+    view = _view(kdir, extra) if kdir else None
+    read: list[Elf | str] = []
+    for path in paths:
         try:
-            _EXPORTS_SEEN[path] = _own_exports(elf)
+            elf = Elf(read_module_bytes(path), path)
         except RustkoError as err:
-            _EXPORTS_SEEN[path] = err
-    try:
-        return path, _check_read(elf, _view(kdir, extra) if kdir else None, arch, version, False)
-    except RustkoError as err:
-        return path, str(err)
+            read.append(str(err))
+            continue
+        if kdir:
+            try:
+                _EXPORTS_SEEN[path] = _own_exports(elf)
+            except RustkoError as err:
+                _EXPORTS_SEEN[path] = err
+        read.append(elf)
+    elfs = [elf for elf in read if isinstance(elf, Elf)]
+    screened = dict(zip(map(id, elfs), _screened(elfs, view, arch, version)))
+    out: list[tuple[str, list[Finding] | str]] = []
+    for path, elf in zip(paths, read):
+        if isinstance(elf, str):
+            out.append((path, elf))
+            continue
+        try:
+            out.append((path, _check_read(elf, view, arch, version, False, screened[id(elf)])))
+        except RustkoError as err:
+            out.append((path, str(err)))
+    return out
+
+
+def _screened(elfs: list[Elf], view: KernelView | None, arch: str | None,
+              version: Version | None) -> list[list[int] | None]:
+    """`_screen`'s verdict per module, the modules grouped by the rules they are checked with.
+    Only once numpy is imported (a big run, `_workers`): before, the pure-Python pass decides
+    a clean module for less than numpy's import."""
+    out: list[list[int] | None] = [None] * len(elfs)
+    if "numpy" not in sys.modules:
+        return out
+    groups: dict[tuple[str, Version], tuple[ArchRules, list[int]]] = {}
+    for i, elf in enumerate(elfs):
+        try:
+            rules, wanted = _target(elf, view, _arch(elf, view, arch), version)
+        except RustkoError:
+            continue  # the check raises it
+        groups.setdefault((rules.arch, wanted), (rules, []))[1].append(i)
+    for (_, wanted), (rules, members) in groups.items():
+        for i, clean in zip(members, _screen([elfs[i] for i in members], rules, wanted, view)):
+            out[i] = clean
+    return out
 
 
 def _own_exports(elf: Elf) -> dict[str, Export]:
@@ -1060,31 +1276,100 @@ def _exports_of(path: str) -> tuple[str, dict[str, Export]]:
 # collecting results cost about as much as checking this much in-process (measured: 92 DKMS
 # modules, 6.9 MB, took 0.26 s in-process and 0.58 s on two workers).
 BYTES_PER_WORKER = 32 << 20
+# Module bytes per `_check_batch`: enough that `_screen`'s fixed numpy cost (about 0.5 ms) is
+# small beside the modules' check, few enough that workers share the end of a run evenly.
+BATCH_BYTES = 4 << 20
 
 
-def _workers(files: list[str], jobs: int | None) -> int:
-    """Processes for checking `files`: one (in-process) unless there is enough to share; numpy
-    imported first (once, before any worker starts) when the relocations to check are many."""
-    total = 0
+def _sizes(files: list[str]) -> list[int]:
+    sizes = []
     for path in files:
         try:
-            total += os.stat(path).st_size
+            sizes.append(os.stat(path).st_size)
         except OSError:
-            pass
+            sizes.append(0)  # reading it makes the error
+    return sizes
+
+
+def _workers(total: int, jobs: int | None) -> int:
+    """Processes for checking `total` bytes of modules: one (in-process) unless there is enough
+    to share; numpy imported first (once, before any worker starts) when the relocations to
+    check are many."""
     if total > PURE_BYTES:
-        import numpy  # noqa: F401 - `_pure_pass` sees it
+        import numpy  # noqa: F401 - `_pure_pass` and `_screened` see it
     if jobs is not None:
         return max(1, jobs)
     return max(1, min(os.cpu_count() or 1, total // BYTES_PER_WORKER))
 
 
-def _pool_map(function, work: list, workers: int) -> list:
-    if workers <= 1:
-        return [function(w) for w in work]
-    from concurrent.futures import ProcessPoolExecutor
+def _batches(files: list[str], sizes: list[int]) -> list[tuple[int, list[str]]]:
+    """`files` in runs of about BATCH_BYTES (bytes, paths), in their order."""
+    batches: list[tuple[int, list[str]]] = []
+    paths: list[str] = []
+    filled = 0
+    for path, size in zip(files, sizes):
+        if paths and filled + size > BATCH_BYTES:
+            batches.append((filled, paths))
+            paths, filled = [], 0
+        paths.append(path)
+        filled += size
+    if paths:
+        batches.append((filled, paths))
+    return batches
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(function, work, chunksize=max(1, len(work) // (workers * 8))))
+
+def _pool_map(function, work: list, workers: int) -> list:
+    """`[function(w) for w in work]` over `workers` forked processes, each taking the next item
+    when it is free (the items' numbers wait in one pipe, 4 bytes each: a read that small is
+    atomic) and sending its results back pickled at the end. Forking directly spares
+    concurrent.futures' imports and pool (about 0.1 s of a big run's start-up). The first
+    exception a worker raised is raised here."""
+    if workers <= 1 or len(work) <= 1:
+        return [function(w) for w in work]
+    import pickle
+
+    tasks, feed = os.pipe()
+    children: list[tuple[int, int]] = []
+    for _ in range(min(workers, len(work))):
+        back, send = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            os.close(feed)
+            os.close(back)
+            try:
+                done = []
+                while item := os.read(tasks, 4):
+                    index = int.from_bytes(item, "little")
+                    done.append((index, function(work[index])))
+                payload = pickle.dumps((None, done))
+            except BaseException as err:  # raised in the parent
+                try:
+                    payload = pickle.dumps((err, []))
+                except Exception:
+                    payload = pickle.dumps((RuntimeError(repr(err)), []))
+            with os.fdopen(send, "wb") as out:
+                out.write(payload)
+            os._exit(0)
+        os.close(send)
+        children.append((pid, back))
+    os.close(tasks)
+    numbers = b"".join(i.to_bytes(4, "little") for i in range(len(work)))
+    for start in range(0, len(numbers), 4096):  # whole numbers per atomic pipe write
+        os.write(feed, numbers[start:start + 4096])
+    os.close(feed)
+    results: list = [None] * len(work)
+    error: BaseException | None = None
+    for pid, back in children:
+        with os.fdopen(back, "rb") as pipe:
+            payload = pipe.read()
+        os.waitpid(pid, 0)
+        raised, done = pickle.loads(payload) if payload else (RuntimeError("a worker died"), [])
+        error = error or raised
+        for index, result in done:
+            results[index] = result
+    if error is not None:
+        raise error
+    return results
 
 
 def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str | None = None,
@@ -1099,7 +1384,7 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
     missing: list[tuple[str, list[Finding] | str]] = []
     for raw in paths:
         try:
-            files += [str(p) for p in iter_modules([raw])]
+            files += module_files(raw)
         except RustkoError as err:
             missing.append((str(raw), str(err)))
     extra = tuple(str(Path(p)) for p in extra_symbols)
@@ -1107,9 +1392,17 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
         raise RustkoError("--extra-symbols needs --kdir", "symbols are only checked against a KDIR")
     if kdir:
         _view(kdir, extra)  # fail early, once, on a bad KDIR or symbols file
-    workers = _workers(files, jobs)
+    sizes = _sizes(files)
+    workers = _workers(sum(sizes), jobs)
     _EXPORTS_SEEN.clear()
-    results = _pool_map(_check_one, [(f, kdir, arch, version, extra) for f in files], workers)
+    batches = _batches(files, sizes)
+    # The biggest batches first (one large module is a batch of its own), so that no worker
+    # is left alone with one at the end; the results go back in the files' order.
+    order = sorted(range(len(batches)), key=lambda i: -batches[i][0])
+    done = _pool_map(_check_batch, [(batches[i][1], kdir, arch, version, extra) for i in order],
+                     workers)
+    by_batch = dict(zip(order, done))
+    results = [result for i in range(len(batches)) for result in by_batch[i]]
     if kdir and len(files) > 1 and any(_unresolved(r) for _, r in results):
         results = _resolve_siblings(results, files, kdir, arch, version, extra, workers)
     return missing + [(p, r if isinstance(r, str) else _locate_or_error(p, r)) for p, r in results]

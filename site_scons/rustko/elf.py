@@ -6,14 +6,18 @@ columns), so checking one module never imports numpy (0.2 s of start-up, more th
 `Elf.shdrs`, `Symbols.table` and the `*64` dtypes are the same data as numpy structured arrays,
 made on first use for the bulk relocation pass over large modules and for `rustko.locate`.
 Nothing here knows what the loader accepts (`rustko.loader`, `rustko.relocs`) or reads anything
-but the bytes it is given, except `read_module_bytes`/`iter_modules`, the input layer.
+but the bytes it is given, except `read_module_bytes`/`iter_modules`/`module_files`, the input
+layer.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
+import os
 import struct
 import sys
+from itertools import compress
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
@@ -172,6 +176,23 @@ _MODVERSION = struct.Struct("<Q56s")
 _NAME = struct.Struct("<I")
 
 
+_SHDR = functools.partial(tuple.__new__, Shdr)  # Shdr._make without its per-row checks
+_TYPE = operator.attrgetter("type")  # of a Shdr, for searches over all sections at C speed
+
+
+def _strings(blob: bytes, starts: list[int]) -> list[str]:
+    """`_cstring` of each start, in one comprehension (a module has dozens of section names): a
+    NUL appended ends the last string and makes a start past the end give ""; ASCII (every
+    real name table) is decoded once."""
+    ended = blob + b"\0"
+    if ended.isascii():
+        text = ended.decode("ascii")
+        find = text.find
+        return [text[start:find("\0", start)] for start in starts]
+    find = ended.find
+    return [ended[start:find(b"\0", start)].decode("utf-8", "replace") for start in starts]
+
+
 def _cstring(blob: bytes, start: int) -> str:
     if start >= len(blob):
         return ""
@@ -198,15 +219,16 @@ class Elf:
         if shnum and shentsize != SHDR64_FORMAT.size:
             raise RustkoError(f"{path}: unexpected section header size {shentsize}")
         self._shdr_raw = self._slice(shoff, shnum * SHDR64_FORMAT.size, "section header table")
-        self.sections: list[Shdr] = [Shdr._make(row)
-                                     for row in SHDR64_FORMAT.iter_unpack(self._shdr_raw)]
-        self.names: list[str] = [f"section {i}" for i in range(shnum)]
+        self.sections: list[Shdr] = list(map(_SHDR, SHDR64_FORMAT.iter_unpack(self._shdr_raw)))
         if shstrndx == SHN_XINDEX and shnum:
             shstrndx = self.sections[0].link
         if shnum and shstrndx >= shnum:
             raise RustkoError(f"{path}: section name table index {shstrndx} out of range")
-        self.shstrtab = self.section_bytes(shstrndx) if shnum else b""
-        self.names = [_cstring(self.shstrtab, s.name) for s in self.sections]
+        self.shstrtab = b""
+        if shnum and self.sections[shstrndx].type != SHT_NOBITS:
+            table = self.sections[shstrndx]  # named by its number: the names are in it
+            self.shstrtab = self._slice(table.offset, table.size, f"section 'section {shstrndx}'")
+        self.names = _strings(self.shstrtab, [s.name for s in self.sections])
 
     def _slice(self, offset: int, size: int, what: str) -> bytes:
         if offset + size > len(self.data):
@@ -243,7 +265,8 @@ class Elf:
 
     @functools.cached_property
     def _symbols(self) -> Symbols:
-        index = next((i for i, s in enumerate(self.sections) if s.type == SHT_SYMTAB), None)
+        types = map(_TYPE, self.sections)
+        index = next(compress(range(len(self.sections)), map(SHT_SYMTAB.__eq__, types)), None)
         if index is None:
             return Symbols(b"", b"")
         section = self.sections[index]
@@ -265,8 +288,10 @@ class Elf:
         info: dict[str, list[str]] = {}
         if index is None:
             return info
-        for entry in self.section_bytes(index).split(b"\0"):
-            key, sep, value = entry.decode("utf-8", "replace").partition("=")
+        # Decoded whole: a NUL never is part of a UTF-8 sequence, so each string decodes as
+        # it would alone.
+        for entry in self.section_bytes(index).decode("utf-8", "replace").split("\0"):
+            key, sep, value = entry.partition("=")
             if sep:
                 info.setdefault(key, []).append(value)
         return info
@@ -377,13 +402,15 @@ def _starts(strtab: bytes, prefix: bytes) -> set[int]:
 MODULE_SUFFIXES = (".ko", ".o", ".ko.xz", ".ko.gz", ".ko.zst")
 
 
-def read_module_bytes(path: Path) -> bytes:
+def read_module_bytes(path: Path | str) -> bytes:
     """The ELF bytes of a module, decompressing .xz/.gz/.zst (as kmod does) when needed."""
+    path = str(path)  # a run of thousands of modules makes no Path per file
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as file:
+            raw = file.read()
     except OSError as err:
         raise RustkoError(f"cannot read {path}: {err.strerror}")
-    if not path.name.endswith((".xz", ".gz", ".zst")):
+    if not path.endswith((".xz", ".gz", ".zst")):
         return raw
     import gzip
     import io
@@ -392,14 +419,14 @@ def read_module_bytes(path: Path) -> bytes:
     import subprocess
 
     try:
-        if path.name.endswith(".xz"):
+        if path.endswith(".xz"):
             return lzma.LZMADecompressor().decompress(raw, max_length=MAX_MODULE_BYTES)
-        if path.name.endswith(".gz"):
+        if path.endswith(".gz"):
             with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
                 return stream.read(MAX_MODULE_BYTES)
     except (lzma.LZMAError, OSError, EOFError) as err:
         raise RustkoError(f"{path}: cannot decompress: {err}")
-    if path.name.endswith(".zst"):
+    if path.endswith(".zst"):
         zstd = shutil.which("zstd")
         if zstd is None:
             raise RustkoError(f"{path}: zstd-compressed, but the `zstd` tool is not installed",
@@ -412,15 +439,34 @@ def read_module_bytes(path: Path) -> bytes:
 
 
 def iter_modules(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Expand PATH arguments: files as given, directories searched recursively for modules."""
+    """Expand PATH arguments: files as given, directories searched recursively for modules
+    (in path order, by component)."""
     for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*")
-                              if p.name.endswith(MODULE_SUFFIXES) and p.is_file())
-        elif path.exists():
-            yield path
-        else:
-            raise RustkoError(f"{path}: no such file or directory")
+        yield from map(Path, module_files(raw))
 
 
+def module_files(raw: str | Path) -> list[str]:
+    """`iter_modules` for one PATH argument, as strings (a tree of 4,000 modules: no Path made)."""
+    path = Path(raw)
+    if path.is_dir():
+        found: list[str] = []
+        _walk(str(path), found)
+        return found
+    if path.exists():
+        return [str(path)]
+    raise RustkoError(f"{path}: no such file or directory")
+
+
+def _walk(folder: str, found: list[str]) -> None:
+    """The module files under `folder`, as Path.rglob finds them (no symlinked folder entered,
+    unreadable ones skipped), in sorted order, from os.scandir's entries: no stat for a name
+    that is not a module's (a tree of 4,000 modules: 0.05 s instead of rglob's 0.2 s)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except PermissionError:
+        return
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            _walk(entry.path, found)
+        elif entry.name.endswith(MODULE_SUFFIXES) and entry.is_file():
+            found.append(entry.path)
