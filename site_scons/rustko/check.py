@@ -1333,23 +1333,25 @@ def _pool_map(function, work: list, workers: int) -> list:
     for _ in range(min(workers, len(work))):
         back, send = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the worker: never returns
-            os.close(feed)
-            os.close(back)
+        if pid == 0:  # the worker: never returns, whatever happens (a parent gone after Ctrl-C)
             try:
-                done = []
-                while item := os.read(tasks, 4):
-                    index = int.from_bytes(item, "little")
-                    done.append((index, function(work[index])))
-                payload = pickle.dumps((None, done))
-            except BaseException as err:  # raised in the parent
+                os.close(feed)
+                os.close(back)
                 try:
-                    payload = pickle.dumps((err, []))
-                except Exception:
-                    payload = pickle.dumps((RuntimeError(repr(err)), []))
-            with os.fdopen(send, "wb") as out:
-                out.write(payload)
-            os._exit(0)
+                    done = []
+                    while item := os.read(tasks, 4):
+                        index = int.from_bytes(item, "little")
+                        done.append((index, function(work[index])))
+                    payload = pickle.dumps((None, done))
+                except BaseException as err:  # raised in the parent
+                    try:
+                        payload = pickle.dumps((err, []))
+                    except Exception:
+                        payload = pickle.dumps((RuntimeError(repr(err)), []))
+                with os.fdopen(send, "wb") as out:
+                    out.write(payload)
+            finally:
+                os._exit(0)
         os.close(send)
         children.append((pid, back))
     os.close(tasks)
