@@ -40,6 +40,16 @@ def cache_root() -> Path:
     return Path(os.path.expanduser("~")) / ".cache" / "rustko"
 
 
+def file_stamp(path: Path) -> str:
+    """The version of a file, for keying what was read from it (a parsed .config, Module.symvers,
+    rustc's `-vV` answer): its resolved path, device, inode, size, mtime and ctime. An edit moves
+    the ctime even when it puts the mtime back, and a file renamed over it (a package upgrade)
+    has a new inode. Raises OSError when the file cannot be examined."""
+    info = path.stat()
+    return (f"{path.resolve()}|{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|"
+            f"{info.st_ctime_ns}")
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock beside `path`, so two builds do not do the same slow work twice."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import arch
-from .cache import cache_root
+from .cache import cache_root, file_stamp
 from .errors import RustkoError
 
 def normalize_arch(name: str) -> str:
@@ -72,13 +72,9 @@ def _missing_kdir_hint() -> str:
 def read_config(path: Path) -> dict[str, str]:
     """The `CONFIG_*` lines of a .config, parsed once per file version and kept in the cache:
     every `rustko check --kdir` reads the same 9,000 lines, and loading the kept dict costs a
-    quarter of parsing them. The entry is keyed on the file's path, inode, size, mtime and ctime
-    (as toolchain._version keys rustc's answer): an edit, even one that puts the mtime back,
-    moves the ctime."""
+    quarter of parsing them. The entry is keyed on the file's version (cache.file_stamp)."""
     try:
-        info = path.stat()
-        stamp = (f"{path.resolve()}|{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|"
-                 f"{info.st_ctime_ns}")
+        stamp = file_stamp(path)
     except OSError:
         return _parse_config(path)  # its error, as before the cache
     cached = cache_root() / "config" / f"{zlib.crc32(stamp.encode('utf-8', 'surrogateescape')):08x}"

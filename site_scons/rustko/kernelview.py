@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .cache import cache_root
+from .cache import cache_root, file_stamp
 from .errors import RustkoError
 from .relocs import Version
 
@@ -126,16 +126,14 @@ def read_symvers(path: Path) -> Mapping[str, Export]:
     the check itself.
     """
     try:
-        info = path.stat()
+        version = file_stamp(path)
     except OSError as err:
         raise RustkoError(f"cannot read {path}: {err.strerror}",
                           "KDIR must contain Module.symvers (a headers package or a built tree)")
-    # The first line names the file version (path, inode, size, mtime and ctime: an edit that
-    # puts the mtime back still moves the ctime); the name only spreads versions over files
-    # (zlib, not hashlib, whose OpenSSL start-up costs more than reading the cache).
-    stamp = (f"{path.resolve()}|{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|"
-             f"{info.st_ctime_ns}\n").encode("utf-8", "surrogateescape")
-    cached = cache_root() / "symvers" / f"{zlib.crc32(stamp):08x}-{info.st_size}.sorted"
+    # The first line names the file version (cache.file_stamp); the name only spreads versions
+    # over files (zlib, not hashlib, whose OpenSSL start-up costs more than reading the cache).
+    stamp = f"{version}\n".encode("utf-8", "surrogateescape")
+    cached = cache_root() / "symvers" / f"{zlib.crc32(stamp):08x}.sorted"
     try:
         blob = cached.read_bytes()
         if blob.startswith(stamp):
