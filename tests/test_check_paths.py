@@ -13,7 +13,6 @@ import random
 import struct
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ MUTANTS_PER_MODULE = 120
 
 def outcome(data: bytes, path: str, **kwargs: object) -> object:
     try:
-        return [asdict(f) for f in check.check_bytes(data, path, locate=False, **kwargs)]
+        return [f.as_dict() for f in check.check_bytes(data, path, locate=False, **kwargs)]
     except RustkoError as err:
         return str(err)
 

@@ -8,13 +8,14 @@ the code base; each module now reads them from here through `resolve()`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import RustkoError
 
 
-@dataclass(frozen=True)
-class Vm:
+# NamedTuples, not frozen dataclasses: `rustko check` reads these at every start-up, and
+# `dataclasses` (with the `inspect` it imports) costs more than the check of a small module.
+class Vm(NamedTuple):
     """How `rustko vmtest` boots a guest of this architecture."""
 
     command: tuple[str, ...]  # QEMU binary and machine arguments; UML: the kernel's own arguments
@@ -23,8 +24,7 @@ class Vm:
     uml: bool = False         # the kernel is a host program (User-Mode Linux), not a QEMU guest
 
 
-@dataclass(frozen=True)
-class Arch:
+class Arch(NamedTuple):
     """One architecture as Kbuild, rustc, binutils, Debian, ELF and QEMU each name it."""
 
     name: str                      # rustko's name (what KernelInfo.arch holds)

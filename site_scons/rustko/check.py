@@ -107,7 +107,7 @@ def _finding(path: str, stage: str, kind: str, version: Version, hint: str, **fi
              ) -> Finding:
     """A finding for loader rule `kind`; `fields` fill both the kernel's lines and the Finding."""
     rule = RULES[kind]
-    own = {k: v for k, v in fields.items() if k in Finding.__dataclass_fields__}
+    own = {k: v for k, v in fields.items() if k in Finding.FIELDS}
     return Finding(path, stage, kind, rule.text(version, **fields), hint, severity=rule.severity,
                    errno=rule.errno, **own)
 

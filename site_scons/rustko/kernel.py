@@ -7,8 +7,8 @@ import marshal
 import os
 import re
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from . import arch
 from .cache import cache_root, file_stamp
@@ -24,16 +24,23 @@ def host_arch() -> str:
     return found.name if found else os.uname().machine.lower()
 
 
-@dataclass(frozen=True)
-class KernelInfo:
-    """What the build needs to know about the target kernel; everything read from KDIR."""
+class KernelInfo(NamedTuple):
+    """What the build needs to know about the target kernel; everything read from KDIR.
+
+    A NamedTuple, not a frozen dataclass: `rustko check --kdir` makes one at every start-up,
+    and `dataclasses` (with the `inspect` it imports) costs more than the check of a small module."""
 
     kdir: Path
     release: str
     version: tuple[int, int, int]
     arch: str
-    config: dict[str, str] = field(repr=False)
+    config: dict[str, str]
     compiler: str
+
+    def __repr__(self) -> str:
+        """Without `config` (9,000 entries)."""
+        return (f"KernelInfo(kdir={self.kdir!r}, release={self.release!r}, version={self.version!r}, "
+                f"arch={self.arch!r}, compiler={self.compiler!r})")
 
     def enabled(self, symbol: str) -> bool:
         """True when `CONFIG_<symbol>` is `y` (built in) in the kernel's .config."""

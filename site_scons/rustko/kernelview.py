@@ -9,7 +9,6 @@ import re
 import zlib
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -31,27 +30,49 @@ class Export(NamedTuple):
     namespace: str
 
 
-@dataclass
 class KernelView:
-    """What the checker needs from a KDIR: rules version, exports, expected vermagic, config."""
+    """What the checker needs from a KDIR: rules version, exports, expected vermagic, config.
 
-    arch: str
-    version: Version
-    exports: Mapping[str, Export] | None = None
-    vermagic: str | None = None
-    force_load: bool = False
-    allow_missing_ns: bool = False
-    # include/linux/percpu.h PERCPU_MODULE_RESERVE for this .config (None: not known).
-    percpu_reserve: int | None = None
-    # sizeof(struct module) of the running kernel, when known (6.12 compares it, see loader.py).
-    module_struct_size: int | None = None
-    sig_enforce: bool = False
-    # Bytes of the module area for this .config (loader.module_area; None: not modelled).
-    module_area: int | None = None
-    # Exports from the modules checked together and from --extra-symbols files; the kernel's own
-    # `exports` win over them, as the loader searches vmlinux first (kernel/module/main.c
-    # find_symbol).
-    siblings: dict[str, Export] = field(default_factory=dict)
+    A plain class with slots, not a dataclass: `dataclasses` (and the `inspect` it imports)
+    would cost every `rustko check` about a tenth of its start-up."""
+
+    __slots__ = ("arch", "version", "exports", "vermagic", "force_load", "allow_missing_ns",
+                 "percpu_reserve", "module_struct_size", "sig_enforce", "module_area", "siblings")
+
+    def __init__(self, arch: str, version: Version, exports: Mapping[str, Export] | None = None,
+                 vermagic: str | None = None, force_load: bool = False,
+                 allow_missing_ns: bool = False, percpu_reserve: int | None = None,
+                 module_struct_size: int | None = None, sig_enforce: bool = False,
+                 module_area: int | None = None, siblings: dict[str, Export] | None = None) -> None:
+        self.arch = arch
+        self.version = version
+        self.exports = exports
+        self.vermagic = vermagic
+        self.force_load = force_load
+        self.allow_missing_ns = allow_missing_ns
+        # include/linux/percpu.h PERCPU_MODULE_RESERVE for this .config (None: not known).
+        self.percpu_reserve = percpu_reserve
+        # sizeof(struct module) of the running kernel, when known (6.12 compares it, see loader.py).
+        self.module_struct_size = module_struct_size
+        self.sig_enforce = sig_enforce
+        # Bytes of the module area for this .config (loader.module_area; None: not modelled).
+        self.module_area = module_area
+        # Exports from the modules checked together and from --extra-symbols files; the kernel's
+        # own `exports` win over them, as the loader searches vmlinux first (kernel/module/main.c
+        # find_symbol).
+        self.siblings: dict[str, Export] = {} if siblings is None else siblings
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self.__slots__, self._values()))
+        return f"KernelView({fields})"
 
     def export(self, name: str) -> Export | None:
         """The export that would resolve NAME: the kernel's, else a sibling module's."""
@@ -62,7 +83,10 @@ class KernelView:
         return self.siblings.get(name)
 
     def with_siblings(self, siblings: dict[str, Export]) -> "KernelView":
-        return replace(self, siblings={**self.siblings, **siblings})
+        """A copy whose siblings are these besides its own."""
+        values = dict(zip(self.__slots__, self._values()))
+        values["siblings"] = {**self.siblings, **siblings}
+        return KernelView(**values)  # type: ignore[arg-type]
 
 
 class Exports(Mapping[str, Export]):

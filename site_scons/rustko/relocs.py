@@ -14,7 +14,8 @@ predictable, rendered as `<loc>`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 from . import arch as arches
@@ -23,9 +24,9 @@ Version = tuple[int, ...]
 LATEST: Version = (99, 0)
 
 
-# Rows are NamedTuples (ArchRules, with its mutable defaults, stays a dataclass): every
-# `rustko check` builds these tables at start-up, and a frozen dataclass costs several times
-# as much to create as a NamedTuple.
+# Rows and tables are NamedTuples: every `rustko check` builds them at start-up, and a frozen
+# dataclass costs several times as much to create as a NamedTuple (and `dataclasses`, with the
+# `inspect` it imports, more than the check of a small module).
 class Accepted(NamedTuple):
     """A relocation type the loader applies, in kernels [since, until)."""
 
@@ -85,8 +86,11 @@ class RangeCheck(NamedTuple):
         return -top, top - 1
 
 
-@dataclass(frozen=True)
-class ArchRules:
+# The default of ArchRules' per-type tables: one shared empty table, read-only.
+NO_TYPES: Mapping[int, object] = MappingProxyType({})
+
+
+class ArchRules(NamedTuple):
     """One architecture's loader: accepted types, refusal messages, fix hints."""
 
     arch: str
@@ -99,9 +103,9 @@ class ArchRules:
     hints: dict[int, str]
     default_hint: str
     # x86 only: how many bytes each applied type writes (the nonzero-target check reads them).
-    sizes: dict[int, int] = field(default_factory=dict)
+    sizes: Mapping[int, int] = NO_TYPES
     # x86 only: overflow-checked types -> "u32" (zero-extended) or "s32" (sign-extended).
-    overflow_checked: dict[int, str] = field(default_factory=dict)
+    overflow_checked: Mapping[int, str] = NO_TYPES
     overflow: Versioned | None = None
     nonzero: Versioned | None = None
     # True when the overflow check runs before the nonzero-target check (x86 since v6.3).
@@ -125,7 +129,7 @@ class ArchRules:
     mem_gap: int = 0
     # arm64: overflow-checked types, bounded over every placement of the module
     # (arm64ranges.PLACEMENTS).
-    range_checks: dict[int, RangeCheck] = field(default_factory=dict)
+    range_checks: Mapping[int, RangeCheck] = NO_TYPES
 
     def name(self, rtype: int) -> str:
         prefix = arches.resolve(self.arch).reloc_prefix
