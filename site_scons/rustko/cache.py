@@ -7,9 +7,7 @@ parallel builds never see a half-written entry and an interrupted build leaves n
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -53,6 +51,8 @@ def file_stamp(path: Path) -> str:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock beside `path`, so two builds do not do the same slow work twice."""
+    import fcntl  # here, not at the top: `rustko check` only reads the cache
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{path}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -70,7 +70,8 @@ def cached_dir(path: Path, fill: Callable[[Path], None]) -> Path:
     """
     if path.is_dir():
         return path
-    import tempfile  # here, not at the top: `rustko check` reads the cache and never needs it
+    import shutil  # here, not at the top: `rustko check` only reads the cache
+    import tempfile
 
     with locked(path):
         if path.is_dir():
