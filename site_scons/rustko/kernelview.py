@@ -89,14 +89,23 @@ class KernelView:
         return KernelView(**values)  # type: ignore[arg-type]
 
 
-class Exports(Mapping[str, Export]):
-    """Module.symvers rows as the cache keeps them: one line per symbol, sorted, found by
-    bisection; an Export is made only for the names a check looks up. One module needs a few
-    dozen of 25,000: splitting the file into lines takes about a millisecond, where unpickling
-    a dict of them took 20 and parsing the text more."""
+# Distinct names an Exports searches in its bytes before it splits them into lines and bisects
+# those: a search costs about six bisections of the lines, splitting 25,000 lines about a
+# thousand bisections. One module looks up a few hundred names, a run over a tree thousands.
+SPLIT_AFTER = 512
 
-    def __init__(self, blob: bytes) -> None:
-        self.lines = blob.split(b"\n")[:-1]  # "name\tcrc\towner\tgpl\tnamespace", sorted
+
+class Exports(Mapping[str, Export]):
+    """Module.symvers rows as the cache keeps them: one line per symbol ("name\tcrc\towner\tgpl\t
+    namespace\n"), sorted by name; an Export is made only for the names a check looks up. One
+    module needs a few hundred of 25,000: they are searched in the bytes as read (`_search`),
+    and only a run that looks up more splits them into lines. Unpickling a dict of them took
+    20 ms, parsing the text more."""
+
+    def __init__(self, blob: bytes, start: int = 0) -> None:
+        self.blob = blob  # the sorted lines from offset `start` on (the cache's stamp line before)
+        self.start = start
+        self.lines: list[bytes] | None = None  # split once SPLIT_AFTER names were looked up
         self.looked_up: dict[str, Export | None] = {}  # the modules of a run share most names
 
     @staticmethod
@@ -106,11 +115,19 @@ class Exports(Mapping[str, Export]):
         return b"".join(sorted(f"{name}\t{e.crc:x}\t{e.owner}\t{int(e.gpl_only)}\t{e.namespace}\n"
                                .encode("utf-8", "surrogateescape") for name, e in exports.items()))
 
+    def _split(self) -> list[bytes]:
+        if self.lines is None:
+            self.lines = self.blob[self.start:].split(b"\n")[:-1]
+        return self.lines
+
     def _line(self, name: str) -> bytes | None:
         key = name.encode("utf-8", "surrogateescape") + b"\t"
-        at = bisect_left(self.lines, key)
-        if at < len(self.lines) and self.lines[at].startswith(key):
-            return self.lines[at]
+        if self.lines is None and len(self.looked_up) < SPLIT_AFTER:
+            return _search(self.blob, self.start, key)
+        lines = self._split()
+        at = bisect_left(lines, key)
+        if at < len(lines) and lines[at].startswith(key):
+            return lines[at]
         return None
 
     def get(self, name: str, default: Export | None = None) -> Export | None:
@@ -133,21 +150,39 @@ class Exports(Mapping[str, Export]):
         return found
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self._line(name) is not None
+        return isinstance(name, str) and self.get(name) is not None
 
     def __iter__(self) -> Iterator[str]:
-        return (line.split(b"\t", 1)[0].decode("utf-8", "surrogateescape") for line in self.lines)
+        return (line.split(b"\t", 1)[0].decode("utf-8", "surrogateescape") for line in self._split())
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return self.blob.count(b"\n", self.start)
+
+
+def _search(blob: bytes, lo: int, key: bytes) -> bytes | None:
+    """The line of `blob` that starts with `key`, without its newline (None: no such line).
+    `blob` holds sorted lines from offset `lo` on, each ending in a newline, with a newline or
+    nothing before `lo`: a bisection over byte offsets, each probe comparing the whole line it
+    falls in with `key` (a line sorts below `key` exactly when its name sorts below the name)."""
+    hi = len(blob)
+    # Every line that starts before `lo` sorts below `key`; no line that starts at `hi` or later.
+    while lo < hi:
+        mid = (lo + hi) // 2
+        begin = blob.rfind(b"\n", 0, mid) + 1
+        end = blob.index(b"\n", mid)
+        if blob[begin:end] < key:
+            lo = end + 1
+        else:
+            hi = begin
+    return blob[lo:blob.index(b"\n", lo)] if blob.startswith(key, lo) else None
 
 
 def read_symvers(path: Path) -> Mapping[str, Export]:
     """Parse Module.symvers (scripts/mod/modpost.c write_dump: crc, symbol, owner, export, ns).
 
-    Parsed once per file version and kept in the cache as sorted lines (`Exports`): every
-    build checks its module against the same 25,000 exports, and parsing them costs more than
-    the check itself.
+    Parsed once per file version and kept in the cache as sorted lines (`Exports`, which
+    searches them as read): every build checks its module against the same 25,000 exports, and
+    parsing them costs more than the check itself.
     """
     try:
         version = file_stamp(path)
@@ -161,7 +196,7 @@ def read_symvers(path: Path) -> Mapping[str, Export]:
     try:
         blob = cached.read_bytes()
         if blob.startswith(stamp):
-            return Exports(blob[len(stamp):])
+            return Exports(blob, len(stamp))
     except OSError:
         pass
     blob = Exports.encode(_parse_symvers(path))
