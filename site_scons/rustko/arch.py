@@ -8,14 +8,15 @@ the code base; each module now reads them from here through `resolve()`.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
-
 from .errors import RustkoError
+from .record import record
 
 
-# NamedTuples, not frozen dataclasses: `rustko check` reads these at every start-up, and
-# `dataclasses` (with the `inspect` it imports) costs more than the check of a small module.
-class Vm(NamedTuple):
+# Records (named tuples, rustko.record), not frozen dataclasses: `rustko check` builds them at
+# every start-up, and `dataclasses` (with the `inspect` it imports) costs more than the check of
+# a small module.
+@record
+class Vm:
     """How `rustko vmtest` boots a guest of this architecture."""
 
     command: tuple[str, ...]  # QEMU binary and machine arguments; UML: the kernel's own arguments
@@ -24,7 +25,8 @@ class Vm(NamedTuple):
     uml: bool = False         # the kernel is a host program (User-Mode Linux), not a QEMU guest
 
 
-class Arch(NamedTuple):
+@record
+class Arch:
     """One architecture as Kbuild, rustc, binutils, Debian, ELF and QEMU each name it."""
 
     name: str                      # rustko's name (what KernelInfo.arch holds)

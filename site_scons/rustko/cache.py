@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 
 # Root's builds (DKMS run from a kernel package's hook, `scons install`) share one machine-wide

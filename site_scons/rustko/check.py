@@ -18,7 +18,7 @@ import sys
 from functools import lru_cache
 from itertools import compress, islice, repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
 
 from . import loader, relocs
 from .elf import (RELA64_SIZE, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS,
@@ -30,6 +30,7 @@ from .loader import ENOENT, EINVAL, GPL_COMPATIBLE, IGNORED_UNDEFINED, RULES
 from .relocs import ArchRules, Version
 from .report import Finding, format_report, is_refused, results_json
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     import numpy as np
 

@@ -12,13 +12,15 @@ import importlib
 import os
 import signal
 import sys
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import RustkoError, internal_error
+from .record import record
 
 
-class Command(NamedTuple):
+@record
+class Command:
     module: str    # rustko.<module> defines add_parser(subparsers), which sets `run`
     summary: str   # one line for `rustko --help`
 

@@ -8,11 +8,11 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import NamedTuple
 
 from . import arch
 from .cache import cache_root, file_stamp
 from .errors import RustkoError
+from .record import record
 
 def normalize_arch(name: str) -> str:
     """Map a user's ARCH spelling to rustko's name, or fail with the accepted spellings."""
@@ -24,11 +24,13 @@ def host_arch() -> str:
     return found.name if found else os.uname().machine.lower()
 
 
-class KernelInfo(NamedTuple):
+@record
+class KernelInfo:
     """What the build needs to know about the target kernel; everything read from KDIR.
 
-    A NamedTuple, not a frozen dataclass: `rustko check --kdir` makes one at every start-up,
-    and `dataclasses` (with the `inspect` it imports) costs more than the check of a small module."""
+    A record (a named tuple, rustko.record), not a frozen dataclass: `rustko check --kdir` makes
+    one at every start-up, and `dataclasses` (with the `inspect` it imports) costs more than the
+    check of a small module."""
 
     kdir: Path
     release: str

@@ -11,17 +11,19 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
 
 from .cache import cache_root, file_stamp
 from .errors import RustkoError
+from .record import record
 from .relocs import Version
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     from .kernel import KernelInfo
 
 
-class Export(NamedTuple):
+@record
+class Export:
     """One Module.symvers row: who exports a symbol, with which CRC, licence and namespace."""
 
     crc: int

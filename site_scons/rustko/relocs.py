@@ -16,18 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import NamedTuple
 
 from . import arch as arches
+from .record import record
 
 Version = tuple[int, ...]
 LATEST: Version = (99, 0)
 
 
-# Rows and tables are NamedTuples: every `rustko check` builds them at start-up, and a frozen
-# dataclass costs several times as much to create as a NamedTuple (and `dataclasses`, with the
-# `inspect` it imports, more than the check of a small module).
-class Accepted(NamedTuple):
+# Rows and tables are records (named tuples, rustko.record): every `rustko check` builds them at
+# start-up, and a frozen dataclass costs several times as much to create (and `dataclasses`,
+# with the `inspect` it imports, more than the check of a small module).
+@record
+class Accepted:
     """A relocation type the loader applies, in kernels [since, until)."""
 
     since: Version = (0,)
@@ -38,7 +39,8 @@ class Accepted(NamedTuple):
         return self.since <= version and (self.until is None or version < self.until)
 
 
-class Versioned(NamedTuple):
+@record
+class Versioned:
     """A message whose text changed over time: (first version, template), oldest first."""
 
     texts: tuple[tuple[Version, str], ...]
@@ -51,7 +53,8 @@ class Versioned(NamedTuple):
         return chosen
 
 
-class AddressRange(NamedTuple):
+@record
+class AddressRange:
     """Where the loader puts module memory (inclusive low, exclusive high), and why."""
 
     low: int
@@ -59,7 +62,8 @@ class AddressRange(NamedTuple):
     source: str
 
 
-class RangeCheck(NamedTuple):
+@record
+class RangeCheck:
     """An arm64 overflow check: arch/arm64/kernel/module.c apply_relocate_add (6.1.192,
     6.12.117, 7.3.4), through reloc_data (`data`: ABS unsigned, PREL signed, `bits` wide),
     reloc_insn_movw (`movw`: (S+A) >> lsb must fit 16 bits, unsigned for MOVKZ; with MOVNZ
@@ -90,7 +94,8 @@ class RangeCheck(NamedTuple):
 NO_TYPES: Mapping[int, object] = MappingProxyType({})
 
 
-class ArchRules(NamedTuple):
+@record
+class ArchRules:
     """One architecture's loader: accepted types, refusal messages, fix hints."""
 
     arch: str
