@@ -13,6 +13,7 @@ import marshal
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,3 +179,28 @@ def test_kept_symvers_answers_as_the_file(kdir61: Path, tmp_path: Path,
         assert split.get(name) == parsed.get(name), name
         assert (name in split) == (name in parsed)
     assert split.lines is not None and len(split) == len(parsed) and list(split) == names
+
+
+def test_cache_lock_excludes_other_processes(tmp_path: Path) -> None:
+    """cache.locked holds an exclusive lock beside its path for the `with` block alone: another
+    process cannot take it meanwhile, and can right after (also after an exception)."""
+    from rustko.cache import locked
+
+    entry = tmp_path / "entry"
+    probe = ("import fcntl, sys\nwith open(sys.argv[1], 'a') as f:\n"
+             "    try:\n        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "    except BlockingIOError:\n        sys.exit(3)\n")
+
+    def other_gets_it() -> bool:
+        done = subprocess.run([sys.executable, "-c", probe, f"{entry}.lock"])
+        assert done.returncode in (0, 3)
+        return done.returncode == 0
+
+    with locked(entry):
+        assert not other_gets_it()
+    assert other_gets_it()
+    with pytest.raises(RuntimeError):
+        with locked(entry):
+            assert not other_gets_it()
+            raise RuntimeError("inside")
+    assert other_gets_it()

@@ -6,10 +6,13 @@ parallel builds never see a half-written entry and an interrupted build leaves n
 
 from __future__ import annotations
 
-import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from collections.abc import Callable, Iterator
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from typing import IO
 
 
 # Root's builds (DKMS run from a kernel package's hook, `scons install`) share one machine-wide
@@ -48,18 +51,34 @@ def file_stamp(path: Path) -> str:
             f"{info.st_ctime_ns}")
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside `path`, so two builds do not do the same slow work twice."""
-    import fcntl  # here, not at the top: `rustko check` only reads the cache
+class locked:
+    """`with locked(path):` an exclusive lock beside `path`, so two builds do not do the same slow
+    work twice. A class, not a `contextlib.contextmanager`: `rustko check` imports this module
+    and only reads the cache, and contextlib's import costs more than the class."""
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: IO[str] | None = None
+
+    def __enter__(self) -> None:
+        import fcntl  # here, not at the top: `rustko check` only reads the cache
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(f"{self.path}.lock", "a")
         try:
-            yield
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        except BaseException:
+            self.handle.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        assert self.handle is not None
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            self.handle.close()
 
 
 def cached_dir(path: Path, fill: Callable[[Path], None]) -> Path:

@@ -131,10 +131,11 @@ def _read_release(kdir: Path) -> str:
 def _read_version(kdir: Path) -> tuple[int, int, int]:
     header = kdir / "include/generated/uapi/linux/version.h"
     text = header.read_text(errors="replace") if header.is_file() else ""
-    parts = [re.search(rf"LINUX_VERSION_{name}\s+(\d+)", text) for name in ("MAJOR", "PATCHLEVEL", "SUBLEVEL")]
-    if all(parts):
-        major, minor, sub = (int(m.group(1)) for m in parts)  # type: ignore[union-attr]
-        return (major, minor, sub)
+    parts: dict[str, int] = {}
+    for name, value in re.findall(r"LINUX_VERSION_(MAJOR|PATCHLEVEL|SUBLEVEL)\s+(\d+)", text):
+        parts.setdefault(name, int(value))  # the first of each, as a search would find
+    if len(parts) == 3:
+        return (parts["MAJOR"], parts["PATCHLEVEL"], parts["SUBLEVEL"])
     code = re.search(r"LINUX_VERSION_CODE\s+(\d+)", text)
     if code:
         value = int(code.group(1))
