@@ -13,22 +13,24 @@ from __future__ import annotations
 from collections import namedtuple
 
 # A class body's own entries that are not the record's fields or methods.
-_CLASS_ENTRIES = frozenset({"__dict__", "__weakref__", "__annotations__", "__qualname__"})
+_CLASS_ENTRIES = frozenset({"__dict__", "__weakref__", "__annotations__", "__module__", "__qualname__"})
 
 
 def record(cls: type) -> type:
     """`cls` as a named tuple: its annotated names are the fields, in order, those with a value
     in the class body take it as their default (fields without one come first), and its
-    methods and docstring stay (methods must not use zero-argument `super()`, whose class is
-    the one replaced). A subclass of `tuple`, like `typing.NamedTuple`'s: equality, hashing,
-    unpacking, `_replace` and `_asdict` as there."""
-    fields = tuple(cls.__dict__.get("__annotations__", {}))
+    methods and docstring are set on the named tuple, as `typing.NamedTuple` does (methods
+    must not use zero-argument `super()`, whose class is the one replaced). A subclass of
+    `tuple`: equality, hashing, unpacking, `_replace` and `_asdict` as there."""
+    annotations = cls.__dict__.get("__annotations__", {})
+    fields = tuple(annotations)
     defaults = [cls.__dict__[name] for name in fields if name in cls.__dict__]
     if any(name not in cls.__dict__ for name in fields[len(fields) - len(defaults):]):
         raise TypeError(f"{cls.__name__}: a field without a default follows one with a default")
-    base = namedtuple(cls.__name__, fields, defaults=defaults, module=cls.__module__)
-    body = {key: value for key, value in cls.__dict__.items()
-            if key not in fields and key not in _CLASS_ENTRIES}
-    made = type(cls.__name__, (base,), {**body, "__slots__": (), "__qualname__": cls.__qualname__})
-    made.__annotations__ = cls.__dict__.get("__annotations__", {})
+    made = namedtuple(cls.__name__, fields, defaults=defaults, module=cls.__module__)
+    for key, value in cls.__dict__.items():
+        if key not in fields and key not in _CLASS_ENTRIES:
+            setattr(made, key, value)
+    made.__qualname__ = cls.__qualname__
+    made.__annotations__ = annotations
     return made
