@@ -13,7 +13,6 @@ import random
 import struct
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ EDGE_ADDENDS = (0, 0x81000000, 0xC0000000, 0x7FFFFFFF, -(1 << 31), 0xFFFFFFFF, 0
 
 def outcome(data: bytes, path: str, **kwargs: object) -> object:
     try:
-        return [asdict(f) for f in check.check_bytes(data, path, locate=False, **kwargs)]
+        return [f.as_dict() for f in check.check_bytes(data, path, locate=False, **kwargs)]
     except RustkoError as err:
         return str(err)
 

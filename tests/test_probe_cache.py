@@ -13,13 +13,14 @@ import marshal
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from rustko import kernel, toolchain
-from rustko.kernelview import read_symvers
+from rustko.kernelview import _parse_symvers, read_symvers
 
 REAL_RUSTC = Path("/usr/bin/rustc")
 
@@ -157,3 +158,49 @@ def test_symvers_is_kept_until_the_file_changes(tmp_path: Path, monkeypatch: pyt
     assert symvers.stat().st_size == stat.st_size and symvers.stat().st_mtime_ns == stat.st_mtime_ns
     assert read_symvers(symvers)["printk"].crc == 0x11111111
     assert read_symvers(symvers)["kmalloc"].gpl_only
+
+
+def test_kept_symvers_answers_as_the_file(kdir61: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept Module.symvers of Debian's 6.1 headers, searched in its bytes (a few names, as
+    one module asks) or split into lines (a run that asks more), gives every export of the file,
+    and nothing for names beside them."""
+    monkeypatch.setenv("RUSTKO_CACHE", str(tmp_path / "cache"))
+    parsed = _parse_symvers(kdir61 / "Module.symvers")
+    read_symvers(kdir61 / "Module.symvers")  # parsed and kept
+    searched = read_symvers(kdir61 / "Module.symvers")  # the kept bytes
+    names = sorted(parsed)
+    near = [n[:-1] for n in names[::211]] + [n + "_" for n in names[::223]] + ["", "~", "A"]
+    for name in names[::101] + near:
+        assert searched.get(name) == parsed.get(name), name
+    assert searched.lines is None  # no more names than one module asks: never split
+    split = read_symvers(kdir61 / "Module.symvers")
+    for name in names + near:
+        assert split.get(name) == parsed.get(name), name
+        assert (name in split) == (name in parsed)
+    assert split.lines is not None and len(split) == len(parsed) and list(split) == names
+
+
+def test_cache_lock_excludes_other_processes(tmp_path: Path) -> None:
+    """cache.locked holds an exclusive lock beside its path for the `with` block alone: another
+    process cannot take it meanwhile, and can right after (also after an exception)."""
+    from rustko.cache import locked
+
+    entry = tmp_path / "entry"
+    probe = ("import fcntl, sys\nwith open(sys.argv[1], 'a') as f:\n"
+             "    try:\n        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "    except BlockingIOError:\n        sys.exit(3)\n")
+
+    def other_gets_it() -> bool:
+        done = subprocess.run([sys.executable, "-c", probe, f"{entry}.lock"])
+        assert done.returncode in (0, 3)
+        return done.returncode == 0
+
+    with locked(entry):
+        assert not other_gets_it()
+    assert other_gets_it()
+    with pytest.raises(RuntimeError):
+        with locked(entry):
+            assert not other_gets_it()
+            raise RuntimeError("inside")
+    assert other_gets_it()

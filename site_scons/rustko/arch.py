@@ -8,12 +8,14 @@ the code base; each module now reads them from here through `resolve()`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 from .errors import RustkoError
+from .record import record
 
 
-@dataclass(frozen=True)
+# Records (named tuples, rustko.record), not frozen dataclasses: `rustko check` builds them at
+# every start-up, and `dataclasses` (with the `inspect` it imports) costs more than the check of
+# a small module.
+@record
 class Vm:
     """How `rustko vmtest` boots a guest of this architecture."""
 
@@ -23,7 +25,7 @@ class Vm:
     uml: bool = False         # the kernel is a host program (User-Mode Linux), not a QEMU guest
 
 
-@dataclass(frozen=True)
+@record
 class Arch:
     """One architecture as Kbuild, rustc, binutils, Debian, ELF and QEMU each name it."""
 

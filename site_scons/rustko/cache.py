@@ -6,12 +6,13 @@ parallel builds never see a half-written entry and an interrupted build leaves n
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Iterator
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from typing import IO
 
 
 # Root's builds (DKMS run from a kernel package's hook, `scons install`) share one machine-wide
@@ -40,16 +41,44 @@ def cache_root() -> Path:
     return Path(os.path.expanduser("~")) / ".cache" / "rustko"
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside `path`, so two builds do not do the same slow work twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def file_stamp(path: Path) -> str:
+    """The version of a file, for keying what was read from it (a parsed .config, Module.symvers,
+    rustc's `-vV` answer): its resolved path, device, inode, size, mtime and ctime. An edit moves
+    the ctime even when it puts the mtime back, and a file renamed over it (a package upgrade)
+    has a new inode. Raises OSError when the file cannot be examined."""
+    info = path.stat()
+    return (f"{path.resolve()}|{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|"
+            f"{info.st_ctime_ns}")
+
+
+class locked:
+    """`with locked(path):` an exclusive lock beside `path`, so two builds do not do the same slow
+    work twice. A class, not a `contextlib.contextmanager`: `rustko check` imports this module
+    and only reads the cache, and contextlib's import costs more than the class."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: IO[str] | None = None
+
+    def __enter__(self) -> None:
+        import fcntl  # here, not at the top: `rustko check` only reads the cache
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(f"{self.path}.lock", "a")
         try:
-            yield
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        except BaseException:
+            self.handle.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        assert self.handle is not None
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            self.handle.close()
 
 
 def cached_dir(path: Path, fill: Callable[[Path], None]) -> Path:
@@ -60,7 +89,8 @@ def cached_dir(path: Path, fill: Callable[[Path], None]) -> Path:
     """
     if path.is_dir():
         return path
-    import tempfile  # here, not at the top: `rustko check` reads the cache and never needs it
+    import shutil  # here, not at the top: `rustko check` only reads the cache
+    import tempfile
 
     with locked(path):
         if path.is_dir():

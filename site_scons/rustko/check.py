@@ -16,20 +16,21 @@ import os
 import re
 import sys
 from functools import lru_cache
-from itertools import compress, islice, repeat
+from itertools import compress
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
 
 from . import loader, relocs
 from .elf import (RELA64_SIZE, SIGNATURE_INFO, SHF_ALLOC, SHF_EXECINSTR, SHF_RELA_LIVEPATCH, SHN_ABS,
                   SHN_COMMON, SHN_UNDEF, SHT_NOBITS, SHT_REL, SHT_RELA, SHT_SYMTAB, STB_GLOBAL, STB_WEAK,
-                  STT_SECTION, Elf, Symbols, columns, module_files, read_module_bytes)
+                  STT_SECTION, Elf, Symbols, module_files, read_module_bytes)
 from .errors import RustkoError
 from .kernelview import Export, KernelView, kernel_view, read_extra_symbols, read_symvers
 from .loader import ENOENT, EINVAL, GPL_COMPATIBLE, IGNORED_UNDEFINED, RULES
 from .relocs import ArchRules, Version
 from .report import Finding, format_report, is_refused, results_json
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     import numpy as np
 
@@ -107,7 +108,7 @@ def _finding(path: str, stage: str, kind: str, version: Version, hint: str, **fi
              ) -> Finding:
     """A finding for loader rule `kind`; `fields` fill both the kernel's lines and the Finding."""
     rule = RULES[kind]
-    own = {k: v for k, v in fields.items() if k in Finding.__dataclass_fields__}
+    own = {k: v for k, v in fields.items() if k in Finding.FIELDS}
     return Finding(path, stage, kind, rule.text(version, **fields), hint, severity=rule.severity,
                    errno=rule.errno, **own)
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import RustkoError, internal_error
+from .record import record
 
 
-class Command(NamedTuple):
+@record
+class Command:
     module: str    # rustko.<module> defines add_parser(subparsers), which sets `run`
     summary: str   # one line for `rustko --help`
 
@@ -34,6 +37,40 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, told the terminal's width: argparse would import `shutil` (and the
+    bz2 and lzma modules it pulls in) at every `add_argument` to ask it, a few ms of every
+    start-up."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         terminal_columns() - 2 if width is None else width)
+
+
+def terminal_columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", 0))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help is laid out by `HelpFormatter`, its subcommands' too (a
+    subparser is made by its parent's class)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def chosen(argv: Sequence[str]) -> str | None:
     """The subcommand named on the command line: the first argument that is not an option."""
     for arg in argv:
@@ -46,7 +83,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand listed, or with `command`'s alone when one is chosen: only
     its module is imported to fill its options, and the others' stub parsers (a few ms each at
     start-up) would never be reached, as the first positional argument picks the subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rustko",
         description="Build Linux kernel modules in Rust and prove them loadable.",
     )

@@ -19,10 +19,12 @@ import struct
 import sys
 from itertools import compress
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
 
 from .errors import RustkoError
+from .record import record
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     import numpy as np
 
@@ -46,7 +48,8 @@ RELA64_SIZE = 24
 NATIVE_LITTLE = sys.byteorder == "little"
 
 
-class Shdr(NamedTuple):
+@record
+class Shdr:
     """One Elf64_Shdr."""
 
     name: int
@@ -110,7 +113,8 @@ MODULE_SIG_STRING = b"~Module signature appended~\n"
 SIGNATURE_INFO = 12
 
 
-class ModuleExport(NamedTuple):
+@record
+class ModuleExport:
     """One symbol a module exports (its __ksymtab entry), as modpost records it."""
 
     name: str
@@ -119,7 +123,8 @@ class ModuleExport(NamedTuple):
     namespace: str
 
 
-class Signature(NamedTuple):
+@record
+class Signature:
     """The appended signature's struct module_signature fields and the PKCS#7 blob."""
 
     algo: int

@@ -7,12 +7,12 @@ import marshal
 import os
 import re
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import arch
-from .cache import cache_root
+from .cache import cache_root, file_stamp
 from .errors import RustkoError
+from .record import record
 
 def normalize_arch(name: str) -> str:
     """Map a user's ARCH spelling to rustko's name, or fail with the accepted spellings."""
@@ -24,16 +24,25 @@ def host_arch() -> str:
     return found.name if found else os.uname().machine.lower()
 
 
-@dataclass(frozen=True)
+@record
 class KernelInfo:
-    """What the build needs to know about the target kernel; everything read from KDIR."""
+    """What the build needs to know about the target kernel; everything read from KDIR.
+
+    A record (a named tuple, rustko.record), not a frozen dataclass: `rustko check --kdir` makes
+    one at every start-up, and `dataclasses` (with the `inspect` it imports) costs more than the
+    check of a small module."""
 
     kdir: Path
     release: str
     version: tuple[int, int, int]
     arch: str
-    config: dict[str, str] = field(repr=False)
+    config: dict[str, str]
     compiler: str
+
+    def __repr__(self) -> str:
+        """Without `config` (9,000 entries)."""
+        return (f"KernelInfo(kdir={self.kdir!r}, release={self.release!r}, version={self.version!r}, "
+                f"arch={self.arch!r}, compiler={self.compiler!r})")
 
     def enabled(self, symbol: str) -> bool:
         """True when `CONFIG_<symbol>` is `y` (built in) in the kernel's .config."""
@@ -72,13 +81,9 @@ def _missing_kdir_hint() -> str:
 def read_config(path: Path) -> dict[str, str]:
     """The `CONFIG_*` lines of a .config, parsed once per file version and kept in the cache:
     every `rustko check --kdir` reads the same 9,000 lines, and loading the kept dict costs a
-    quarter of parsing them. The entry is keyed on the file's path, inode, size, mtime and ctime
-    (as toolchain._version keys rustc's answer): an edit, even one that puts the mtime back,
-    moves the ctime."""
+    quarter of parsing them. The entry is keyed on the file's version (cache.file_stamp)."""
     try:
-        info = path.stat()
-        stamp = (f"{path.resolve()}|{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|"
-                 f"{info.st_ctime_ns}")
+        stamp = file_stamp(path)
     except OSError:
         return _parse_config(path)  # its error, as before the cache
     cached = cache_root() / "config" / f"{zlib.crc32(stamp.encode('utf-8', 'surrogateescape')):08x}"
@@ -126,10 +131,11 @@ def _read_release(kdir: Path) -> str:
 def _read_version(kdir: Path) -> tuple[int, int, int]:
     header = kdir / "include/generated/uapi/linux/version.h"
     text = header.read_text(errors="replace") if header.is_file() else ""
-    parts = [re.search(rf"LINUX_VERSION_{name}\s+(\d+)", text) for name in ("MAJOR", "PATCHLEVEL", "SUBLEVEL")]
-    if all(parts):
-        major, minor, sub = (int(m.group(1)) for m in parts)  # type: ignore[union-attr]
-        return (major, minor, sub)
+    parts: dict[str, int] = {}
+    for name, value in re.findall(r"LINUX_VERSION_(MAJOR|PATCHLEVEL|SUBLEVEL)\s+(\d+)", text):
+        parts.setdefault(name, int(value))  # the first of each, as a search would find
+    if len(parts) == 3:
+        return (parts["MAJOR"], parts["PATCHLEVEL"], parts["SUBLEVEL"])
     code = re.search(r"LINUX_VERSION_CODE\s+(\d+)", text)
     if code:
         value = int(code.group(1))

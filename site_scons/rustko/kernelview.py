@@ -9,21 +9,22 @@ import re
 import zlib
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
 
-from .cache import cache_root
+from .cache import cache_root, file_stamp
 from .errors import RustkoError
 from .loader import needs_plt_sections
+from .record import record
 from .relocs import Version
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     from .kernel import KernelInfo
 
 
-class Export(NamedTuple):
+@record
+class Export:
     """One Module.symvers row: who exports a symbol, with which CRC, licence and namespace."""
 
     crc: int
@@ -32,30 +33,54 @@ class Export(NamedTuple):
     namespace: str
 
 
-@dataclass
 class KernelView:
-    """What the checker needs from a KDIR: rules version, exports, expected vermagic, config."""
+    """What the checker needs from a KDIR: rules version, exports, expected vermagic, config.
 
-    arch: str
-    version: Version
-    exports: Mapping[str, Export] | None = None
-    vermagic: str | None = None
-    force_load: bool = False
-    allow_missing_ns: bool = False
-    # include/linux/percpu.h PERCPU_MODULE_RESERVE for this .config (None: not known).
-    percpu_reserve: int | None = None
-    # sizeof(struct module) of the running kernel, when known (6.12 compares it, see loader.py).
-    module_struct_size: int | None = None
-    sig_enforce: bool = False
-    # Bytes of the module area for this .config (loader.module_area; None: not modelled).
-    module_area: int | None = None
-    # Sections this kernel's module_frob_arch_sections requires (loader.PLT_SECTIONS; None: no
-    # .config was read).
-    plt_sections: tuple[str, ...] | None = None
-    # Exports from the modules checked together and from --extra-symbols files; the kernel's own
-    # `exports` win over them, as the loader searches vmlinux first (kernel/module/main.c
-    # find_symbol).
-    siblings: dict[str, Export] = field(default_factory=dict)
+    A plain class with slots, not a dataclass: `dataclasses` (and the `inspect` it imports)
+    would cost every `rustko check` about a tenth of its start-up."""
+
+    __slots__ = ("arch", "version", "exports", "vermagic", "force_load", "allow_missing_ns",
+                 "percpu_reserve", "module_struct_size", "sig_enforce", "module_area", "plt_sections",
+                 "siblings")
+
+    def __init__(self, arch: str, version: Version, exports: Mapping[str, Export] | None = None,
+                 vermagic: str | None = None, force_load: bool = False,
+                 allow_missing_ns: bool = False, percpu_reserve: int | None = None,
+                 module_struct_size: int | None = None, sig_enforce: bool = False,
+                 module_area: int | None = None, plt_sections: tuple[str, ...] | None = None,
+                 siblings: dict[str, Export] | None = None) -> None:
+        self.arch = arch
+        self.version = version
+        self.exports = exports
+        self.vermagic = vermagic
+        self.force_load = force_load
+        self.allow_missing_ns = allow_missing_ns
+        # include/linux/percpu.h PERCPU_MODULE_RESERVE for this .config (None: not known).
+        self.percpu_reserve = percpu_reserve
+        # sizeof(struct module) of the running kernel, when known (6.12 compares it, see loader.py).
+        self.module_struct_size = module_struct_size
+        self.sig_enforce = sig_enforce
+        # Bytes of the module area for this .config (loader.module_area; None: not modelled).
+        self.module_area = module_area
+        # Sections this kernel's module_frob_arch_sections requires (loader.PLT_SECTIONS; None:
+        # no .config was read).
+        self.plt_sections = plt_sections
+        # Exports from the modules checked together and from --extra-symbols files; the kernel's
+        # own `exports` win over them, as the loader searches vmlinux first (kernel/module/main.c
+        # find_symbol).
+        self.siblings: dict[str, Export] = {} if siblings is None else siblings
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self.__slots__, self._values()))
+        return f"KernelView({fields})"
 
     def export(self, name: str) -> Export | None:
         """The export that would resolve NAME: the kernel's, else a sibling module's."""
@@ -66,17 +91,29 @@ class KernelView:
         return self.siblings.get(name)
 
     def with_siblings(self, siblings: dict[str, Export]) -> "KernelView":
-        return replace(self, siblings={**self.siblings, **siblings})
+        """A copy whose siblings are these besides its own."""
+        values = dict(zip(self.__slots__, self._values()))
+        values["siblings"] = {**self.siblings, **siblings}
+        return KernelView(**values)  # type: ignore[arg-type]
+
+
+# Distinct names an Exports searches in its bytes before it splits them into lines and bisects
+# those: a search costs about six bisections of the lines, splitting 25,000 lines about a
+# thousand bisections. One module looks up a few hundred names, a run over a tree thousands.
+SPLIT_AFTER = 512
 
 
 class Exports(Mapping[str, Export]):
-    """Module.symvers rows as the cache keeps them: one line per symbol, sorted, found by
-    bisection; an Export is made only for the names a check looks up. One module needs a few
-    dozen of 25,000: splitting the file into lines takes about a millisecond, where unpickling
-    a dict of them took 20 and parsing the text more."""
+    """Module.symvers rows as the cache keeps them: one line per symbol ("name\tcrc\towner\tgpl\t
+    namespace\n"), sorted by name; an Export is made only for the names a check looks up. One
+    module needs a few hundred of 25,000: they are searched in the bytes as read (`_search`),
+    and only a run that looks up more splits them into lines. Unpickling a dict of them took
+    20 ms, parsing the text more."""
 
-    def __init__(self, blob: bytes) -> None:
-        self.lines = blob.split(b"\n")[:-1]  # "name\tcrc\towner\tgpl\tnamespace", sorted
+    def __init__(self, blob: bytes, start: int = 0) -> None:
+        self.blob = blob  # the sorted lines from offset `start` on (the cache's stamp line before)
+        self.start = start
+        self.lines: list[bytes] | None = None  # split once SPLIT_AFTER names were looked up
         self.looked_up: dict[str, Export | None] = {}  # the modules of a run share most names
 
     @staticmethod
@@ -86,11 +123,19 @@ class Exports(Mapping[str, Export]):
         return b"".join(sorted(f"{name}\t{e.crc:x}\t{e.owner}\t{int(e.gpl_only)}\t{e.namespace}\n"
                                .encode("utf-8", "surrogateescape") for name, e in exports.items()))
 
+    def _split(self) -> list[bytes]:
+        if self.lines is None:
+            self.lines = self.blob[self.start:].split(b"\n")[:-1]
+        return self.lines
+
     def _line(self, name: str) -> bytes | None:
         key = name.encode("utf-8", "surrogateescape") + b"\t"
-        at = bisect_left(self.lines, key)
-        if at < len(self.lines) and self.lines[at].startswith(key):
-            return self.lines[at]
+        if self.lines is None and len(self.looked_up) < SPLIT_AFTER:
+            return _search(self.blob, self.start, key)
+        lines = self._split()
+        at = bisect_left(lines, key)
+        if at < len(lines) and lines[at].startswith(key):
+            return lines[at]
         return None
 
     def get(self, name: str, default: Export | None = None) -> Export | None:
@@ -113,37 +158,53 @@ class Exports(Mapping[str, Export]):
         return found
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self._line(name) is not None
+        return isinstance(name, str) and self.get(name) is not None
 
     def __iter__(self) -> Iterator[str]:
-        return (line.split(b"\t", 1)[0].decode("utf-8", "surrogateescape") for line in self.lines)
+        return (line.split(b"\t", 1)[0].decode("utf-8", "surrogateescape") for line in self._split())
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return self.blob.count(b"\n", self.start)
+
+
+def _search(blob: bytes, lo: int, key: bytes) -> bytes | None:
+    """The line of `blob` that starts with `key`, without its newline (None: no such line).
+    `blob` holds sorted lines from offset `lo` on, each ending in a newline, with a newline or
+    nothing before `lo`: a bisection over byte offsets, each probe comparing the whole line it
+    falls in with `key` (a line sorts below `key` exactly when its name sorts below the name)."""
+    hi = len(blob)
+    # Every line that starts before `lo` sorts below `key`; no line that starts at `hi` or later.
+    while lo < hi:
+        mid = (lo + hi) // 2
+        begin = blob.rfind(b"\n", 0, mid) + 1
+        end = blob.index(b"\n", mid)
+        if blob[begin:end] < key:
+            lo = end + 1
+        else:
+            hi = begin
+    return blob[lo:blob.index(b"\n", lo)] if blob.startswith(key, lo) else None
 
 
 def read_symvers(path: Path) -> Mapping[str, Export]:
     """Parse Module.symvers (scripts/mod/modpost.c write_dump: crc, symbol, owner, export, ns).
 
-    Parsed once per file version and kept in the cache as sorted lines (`Exports`): every
-    build checks its module against the same 25,000 exports, and parsing them costs more than
-    the check itself.
+    Parsed once per file version and kept in the cache as sorted lines (`Exports`, which
+    searches them as read): every build checks its module against the same 25,000 exports, and
+    parsing them costs more than the check itself.
     """
     try:
-        info = path.stat()
+        version = file_stamp(path)
     except OSError as err:
         raise RustkoError(f"cannot read {path}: {err.strerror}",
                           "KDIR must contain Module.symvers (a headers package or a built tree)")
-    # The first line names the file version (path, inode, size, mtime and ctime: an edit that
-    # puts the mtime back still moves the ctime); the name only spreads versions over files
-    # (zlib, not hashlib, whose OpenSSL start-up costs more than reading the cache).
-    stamp = (f"{path.resolve()}|{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|"
-             f"{info.st_ctime_ns}\n").encode("utf-8", "surrogateescape")
-    cached = cache_root() / "symvers" / f"{zlib.crc32(stamp):08x}-{info.st_size}.sorted"
+    # The first line names the file version (cache.file_stamp); the name only spreads versions
+    # over files (zlib, not hashlib, whose OpenSSL start-up costs more than reading the cache).
+    stamp = f"{version}\n".encode("utf-8", "surrogateescape")
+    cached = cache_root() / "symvers" / f"{zlib.crc32(stamp):08x}.sorted"
     try:
         blob = cached.read_bytes()
         if blob.startswith(stamp):
-            return Exports(blob[len(stamp):])
+            return Exports(blob, len(stamp))
     except OSError:
         pass
     blob = Exports.encode(_parse_symvers(path))
@@ -179,21 +240,20 @@ def _parse_symvers(path: Path) -> dict[str, Export]:
 
 def expected_vermagic(kernel: "KernelInfo") -> str:
     """VERMAGIC_STRING as include/linux/vermagic.h builds it for this .config (6.1/6.12 text)."""
-    cfg = kernel.config
-    on = {key for key, value in cfg.items() if value == "y"}
-    preempt = ("preempt " if "CONFIG_PREEMPT_BUILD" in on or (
-        "CONFIG_PREEMPT" in on and "CONFIG_PREEMPT_BUILD" not in cfg)
-        else "preempt_rt " if "CONFIG_PREEMPT_RT" in on else "")
+    on = kernel.enabled  # the few symbols looked up, not the 9,000 entries scanned
+    preempt = ("preempt " if on("PREEMPT_BUILD") or (
+        on("PREEMPT") and "CONFIG_PREEMPT_BUILD" not in kernel.config)
+        else "preempt_rt " if on("PREEMPT_RT") else "")
     arch_magic = {"arm64": "aarch64", "riscv64": "riscv"}.get(kernel.arch, "")
     randstruct = ""
     hash_file = kernel.kdir / "include/generated/randstruct_hash.h"
-    if "CONFIG_RANDSTRUCT" in on and hash_file.is_file():
+    if on("RANDSTRUCT") and hash_file.is_file():
         match = re.search(r'RANDSTRUCT_HASHED_SEED\s+"([0-9a-f]+)"', hash_file.read_text())
         if match:
             randstruct = "RANDSTRUCT_" + match.group(1)
-    return (kernel.release + " " + ("SMP " if "CONFIG_SMP" in on else "") + preempt
-            + ("mod_unload " if "CONFIG_MODULE_UNLOAD" in on else "")
-            + ("modversions " if "CONFIG_MODVERSIONS" in on else "") + arch_magic + randstruct)
+    return (kernel.release + " " + ("SMP " if on("SMP") else "") + preempt
+            + ("mod_unload " if on("MODULE_UNLOAD") else "")
+            + ("modversions " if on("MODVERSIONS") else "") + arch_magic + randstruct)
 
 
 @lru_cache(maxsize=4)

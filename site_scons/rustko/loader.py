@@ -15,8 +15,9 @@ Message templates use `str.format` fields: `{name}` module name, `{symbol}`, `{n
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
 
+from .record import record
 from .relocs import Version, Versioned
 
 ENOENT, EINVAL = 2, 22
@@ -84,7 +85,8 @@ def _arm64_module_window(enabled: Callable[[str], bool]) -> int:
     return (ARM64_PLT_WINDOW if wide else ARM64_DIRECT_WINDOW) - PAGE_SIZE
 
 
-class ModuleArea(NamedTuple):
+@record
+class ModuleArea:
     """Where one architecture's module memory comes from, as far as a KDIR can tell.
 
     `size`: the largest piece one allocation can get for a .config (None: not computable from
@@ -137,7 +139,8 @@ MODULE_AREA: dict[str, ModuleArea] = {
 ONE_SYMTAB_SINCE: Version = (6, 12)
 
 
-class PltSections(NamedTuple):
+@record
+class PltSections:
     """Sections an architecture's module_frob_arch_sections refuses a module without, and when
     its kernel has that code: with `option` in .config, or from `always_since` on."""
 
@@ -169,7 +172,8 @@ def needs_plt_sections(arch: str, version: Version, enabled: Callable[[str], boo
     return ()
 
 
-class Rule(NamedTuple):
+@record
+class Rule:
     """One loader check: where it is, when it holds, what it prints, what it returns."""
 
     kind: str

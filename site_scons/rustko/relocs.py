@@ -14,19 +14,21 @@ predictable, rendered as `<loc>`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from . import arch as arches
+from .record import record
 
 Version = tuple[int, ...]
 LATEST: Version = (99, 0)
 
 
-# Rows are NamedTuples (ArchRules, with its mutable defaults, stays a dataclass): every
-# `rustko check` builds these tables at start-up, and a frozen dataclass costs several times
-# as much to create as a NamedTuple.
-class Accepted(NamedTuple):
+# Rows and tables are records (named tuples, rustko.record): every `rustko check` builds them at
+# start-up, and a frozen dataclass costs several times as much to create (and `dataclasses`,
+# with the `inspect` it imports, more than the check of a small module).
+@record
+class Accepted:
     """A relocation type the loader applies, in kernels [since, until)."""
 
     since: Version = (0,)
@@ -37,7 +39,8 @@ class Accepted(NamedTuple):
         return self.since <= version and (self.until is None or version < self.until)
 
 
-class Versioned(NamedTuple):
+@record
+class Versioned:
     """A message whose text changed over time: (first version, template), oldest first."""
 
     texts: tuple[tuple[Version, str], ...]
@@ -50,7 +53,8 @@ class Versioned(NamedTuple):
         return chosen
 
 
-class AddressRange(NamedTuple):
+@record
+class AddressRange:
     """Where the loader puts module memory (inclusive low, exclusive high), and why."""
 
     low: int
@@ -58,7 +62,8 @@ class AddressRange(NamedTuple):
     source: str
 
 
-class RangeCheck(NamedTuple):
+@record
+class RangeCheck:
     """An arm64 overflow check: arch/arm64/kernel/module.c apply_relocate_add (6.1.192,
     6.12.117, 7.3.4), through reloc_data (`data`: ABS unsigned, PREL signed, `bits` wide),
     reloc_insn_movw (`movw`: (S+A) >> lsb must fit 16 bits, unsigned for MOVKZ; with MOVNZ
@@ -85,7 +90,11 @@ class RangeCheck(NamedTuple):
         return -top, top - 1
 
 
-@dataclass(frozen=True)
+# The default of ArchRules' per-type tables: one shared empty table, read-only.
+NO_TYPES: Mapping[int, object] = MappingProxyType({})
+
+
+@record
 class ArchRules:
     """One architecture's loader: accepted types, refusal messages, fix hints."""
 
@@ -99,9 +108,9 @@ class ArchRules:
     hints: dict[int, str]
     default_hint: str
     # x86 only: how many bytes each applied type writes (the nonzero-target check reads them).
-    sizes: dict[int, int] = field(default_factory=dict)
+    sizes: Mapping[int, int] = NO_TYPES
     # x86 only: overflow-checked types -> "u32" (zero-extended) or "s32" (sign-extended).
-    overflow_checked: dict[int, str] = field(default_factory=dict)
+    overflow_checked: Mapping[int, str] = NO_TYPES
     overflow: Versioned | None = None
     nonzero: Versioned | None = None
     # True when the overflow check runs before the nonzero-target check (x86 since v6.3).
@@ -125,7 +134,7 @@ class ArchRules:
     mem_gap: int = 0
     # arm64: overflow-checked types, bounded over every placement of the module
     # (arm64ranges.PLACEMENTS).
-    range_checks: dict[int, RangeCheck] = field(default_factory=dict)
+    range_checks: Mapping[int, RangeCheck] = NO_TYPES
 
     def name(self, rtype: int) -> str:
         prefix = arches.resolve(self.arch).reloc_prefix

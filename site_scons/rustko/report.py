@@ -3,33 +3,63 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-@dataclass
 class Finding:
-    """One reason the loader would refuse a module (or, severity "warning", taint it)."""
+    """One reason the loader would refuse a module (or, severity "warning", taint it).
 
-    path: str
-    stage: str  # "signature" | "module" | "vermagic" | "percpu" | "symbol" | "relocation" | "export"
-    kind: str
-    kernel: list[str]  # the lines the kernel prints; unknowable values as <val>/<loc>
-    hint: str
-    symbol: str = ""
-    section: str = ""
-    offset: int | None = None
-    reloc_type: int | None = None
-    reloc_name: str = ""
-    count: int = 1
-    explanation: str = ""
-    function: str = ""
-    source: str = ""
-    # The calls inlined into `function` at `source`, innermost first ("name at file:line").
-    inlined: list[str] = field(default_factory=list)
-    severity: str = "error"
-    # The error the loader returns (insmod shows it in its own words), e.g. "ENOEXEC".
-    errno: str = ""
+    A plain class with slots, not a dataclass: `dataclasses` (and the `inspect` it imports)
+    would cost every `rustko check` about a tenth of its start-up."""
+
+    # In this order: the positional arguments, the `--json` keys, `repr`.
+    FIELDS = ("path", "stage", "kind", "kernel", "hint", "symbol", "section", "offset", "reloc_type",
+              "reloc_name", "count", "explanation", "function", "source", "inlined", "severity",
+              "errno")
+    __slots__ = FIELDS
+
+    def __init__(self, path: str, stage: str, kind: str, kernel: list[str], hint: str,
+                 symbol: str = "", section: str = "", offset: int | None = None,
+                 reloc_type: int | None = None, reloc_name: str = "", count: int = 1,
+                 explanation: str = "", function: str = "", source: str = "",
+                 inlined: list[str] | None = None, severity: str = "error", errno: str = "") -> None:
+        self.path = path
+        # "signature" | "module" | "vermagic" | "percpu" | "symbol" | "relocation" | "export"
+        self.stage = stage
+        self.kind = kind
+        self.kernel = kernel  # the lines the kernel prints; unknowable values as <val>/<loc>
+        self.hint = hint
+        self.symbol = symbol
+        self.section = section
+        self.offset = offset
+        self.reloc_type = reloc_type
+        self.reloc_name = reloc_name
+        self.count = count
+        self.explanation = explanation
+        self.function = function
+        self.source = source
+        # The calls inlined into `function` at `source`, innermost first ("name at file:line").
+        self.inlined = [] if inlined is None else inlined
+        self.severity = severity
+        # The error the loader returns (insmod shows it in its own words), e.g. "ENOEXEC".
+        self.errno = errno
+
+    def as_dict(self) -> dict[str, object]:
+        """Every field by name, lists copied (what `dataclasses.asdict` gave)."""
+        return {name: list(value) if isinstance(value, list) else value
+                for name, value in zip(self.FIELDS, self._values())}
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self.FIELDS, self._values()))
+        return f"{type(self).__name__}({fields})"
 
     def kernel_regex(self) -> re.Pattern[str]:
         """A pattern matching the kernel's real lines (values the checker cannot know wildcarded)."""
@@ -83,7 +113,7 @@ def results_json(results: list[tuple[str, list[Finding] | str]]) -> dict[str, ob
     refused = sum(1 for _, r in results if not isinstance(r, str) and is_refused(r))
     return {
         "modules": [{"path": p, "error": r} if isinstance(r, str) else
-                    {"path": p, "loadable": not is_refused(r), "findings": [asdict(f) for f in r]}
+                    {"path": p, "loadable": not is_refused(r), "findings": [f.as_dict() for f in r]}
                     for p, r in results],
         "checked": len(results), "refused": refused,
         "unreadable": sum(1 for _, r in results if isinstance(r, str)),

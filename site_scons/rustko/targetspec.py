@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import arch, cache
+from . import cache
 from .kernel import KernelInfo
 from .toolchain import Toolchain
 

@@ -76,7 +76,7 @@ class Toolchain:
 def _version(rustc: Path, binary: Path | None) -> tuple[str, str]:
     """(release, `rustc -vV` text). Every build asks, so the answer is kept in the cache per
     compiler binary (`binary`: the real rustc that answers; None: unknown, always ask), keyed on
-    its path, inode, size, mtime and ctime: a reinstall, an upgrade or an edit changes them."""
+    its version (cache.file_stamp): a reinstall, an upgrade or an edit changes it."""
     stamp = _binary_stamp(binary) if binary else None
     cached = cache.cache_root() / "probe" / f"rustc-{stamp}" if stamp else None
     if cached is not None:
@@ -109,12 +109,12 @@ def _release(text: str) -> str:
 
 
 def _binary_stamp(binary: Path) -> str | None:
+    """A short name for the binary's version (cache.file_stamp); None when it cannot be read."""
     try:
-        info = binary.stat()
+        stamp = cache.file_stamp(binary)
     except OSError:
         return None
-    fields = (binary, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-    return hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()[:24]
+    return hashlib.sha256(stamp.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def _store(path: Path, text: str) -> None:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -517,7 +517,7 @@ def _boot(loads: Sequence[Load], kernel: Path | str | None, arch: str, timeout: 
         if not boot.uml:
             raise RustkoError(f"--mem is for UML (--arch um), not {spec.name}",
                               hint="QEMU guests have a fixed memory size; drop --mem")
-        boot = replace(boot, command=_uml_command(boot.command, mem))
+        boot = boot._replace(command=_uml_command(boot.command, mem))
     for load in loads:
         if load.module.elf_machine != spec.elf_machine_name:
             raise RustkoError(
