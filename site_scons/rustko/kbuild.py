@@ -488,6 +488,17 @@ class Kbuild:
         finally:
             self._output.close()
 
+    def stop(self) -> None:
+        """Stop make now (a run started early that the build did not take over)."""
+        self._release()
+        if self._make.poll() is None:
+            try:
+                os.killpg(self._make.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # make ended in between
+        self._make.wait()
+        self._output.close()
+
     def _release(self) -> None:
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
