@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import hashlib
 import importlib
 import os
@@ -652,7 +653,18 @@ def _vmtest_action(target: list[Any], source: list[Any], env: Any) -> int:
     return 0 if result.ok else 1
 
 
+def _skip_final_collection() -> None:
+    """At exit, once SCons has written its database: Python's finalisation would free every
+    object of the run one by one (SCons's nodes, the checker's view of KDIR), which cost a clean
+    build about 0.1 s after Kbuild finished (strace, load 6). Objects freed by their reference
+    counts still are; those only reachable through reference cycles are left to the operating
+    system (SCons has written and closed its database by then; streams are flushed as before)."""
+    gc.freeze()
+
+
 def generate(env: Any) -> None:
+    if not _HELP_GIVEN:  # once per run, as the help text
+        atexit.register(_skip_final_collection)
     _help()
     env.AddMethod(RustKernelModule, "RustKernelModule")
     env.AddMethod(RustObject, "RustObject")
