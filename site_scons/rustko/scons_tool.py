@@ -587,13 +587,14 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     meta = {"license": license, "author": author, "description": description, "version": version,
             "params": params or {}}
     extra, waits = _symvers(env, extra_symbols)
+    kernel = None if _reading_only(env) else _kernel(env)  # a bad KDIR stops SCons before anything is written
     spec, out_dir, work, sources = _crate(env, name, source, manifest, build_dir, rustflags, meta,
                                           c_sources, ccflags, extra)
     _database(env, out_dir)
     published = out_dir.File(f"{name}.ko")
     unchecked = work.File(f"{name}.ko")
-    if not _reading_only(env) and _starts_early(env, spec, Path(unchecked.abspath)):
-        _STARTED[spec.kbuild_dir] = _user(build.start_kbuild, _options(env), _kernel(env), spec)
+    if kernel is not None and _starts_early(env, spec, Path(unchecked.abspath)):
+        _STARTED[spec.kbuild_dir] = _user(build.start_kbuild, _options(env), kernel, spec)
         if len(_STARTED) == 1:
             atexit.register(_stop_started)
     tgt = None if _reading_only(env) else _target(env)
