@@ -380,3 +380,67 @@ def test_module_name_with_dashes(tmp_path: Path, kdir61: Path) -> None:
     name = subprocess.run(["modinfo", "-F", "name", str(project / "build/my-mod.ko")],
                           capture_output=True, text=True, check=True).stdout.strip()
     assert name == "my_mod"
+
+
+# Printed by the SConstruct below right after RustKernelModule(): its own children running Kbuild.
+MAKES_WHILE_READING = '''
+import os
+def kbuild_children():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+            argv = open(f"/proc/{pid}/cmdline").read().split("\\0")
+        except OSError:
+            continue
+        if ppid == str(os.getpid()) and any(arg.startswith("M=") for arg in argv):
+            found.append(pid)
+    return found
+print("makes while reading:", len(kbuild_children()))
+env.Command("other.txt", [], Touch("$TARGET"))
+'''
+
+
+def _kbuild_processes(folder: Path) -> list[str]:
+    """Processes (anyone's) whose command line names `folder` as Kbuild's M=."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"M={folder}".encode() in argv:
+            found.append(pid)
+    return found
+
+
+def test_kbuild_starts_while_the_sconstruct_is_read(tmp_path: Path, kdir61: Path) -> None:
+    """A module sure to be built gets its make (Kbuild's compiler checks) started while the
+    SConstruct is read, and the build takes that run over: one `make -C` per build, the same
+    .ko as a build started late (V=1 starts no make early). A run that does not build the module
+    after all stops the early make and leaves nothing running; `-n` starts none."""
+    project = copy_example(tmp_path / "hello")
+    sconstruct = project / "SConstruct"
+    sconstruct.write_text(sconstruct.read_text().replace("env.RustKernelModule(", "ko = env.RustKernelModule(")
+                          + MAKES_WHILE_READING)
+    wrappers, log = tmp_path / "bin", tmp_path / "make.log"
+    wrappers.mkdir()
+    (wrappers / "make").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec /usr/bin/make "$@"\n')
+    (wrappers / "make").chmod(0o755)
+    env = {"PATH": f"{wrappers}:{os.environ['PATH']}"}
+    kbuild_dir = project / "build/.rustko/hello/kbuild"
+
+    assert "makes while reading: 0" in ok(project, "-n", f"KDIR={kdir61}", env=env)
+    assert not log.exists() and not (project / "build").exists()
+    output = ok(project, f"KDIR={kdir61}", "other.txt", env=env)
+    assert "makes while reading: 1" in output and (project / "other.txt").is_file()
+    assert not (project / "build/hello.ko").exists() and _kbuild_processes(kbuild_dir) == []
+
+    log.unlink()
+    assert "makes while reading: 1" in ok(project, f"KDIR={kdir61}", env=env)
+    assert len([line for line in log.read_text().splitlines() if line.startswith("-C ")]) == 1
+    early = (project / "build/hello.ko").read_bytes()
+    ok(project, "-c", f"KDIR={kdir61}")
+    assert "makes while reading: 0" in ok(project, f"KDIR={kdir61}", "V=1", env=env)
+    assert (project / "build/hello.ko").read_bytes() == early
+    assert ok(project, f"KDIR={kdir61}", env=env).splitlines() == ["makes while reading: 0", UP_TO_DATE]

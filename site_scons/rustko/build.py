@@ -73,7 +73,9 @@ class Target:
         return f"{cross}ld"
 
 
-def resolve(options: Options) -> Target:
+def resolve_kernel(options: Options) -> KernelInfo:
+    """The kernel alone (KDIR read, ARCH and the signing pair checked): enough to start Kbuild,
+    whose compiler checks take longer than finding rustc (`start_kbuild`)."""
     kernel = probe(options.kdir)
     if options.arch:
         wanted = normalize_arch(options.arch)
@@ -91,6 +93,12 @@ def resolve(options: Options) -> Target:
             raise RustkoError(f"{what}={path} does not exist",
                               "e.g. openssl req -new -x509 -newkey rsa:4096 -nodes -days 3650 -subj "
                               "'/CN=my modules/' -keyout signing_key.pem -out signing_key.x509 -outform DER")
+    return kernel
+
+
+def resolve(options: Options, kernel: KernelInfo | None = None) -> Target:
+    """`kernel`: `resolve_kernel(options)`'s answer when the caller has it already."""
+    kernel = kernel or resolve_kernel(options)
     tools = toolchain.find(options.rustc, options.rust_lib_src)
     spec = targetspec.choose(kernel, tools)
     target = Target(options=options, kernel=kernel, toolchain=tools,
@@ -454,6 +462,28 @@ def crate_flags(target: Target, spec: ModuleSpec) -> list[str]:
     return [*flagset.config_cfgs(target.kernel), *spec.rustflags]
 
 
+@dataclass(frozen=True)
+class KbuildSide:
+    """What Kbuild gets for a module: its make command and the texts written for it. It needs
+    the kernel, not the compiler, so Kbuild can start before rustc is found (`start_kbuild`)."""
+
+    make: list[str]
+    kbuild_text: str
+    shim_text: str
+    runtime: tuple[str, ...]              # the runtime parts (c/*.c) the shim carries
+    layout: tuple[tuple[str, Path], ...]  # the project's C files and headers, where they go
+
+    @classmethod
+    def of(cls, options: Options, kernel: KernelInfo, spec: ModuleSpec) -> "KbuildSide":
+        files = rust_files(spec)
+        runtime = kbuild.runtime_parts([*files, *spec.c_sources], "rustko" in sysroot.uses(files))
+        text = kbuild.kbuild_file(spec.name, kbuild.c_objects(spec.layout),
+                                  kbuild.ccflags_for_kbuild(spec.ccflags, spec.project_dir))
+        return cls(make=kbuild_job(options, kernel, spec).make_command(), kbuild_text=text,
+                   shim_text=kbuild.shim_source(spec.info, runtime), runtime=runtime,
+                   layout=tuple(spec.layout.items()))
+
+
 def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj: Path | None = None) -> Plan:
     """`obj`: where the Rust object goes (default: the module's work folder)."""
     target = with_rustflags(target, list(spec.rustflags))
@@ -461,20 +491,32 @@ def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj:
     deps, linked = dependency_commands(target, spec.deps, spec.work / "deps", crate_flags(target, spec))
     rustc = crate_command(target, spec.crate, spec.source, spec.project_dir, obj, spec.dep_file,
                           spec.edition, [*crate_flags(target, spec), *linked])
-    objects = kbuild.c_objects(spec.layout)
-    job = kbuild_job(target, spec)
-    files = rust_files(spec)
-    runtime = kbuild.runtime_parts([*files, *spec.c_sources], "rustko" in sysroot.uses(files))
+    side = KbuildSide.of(target.options, target.kernel, spec)
     return Plan(target=target, dependencies=deps, rustc=rustc, link=link_command(target, spec.crate, obj, entry),
-                kbuild_text=kbuild.kbuild_file(spec.name, objects,
-                                               kbuild.ccflags_for_kbuild(spec.ccflags, spec.project_dir)),
-                shim_text=kbuild.shim_source(spec.info, runtime), make=job.make_command(), runtime=runtime)
+                kbuild_text=side.kbuild_text, shim_text=side.shim_text, make=side.make, runtime=side.runtime)
 
 
-def kbuild_job(target: Target, spec: ModuleSpec) -> kbuild.KbuildJob:
-    return kbuild.KbuildJob(kernel=target.kernel, build_dir=spec.kbuild_dir,
-                            cross_compile=target.options.cross_compile, llvm=target.options.llvm,
-                            verbose=target.options.verbose, extra_symbols=spec.extra_symbols)
+def kbuild_job(options: Options, kernel: KernelInfo, spec: ModuleSpec) -> kbuild.KbuildJob:
+    return kbuild.KbuildJob(kernel=kernel, build_dir=spec.kbuild_dir, cross_compile=options.cross_compile,
+                            llvm=options.llvm, verbose=options.verbose, extra_symbols=spec.extra_symbols)
+
+
+@dataclass
+class StartedKbuild:
+    """A module's `make modules`, started before SCons decided to build the module (while the
+    SConstruct is read): `build_module` takes it over when what it was started with is still
+    what the module needs, else stops it and starts its own."""
+
+    running: kbuild.Kbuild
+    side: KbuildSide
+
+
+def start_kbuild(options: Options, kernel: KernelInfo, spec: ModuleSpec) -> StartedKbuild:
+    """Write the Kbuild directory's files and start make: its ~30 compiler checks (Kbuild's
+    try-run, on every invocation) then overlap finding rustc, the rest of SCons's start and rustc."""
+    side = KbuildSide.of(options, kernel, spec)
+    kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, side.kbuild_text, side.shim_text)
+    return StartedKbuild(kbuild.Kbuild(kbuild_job(options, kernel, spec), spec.name), side)
 
 
 def rust_files(spec: ModuleSpec) -> list[Path]:
@@ -495,17 +537,30 @@ def ensure_sysroot(target: Target, spec: ModuleSpec, log: Log) -> None:
 
 
 def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None = None,
-                 after_rust: Callable[[], None] | None = None) -> CrateOutput:
-    """The crate and Kbuild, run side by side: make's own start-up (half a second) and the shim's
-    compilation overlap rustc; Kbuild links the Rust object in as soon as it exists, while the
-    object's undefined symbols are checked (a refusal stops make) and `after_rust` runs (work
-    that would only compete with rustc and make for the CPUs before)."""
+                 after_rust: Callable[[], None] | None = None, started: StartedKbuild | None = None) -> CrateOutput:
+    """The crate and Kbuild, run side by side: make's own start-up (its compiler checks) and the
+    shim's compilation overlap rustc; Kbuild links the Rust object in as soon as it exists, while
+    the object's undefined symbols are checked (a refusal stops make) and `after_rust` runs (work
+    that would only compete with rustc and make for the CPUs before). `started`: a make already
+    running for this module (`start_kbuild`), taken over when it was started for the same texts."""
     log = log or (lambda line: None)
     planned = plan(target, spec)
     target = planned.target
-    ensure_sysroot(target, spec, log)
-    kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text, planned.shim_text)
-    with kbuild.Kbuild(kbuild_job(target, spec), spec.name) as running:
+    wanted = KbuildSide(planned.make, planned.kbuild_text, planned.shim_text, planned.runtime, tuple(spec.layout.items()))
+    if started is not None and started.side != wanted:
+        started.running.stop()
+        started = None
+    try:
+        ensure_sysroot(target, spec, log)
+    except BaseException:
+        if started is not None:
+            started.running.stop()
+        raise
+    if started is None:
+        kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text, planned.shim_text)
+    running_make = started.running if started else kbuild.Kbuild(kbuild_job(target.options, target.kernel, spec),
+                                                                  spec.name)
+    with running_make as running:
         linked = (compile_dependencies(target, spec.deps, spec.work / "deps", crate_flags(target, spec), log)
                   if spec.deps else [])
         crate = compile_crate(target, spec.crate, spec.source, spec.obj, spec.dep_file, spec.project_dir,

@@ -15,10 +15,11 @@ import re
 import signal
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from . import cache
 from .errors import RustkoError
@@ -439,6 +440,14 @@ def _run_install_step(cmd: list[str], what: str, package: str) -> None:
         raise RustkoError(f"{what} failed (`{' '.join(cmd)}`): {result.stderr.strip()}", exit_code=1)
 
 
+# make in a process group of its own (stopped as one, never by the terminal's Ctrl-C, which goes to
+# the foreground group) but in the user's session: with the scheduler's autogroups (Debian's default)
+# a session of its own would take make, the longest part of a build, out of the share and the
+# priority of the session that runs `scons`. Python < 3.11 has no process_group: a new session.
+OWN_GROUP: dict[str, Any] = ({"process_group": 0} if sys.version_info >= (3, 11)
+                             else {"start_new_session": True})
+
+
 class Kbuild:
     """One `make modules` run that starts before the Rust object exists.
 
@@ -460,8 +469,7 @@ class Kbuild:
         env["LC_ALL"] = "C"
         sink = None if job.verbose else self._output
         try:
-            self._make = subprocess.Popen(self.cmd, stdout=sink, stderr=sink, text=True, env=env,
-                                          start_new_session=True)
+            self._make = subprocess.Popen(self.cmd, stdout=sink, stderr=sink, text=True, env=env, **OWN_GROUP)
         except OSError as err:
             self._release()
             raise RustkoError(f"cannot run make: {err.strerror}",
@@ -487,6 +495,17 @@ class Kbuild:
             self._make.wait()
         finally:
             self._output.close()
+
+    def stop(self) -> None:
+        """Stop make now (a run started early that the build did not take over)."""
+        self._release()
+        if self._make.poll() is None:
+            try:
+                os.killpg(self._make.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # make ended in between
+        self._make.wait()
+        self._output.close()
 
     def _release(self) -> None:
         if not self._lock.closed:

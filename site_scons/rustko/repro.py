@@ -10,7 +10,6 @@ as with the kernel's own `modules_sign`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -19,10 +18,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import __version__, cache, targetspec
 from .errors import RustkoError
+
+if TYPE_CHECKING:  # argparse only for `rustko rebuild/compare`: not imported by every `scons`
+    import argparse
 
 RECORD_FORMAT = 1
 RECORD_SUFFIX = ".buildinfo"
@@ -298,6 +300,8 @@ def _section_differences(a: bytes, b: bytes) -> list[str]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    import argparse
+
     parser = subparsers.add_parser("repro", help="rebuild a module from its build record; compare modules",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="repro_command", metavar="ACTION")

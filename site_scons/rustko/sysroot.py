@@ -26,7 +26,6 @@ only, before its own cache. The key holds no kernel release, so a kernel upgrade
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -43,11 +42,14 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from . import cache
 from .errors import RustkoError
 from .toolchain import Toolchain, INSTALL_HINT, Version, interrupted, rustc_version
+
+if TYPE_CHECKING:  # argparse only for `rustko sysroot`'s parser: not imported by every `scons`
+    import argparse
 
 RECIPE_VERSION = "5"  # 3: the build folder remapped (it leaked into debug info); 4: bitcode only;
 # 5: line-tables-only debug info, -Zthreads
