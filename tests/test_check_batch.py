@@ -9,7 +9,6 @@ with a finding: every module here, real and broken, gets from a batch exactly wh
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy  # noqa: F401 - the screen runs once numpy is imported (a big run)
@@ -25,14 +24,14 @@ OPTIONS = ({}, {"arch": "um", "version": (6, 1)}, {"version": (4, 15)}, {"versio
 
 def alone(path: str, **kwargs: object) -> object:
     try:
-        return [asdict(f) for f in check.check_module(path, locate=False, **kwargs)]
+        return [f.as_dict() for f in check.check_module(path, locate=False, **kwargs)]
     except RustkoError as err:
         return str(err)
 
 
 def batched(paths: list[str], kdir: str | None = None, arch: str | None = None,
             version: tuple[int, ...] | None = None) -> list[object]:
-    return [r if isinstance(r, str) else [asdict(f) for f in r]
+    return [r if isinstance(r, str) else [f.as_dict() for f in r]
             for _, r in check._check_batch((paths, kdir, arch, version, ()))]
 
 
