@@ -1,30 +1,38 @@
 """Where a finding is in the sources: the function holding an offset (symbol table), its source
 line with the chain of inlined calls (DWARF, through pyelftools), readable names (c++filt).
 
-Only called for findings, never on the fast path.
+Only called for findings, never on the fast path; a run with one finding in a module without
+DWARF (the usual refused module of a packaged build) imports nothing heavy: no numpy, pyelftools,
+subprocess or re (0.3-0.4 s together, more than checking a hundred modules).
 """
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-from dataclasses import dataclass
+import struct
+from collections import deque
+from itertools import compress, repeat
+from operator import add, and_
 
-import numpy as np
+from .elf import RELA64_SIZE, SHF_COMPRESSED, SHT_RELA, STT_FUNC, Elf, Symbols, columns
+from .record import record
 
-from .elf import RELA64, SHF_COMPRESSED, SHT_RELA, STT_FUNC, Elf, Symbols
-
-# Rust v0 crate disambiguators (`core[1eb95a942f2852f8]`) say nothing to a reader.
-CRATE_HASH = re.compile(r"\[[0-9a-f]{8,16}\]")
+# Rust v0 crate disambiguators (`core[1eb95a942f2852f8]`) say nothing to a reader (a pattern
+# for re's own cache: re is imported only where a name or path is matched).
+CRATE_HASH = r"\[[0-9a-f]{8,16}\]"
 
 
 def demangle(names: list[str]) -> dict[str, str]:
     """Readable names for Rust (v0, legacy) and C++ symbols, through binutils' c++filt, which
     knows Rust v0 since 2.36; names stay as they are when it is not installed."""
     mangled = sorted({n for n in names if n.startswith(("_R", "_ZN"))})
+    if not mangled:
+        return {}
+    import re
+    import shutil
+    import subprocess
+
     tool = shutil.which("c++filt")
-    if not mangled or tool is None:
+    if tool is None:
         return {}
     try:
         out = subprocess.run([tool], input="\n".join(mangled), capture_output=True, text=True, timeout=10)
@@ -33,31 +41,36 @@ def demangle(names: list[str]) -> dict[str, str]:
     lines = out.stdout.splitlines()
     if out.returncode != 0 or len(lines) != len(mangled):
         return {}
-    return {name: CRATE_HASH.sub("", line) for name, line in zip(mangled, lines)}
+    return {name: re.sub(CRATE_HASH, "", line) for name, line in zip(mangled, lines)}
+
+
+U64 = (1 << 64) - 1
 
 
 def function_at(elf: Elf, syms: Symbols, section: str, offset: int) -> str:
+    """The first function symbol of the section whose [value, value+size) holds the offset (the
+    end taken modulo 2**64, as in the 64-bit fields: a corrupt size wraps, it holds nothing)."""
     index = elf.find(section)
-    table = syms.table
-    if index is None or not len(table):
+    if index is None or not len(syms):
         return ""
-    hit = np.flatnonzero((table["shndx"] == index) & ((table["info"] & 0xF) == STT_FUNC)
-                         & (table["value"] <= np.uint64(offset))
-                         & (table["value"] + table["size"] > np.uint64(offset)))
-    return syms.name(int(hit[0])) if len(hit) else ""
+    info, value, size = syms.column("info"), syms.column("value"), syms.column("size")
+    for i in compress(range(len(syms)), map(index.__eq__, syms.column("shndx"))):
+        if info[i] & 0xF == STT_FUNC and value[i] <= offset < (value[i] + size[i]) & U64:
+            return syms.name(i)
+    return ""
 
 
 # Paths of code the user did not write: a frame there is shown as inlined into the user's.
-LIBRARY_PATHS = re.compile(r"^/rustc/|/library/(core|alloc|std|compiler-builtins|portable-simd|"
-                           r"stdarch)/|/\.cargo/registry/|/linux-headers-[^/]+/(include|arch)/|"
-                           r"^(include|arch)/")
+LIBRARY_PATHS = (r"^/rustc/|/library/(core|alloc|std|compiler-builtins|portable-simd|"
+                 r"stdarch)/|/\.cargo/registry/|/linux-headers-[^/]+/(include|arch)/|"
+                 r"^(include|arch)/")
 
 # Address relocation types DWARF uses in relocatable objects: R_X86_64_64, R_AARCH64_ABS64,
 # R_RISCV_64.
 ADDRESS_RELOCS = (1, 257, 2)
 
 
-@dataclass
+@record
 class Location:
     """Where a place in a section is in the sources: the addr2line -f -i frames, innermost
     first, and the frame in the user's own code."""
@@ -65,8 +78,10 @@ class Location:
     frames: list[tuple[str, str]]  # (function, "file:line")
 
     def user_frame(self) -> tuple[str, str]:
+        import re
+
         for frame in self.frames:
-            if not LIBRARY_PATHS.search(frame[1]):
+            if not re.search(LIBRARY_PATHS, frame[1]):
                 return frame
         return self.frames[-1]
 
@@ -80,14 +95,15 @@ def source_lines(elf: Elf, wanted: list[tuple[int, int]]) -> dict[tuple[int, int
     sections through those relocations (.rela.debug_line), in order; functions are matched to
     sections through the relocation of their DW_AT_low_pc (.rela.debug_info).
     """
+    if elf.find(".debug_line") is None or elf.find(".debug_info") is None:
+        return {}
+    # pyelftools (0.08 s to import) only when there is DWARF to read.
     from io import BytesIO
 
     from elftools.common.exceptions import DWARFError, ELFError
     from elftools.dwarf.dwarfinfo import DWARFInfo
     from elftools.elf.elffile import ELFFile
 
-    if elf.find(".debug_line") is None or elf.find(".debug_info") is None:
-        return {}
     lines: dict[tuple[int, int], str] = {}
     found: dict[tuple[int, int], Location] = {}
     try:
@@ -136,6 +152,29 @@ DEBUG_RELOCS: dict[int, dict[int, int]] = {62: {1: 8, 10: 4, 11: 4}, 183: {257: 
                                            243: {2: 8, 1: 4}}
 
 
+# Writers of a relocated field by its width in bytes (little-endian, as every DEBUG_RELOCS
+# machine is).
+PACK = {4: struct.Struct("<I").pack_into, 8: struct.Struct("<Q").pack_into}
+
+
+def _rela(elf: Elf, index: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The r_offset, type (low half of r_info), symbol (high half) and r_addend (as unsigned
+    64-bit) columns of a SHT_RELA section."""
+    section = elf.sections[index]
+    count = section.size // RELA64_SIZE
+    if section.offset + count * RELA64_SIZE > len(elf.data):
+        elf.section_bytes(index)  # raises the truncated-section error
+    blob = elf.data[section.offset:section.offset + count * RELA64_SIZE]
+    offsets, addends = columns(blob, "Q", RELA64_SIZE, (0, 2))
+    rtypes, symbols = columns(blob, "I", RELA64_SIZE, (2, 3))
+    return offsets, rtypes, symbols, addends
+
+
+def _rela_sections(elf: Elf, target: int | None) -> list[int]:
+    """The SHT_RELA sections that relocate section `target`, in file order."""
+    return [i for i, s in enumerate(elf.sections) if s.type == SHT_RELA and s.info == target]
+
+
 def _debug_relocated(elf: Elf) -> bytes | None:
     """The file with the .rela.debug_* relocations applied (S+A, as pyelftools would, in bulk):
     pyelftools applies them one construct parse at a time, seconds for a Kbuild module. None when
@@ -144,49 +183,46 @@ def _debug_relocated(elf: Elf) -> bytes | None:
     widths = DEBUG_RELOCS.get(elf.machine)
     if not widths:
         return elf.data
-    debug = np.array([name.startswith(".debug_") for name in elf.names])
-    if ((elf.shdrs["flags"] & np.uint64(SHF_COMPRESSED)) != 0)[debug].any():
+    if any(s.flags & SHF_COMPRESSED for s, name in zip(elf.sections, elf.names) if name.startswith(".debug_")):
         return None
-    data = np.frombuffer(elf.data, dtype=np.uint8).copy()
-    syms = elf.symbols()
-    for rsec in np.flatnonzero(elf.shdrs["type"] == SHT_RELA).tolist():
-        target = int(elf.shdrs["info"][rsec])
-        if target >= len(elf.names) or not elf.names[target].startswith(".debug_"):
+    data = bytearray(elf.data)
+    values = elf.symbols().column("value")
+    for rsec, shdr in enumerate(elf.sections):
+        target = shdr.info
+        if shdr.type != SHT_RELA or target >= len(elf.names) or not elf.names[target].startswith(".debug_"):
             continue
-        rows = elf.section_array(rsec, RELA64)
-        rtype = (rows["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        idx = (rows["info"] >> np.uint64(32)).astype(np.int64)
-        if len(idx) and int(idx.max()) >= len(syms.table):
+        offsets, rtypes, idx, addends = _rela(elf, rsec)
+        if idx and max(idx) >= len(values):
             continue
-        value = syms.table["value"][idx] + rows["addend"].astype(np.uint64)
-        base = int(elf.shdrs["offset"][target])
-        size = int(elf.shdrs["size"][target])
+        base, size = elf.sections[target].offset, elf.sections[target].size
         for rt, width in widths.items():
-            mine = (rtype == rt) & (rows["offset"] + np.uint64(width) <= np.uint64(size))
-            if not mine.any():
+            # The rows of this type that fit the section, written in file order at C speed (a
+            # module has tens of thousands); all of them skipped if one lies past the file.
+            rows = list(compress(range(len(rtypes)), map(rt.__eq__, rtypes)))
+            at = list(map(offsets.__getitem__, rows))
+            if at and max(at) + width > size:
+                rows = [i for i, o in zip(rows, at) if o + width <= size]
+                at = list(map(offsets.__getitem__, rows))
+            if not at or max(at) + base + width > len(data):
                 continue
-            at = (rows["offset"][mine].astype(np.int64) + base)[:, None] + np.arange(width)
-            if int(at.max()) >= len(data):
-                continue
-            data[at] = value[mine].astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width]
-    return data.tobytes()
+            sums = map(add, map(values.__getitem__, map(idx.__getitem__, rows)), map(addends.__getitem__, rows))
+            fields = map(and_, sums, repeat((1 << 8 * width) - 1))
+            with memoryview(data) as view:
+                deque(map(PACK[width], repeat(view[base:]), at, fields), maxlen=0)
+    return bytes(data)
 
 
 def _address_map(elf: Elf) -> dict[int, int]:
     """.debug_info offset of each address-sized relocated field -> the section it points into."""
     index = elf.find(".debug_info")
     out: dict[int, int] = {}
-    syms = elf.symbols()
-    for rsec in np.flatnonzero(elf.shdrs["type"] == SHT_RELA).tolist():
-        if int(elf.shdrs["info"][rsec]) != index:
-            continue
-        rows = elf.section_array(rsec, RELA64)
-        rtype = (rows["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        keep = np.isin(rtype, ADDRESS_RELOCS)
-        idx = (rows["info"][keep] >> np.uint64(32)).astype(np.int64)
-        idx = np.minimum(idx, max(len(syms.table) - 1, 0))
-        shndx = syms.table["shndx"][idx] if len(syms.table) else idx
-        out.update(zip(rows["offset"][keep].tolist(), shndx.tolist()))
+    shndx = elf.symbols().column("shndx")
+    last = max(len(shndx) - 1, 0)
+    for rsec in _rela_sections(elf, index):
+        offsets, rtypes, symbols, _ = _rela(elf, rsec)
+        keep = list(map(ADDRESS_RELOCS.__contains__, rtypes))
+        idx = [min(i, last) for i in compress(symbols, keep)]
+        out.update(zip(compress(offsets, keep), list(map(shndx.__getitem__, idx)) if shndx else idx))
     return out
 
 
@@ -317,16 +353,13 @@ def _address_sections(elf: Elf, name: str, sort: bool) -> list[int]:
     """For each address-sized relocated field of section NAME (file order), its section:
     in .debug_line, the DW_LNE_set_address of each sequence."""
     target = elf.find(name)
-    for rsec in np.flatnonzero(elf.shdrs["type"] == SHT_RELA):
-        if int(elf.shdrs["info"][rsec]) != target:
-            continue
-        rows = elf.section_array(int(rsec), RELA64)
-        syms = elf.symbols()
-        rows = np.sort(rows, order="offset") if sort else rows
-        rtype = rows["info"] & np.uint64(0xFFFFFFFF)
-        is_addr = np.isin(rtype, ADDRESS_RELOCS)
-        idx = (rows["info"][is_addr] >> np.uint64(32)).astype(np.int64)
-        return [int(syms.table["shndx"][i]) for i in idx if i < len(syms.table)]
+    for rsec in _rela_sections(elf, target):
+        offsets, rtypes, symbols, addends = _rela(elf, rsec)
+        # Sorted as rows (r_offset, r_info, signed r_addend); r_info is (symbol, type).
+        rows = zip(offsets, symbols, rtypes, [a - (1 << 64) if a >> 63 else a for a in addends])
+        shndx = elf.symbols().column("shndx")
+        rows = sorted(rows) if sort else rows
+        return [shndx[i] for _, i, rtype, _ in rows if rtype in ADDRESS_RELOCS and i < len(shndx)]
     return []
 
 
