@@ -515,6 +515,24 @@ def _starts_early(env: Any, spec: build.ModuleSpec, unchecked: Path) -> bool:
     return any(path.stat().st_mtime_ns > built for path in inputs if path.is_file())
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None: `path` exists)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _undo_early_start(kbuild_dir: Path, made: Path | None) -> None:
+    """A compiler or toolchain found wanting after Kbuild started early: stop that make and
+    remove the folders the start created, so that bad input leaves nothing written."""
+    started = _STARTED.pop(kbuild_dir, None)
+    if started is not None:
+        started.running.stop()
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+
+
 def _stop_started() -> None:
     """At exit: the makes started early whose module was not built this run."""
     while _STARTED:
@@ -590,14 +608,20 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     kernel = None if _reading_only(env) else _kernel(env)  # a bad KDIR stops SCons before anything is written
     spec, out_dir, work, sources = _crate(env, name, source, manifest, build_dir, rustflags, meta,
                                           c_sources, ccflags, extra)
-    _database(env, out_dir)
     published = out_dir.File(f"{name}.ko")
     unchecked = work.File(f"{name}.ko")
+    made = None  # the outermost folder an early start creates
     if kernel is not None and _starts_early(env, spec, Path(unchecked.abspath)):
+        made = _first_missing(spec.kbuild_dir)
         _STARTED[spec.kbuild_dir] = _user(build.start_kbuild, _options(env), kernel, spec)
         if len(_STARTED) == 1:
             atexit.register(_stop_started)
-    tgt = None if _reading_only(env) else _target(env)
+    try:
+        tgt = None if _reading_only(env) else _target(env)
+    except SCons.Errors.UserError:
+        _undo_early_start(spec.kbuild_dir, made)
+        raise
+    _database(env, out_dir)  # after the checks: bad input leaves no build folder
     overrides: dict[str, Any] = {
         "RUSTKO_SPEC": spec, "RUSTKO_PLAN": None, "RUSTKO_SIGNATURE": "", "RUSTKO_PUBLISHED": published.abspath,
         "RUSTKO_DEPFILE": str(spec.dep_file), "RUSTKO_PROJECT": str(spec.project_dir), "RUSTKO_WORK": work.abspath,
