@@ -15,7 +15,7 @@ from pathlib import Path
 from .cache import cache_root, file_stamp
 from .errors import RustkoError
 from .loader import needs_plt_sections
-from .record import record
+from .record import Slotted, record
 from .relocs import Version
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
@@ -33,15 +33,16 @@ class Export:
     namespace: str
 
 
-class KernelView:
+class KernelView(Slotted):
     """What the checker needs from a KDIR: rules version, exports, expected vermagic, config.
 
     A plain class with slots, not a dataclass: `dataclasses` (and the `inspect` it imports)
     would cost every `rustko check` about a tenth of its start-up."""
 
-    __slots__ = ("arch", "version", "exports", "vermagic", "force_load", "allow_missing_ns",
-                 "percpu_reserve", "module_struct_size", "sig_enforce", "module_area", "plt_sections",
-                 "siblings")
+    FIELDS = ("arch", "version", "exports", "vermagic", "force_load", "allow_missing_ns",
+              "percpu_reserve", "module_struct_size", "sig_enforce", "module_area", "plt_sections",
+              "siblings")
+    __slots__ = FIELDS
 
     def __init__(self, arch: str, version: Version, exports: Mapping[str, Export] | None = None,
                  vermagic: str | None = None, force_load: bool = False,
@@ -70,18 +71,6 @@ class KernelView:
         # find_symbol).
         self.siblings: dict[str, Export] = {} if siblings is None else siblings
 
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self.__slots__, self._values()))
-        return f"KernelView({fields})"
-
     def export(self, name: str) -> Export | None:
         """The export that would resolve NAME: the kernel's, else a sibling module's."""
         if self.exports is not None:
@@ -92,7 +81,7 @@ class KernelView:
 
     def with_siblings(self, siblings: dict[str, Export]) -> "KernelView":
         """A copy whose siblings are these besides its own."""
-        values = dict(zip(self.__slots__, self._values()))
+        values = dict(zip(self.FIELDS, self._values()))
         values["siblings"] = {**self.siblings, **siblings}
         return KernelView(**values)  # type: ignore[arg-type]
 

@@ -6,6 +6,8 @@ annotations` every annotation is a string it compiles: the first compile builds 
 types (about 10 million instructions, a tenth of a one-module check), and importing `typing` at
 all costs more than half of that again. `record` makes the same `collections.namedtuple` from
 the annotations' names and leaves the annotations for readers and type checkers, unevaluated.
+`Slotted` gives the mutable plain classes of the same path (Finding, KernelView) a dataclass's
+equality and `repr`.
 """
 
 from __future__ import annotations
@@ -34,3 +36,23 @@ def record(cls: type) -> type:
     made.__qualname__ = cls.__qualname__
     made.__annotations__ = annotations
     return made
+
+
+class Slotted:
+    """Equality and `repr` over `FIELDS` for plain classes with slots (`report.Finding`,
+    `kernelview.KernelView`): what a dataclass gave them, without importing `dataclasses`."""
+
+    __slots__ = ()
+    FIELDS: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self.FIELDS, self._values()))
+        return f"{type(self).__name__}({fields})"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .record import Slotted
 
-class Finding:
+
+class Finding(Slotted):
     """One reason the loader would refuse a module (or, severity "warning", taint it).
 
     A plain class with slots, not a dataclass: `dataclasses` (and the `inspect` it imports)
@@ -48,18 +50,6 @@ class Finding:
         """Every field by name, lists copied (what `dataclasses.asdict` gave)."""
         return {name: list(value) if isinstance(value, list) else value
                 for name, value in zip(self.FIELDS, self._values())}
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.FIELDS)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self.FIELDS, self._values()))
-        return f"{type(self).__name__}({fields})"
 
     def kernel_regex(self) -> re.Pattern[str]:
         """A pattern matching the kernel's real lines (values the checker cannot know wildcarded)."""
