@@ -32,7 +32,8 @@ def alone(path: str, **kwargs: object) -> object:
 def batched(paths: list[str], kdir: str | None = None, arch: str | None = None,
             version: tuple[int, ...] | None = None) -> list[object]:
     return [r if isinstance(r, str) else [f.as_dict() for f in r]
-            for _, r in check._check_batch((paths, kdir, arch, version, ()))]
+            for _, r in check._check_batch((paths, check.kernel_view(kdir) if kdir else None,
+                                            arch, version))]
 
 
 def agree(monkeypatch: pytest.MonkeyPatch, paths: list[str], kdir: str | None = None,

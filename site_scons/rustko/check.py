@@ -1185,8 +1185,9 @@ def _as_view(kernel: object) -> KernelView | None:
 
 
 # --- many modules: one run is one set ---------------------------------------------------------
-# A run of modules checked together in one process: paths, kdir, arch, version, extra symbols.
-Batch = tuple[list[str], "str | None", "str | None", "Version | None", tuple[str, ...]]
+# A run of modules checked together in one process: paths, the view of KDIR (None: no KDIR, so no
+# symbols checked) with the run's sibling exports, arch, version.
+Batch = tuple[list[str], "KernelView | None", "str | None", "Version | None"]
 
 
 @lru_cache(maxsize=4)
@@ -1195,29 +1196,27 @@ def _view(kdir: str, extra: tuple[str, ...]) -> KernelView:
     return view.with_siblings(read_extra_symbols(list(extra))) if extra else view
 
 
-# The exports of the modules this process has read in `_check_batch` (or why they could not be
-# read), for `_exports_of`: a run checked in-process reads no file twice. Emptied per run.
-_EXPORTS_SEEN: dict[str, "dict[str, Export] | RustkoError"] = {}
+# The modules this process read for their exports (`_exports_of`) and checks next: a run
+# checked in-process reads each file once. Emptied per run.
+_READ: dict[str, "Elf | str"] = {}
+
+
+def _read_elf(path: str) -> Elf | str:
+    """The module at `path` (kept from `_exports_of` or read now), or why it cannot be read."""
+    kept = _READ.pop(path, None)
+    if kept is not None:
+        return kept
+    try:
+        return Elf(read_module_bytes(path), path)
+    except RustkoError as err:
+        return str(err)
 
 
 def _check_batch(batch: Batch) -> list[tuple[str, list[Finding] | str]]:
     """Check a run of modules: read them, screen their RELA tables together (`_screened`),
     then check each in full; errors stay per file."""
-    paths, kdir, arch, version, extra = batch
-    view = _view(kdir, extra) if kdir else None
-    read: list[Elf | str] = []
-    for path in paths:
-        try:
-            elf = Elf(read_module_bytes(path), path)
-        except RustkoError as err:
-            read.append(str(err))
-            continue
-        if kdir:
-            try:
-                _EXPORTS_SEEN[path] = _own_exports(elf)
-            except RustkoError as err:
-                _EXPORTS_SEEN[path] = err
-        read.append(elf)
+    paths, view, arch, version = batch
+    read = [_read_elf(path) for path in paths]
     elfs = [elf for elf in read if isinstance(elf, Elf)]
     screened = dict(zip(map(id, elfs), _screened(elfs, view, arch, version)))
     out: list[tuple[str, list[Finding] | str]] = []
@@ -1253,24 +1252,32 @@ def _screened(elfs: list[Elf], view: KernelView | None, arch: str | None,
     return out
 
 
-def _own_exports(elf: Elf) -> dict[str, Export]:
-    name = _module_name(elf.modinfo(), elf.path)
-    return {e.name: Export(e.crc, name, e.gpl_only, e.namespace)
-            for e in elf.exports(elf.symbols())}
-
-
-def _exports_of(path: str) -> tuple[str, dict[str, Export]]:
-    """The exports of one module, owned by its name (as Module.symvers would list them)."""
-    seen = _EXPORTS_SEEN.pop(path, None)
-    if isinstance(seen, RustkoError):
-        raise seen
-    if seen is not None:
-        return path, seen
+def _exports_of(work: tuple[str, bool]) -> dict[str, Export]:
+    """The exports of one module (path, and whether this process checks it next and so keeps
+    what it read), owned by its name as Module.symvers would list them. A module that cannot
+    be read or whose export tables are broken exports nothing: its own check says why."""
+    path, keep = work
+    elf = _read_elf(path)
+    if keep:
+        _READ[path] = elf
+    if isinstance(elf, str):
+        return {}
     try:
-        elf = Elf(read_module_bytes(Path(path)), path)
+        name = _module_name(elf.modinfo(), elf.path)
+        return {e.name: Export(e.crc, name, e.gpl_only, e.namespace)
+                for e in elf.exports(elf.symbols())}
     except RustkoError:
-        return path, {}
-    return path, _own_exports(elf)
+        return {}
+
+
+def _run_exports(files: list[str], workers: int) -> dict[str, Export]:
+    """Every export of a run's modules, the first module's where two export one name: the
+    siblings each module of the run may resolve its symbols against."""
+    everything: dict[str, Export] = {}
+    for own in _pool_map(_exports_of, [(path, workers == 1) for path in files], workers):
+        for symbol, export in own.items():
+            everything.setdefault(symbol, export)
+    return everything
 
 
 # Module bytes one worker process must have to check before starting it pays: forking and
@@ -1393,21 +1400,24 @@ def check_paths(paths: Iterable[str | Path], kdir: str | None = None, arch: str 
     extra = tuple(str(Path(p)) for p in extra_symbols)
     if extra and not kdir:
         raise RustkoError("--extra-symbols needs --kdir", "symbols are only checked against a KDIR")
-    if kdir:
-        _view(kdir, extra)  # fail early, once, on a bad KDIR or symbols file
+    # A bad KDIR or symbols file fails here, once.
+    view = _view(kdir, extra) if kdir else None
     sizes = _sizes(files)
     workers = _workers(sum(sizes), jobs)
-    _EXPORTS_SEEN.clear()
+    _READ.clear()
+    if view is not None and len(files) > 1:
+        view = view.with_siblings(_run_exports(files, workers))
     batches = _batches(files, sizes)
     # The biggest batches first (one large module is a batch of its own), so that no worker
     # is left alone with one at the end; the results go back in the files' order.
     order = sorted(range(len(batches)), key=lambda i: -batches[i][0])
-    done = _pool_map(_check_batch, [(batches[i][1], kdir, arch, version, extra) for i in order],
-                     workers)
+    try:
+        done = _pool_map(_check_batch, [(batches[i][1], view, arch, version) for i in order],
+                         workers)
+    finally:
+        _READ.clear()
     by_batch = dict(zip(order, done))
     results = [result for i in range(len(batches)) for result in by_batch[i]]
-    if kdir and len(files) > 1 and any(_unresolved(r) for _, r in results):
-        results = _resolve_siblings(results, files, kdir, arch, version, extra, workers)
     return missing + [(p, r if isinstance(r, str) else _locate_or_error(p, r)) for p, r in results]
 
 
@@ -1416,35 +1426,6 @@ def _locate_or_error(path: str, findings: list[Finding]) -> list[Finding] | str:
         return locate_module(path, findings)
     except RustkoError as err:  # the file changed between the check and now
         return str(err)
-
-
-def _unresolved(result: list[Finding] | str) -> set[str]:
-    if isinstance(result, str):
-        return set()
-    return {f.symbol for f in result if f.kind in ("unknown-symbol", "gpl-only")}
-
-
-def _resolve_siblings(results: list[tuple[str, list[Finding] | str]], files: list[str], kdir: str,
-                      arch: str | None, version: Version | None, extra: tuple[str, ...],
-                      workers: int) -> list[tuple[str, list[Finding] | str]]:
-    """Re-check the modules that need a symbol another module of the run exports."""
-    exported = dict(_pool_map(_exports_of, files, workers))
-    everything: dict[str, Export] = {}
-    for path in files:
-        for symbol, export in exported[path].items():
-            everything.setdefault(symbol, export)
-    out = []
-    for path, result in results:
-        if _unresolved(result) & set(everything):
-            own = exported[path]
-            siblings = {s: e for s, e in everything.items() if s not in own}
-            try:
-                view = _view(kdir, extra).with_siblings(siblings)
-                result = check_module(path, view, arch, version, locate=False)
-            except RustkoError as err:
-                result = str(err)
-        out.append((path, result))
-    return out
 
 
 def _parse_version(text: str) -> Version:
