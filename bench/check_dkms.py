@@ -95,7 +95,7 @@ marks.append(("  of which the pure relocation pass", *pure))
 check._clean_small = real
 numpy = "numpy" in sys.modules
 check.check_paths(files, kdir)
-mark("check_paths again: the above, siblings re-checked, findings located")
+mark("check_paths: exports gathered, each module checked, findings located")
 print(json.dumps([marks, numpy, "numpy" in sys.modules]))
 """
 
