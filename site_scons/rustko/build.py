@@ -447,13 +447,10 @@ class Plan:
     dependencies: list[tuple[project.Dependency, list[str]]]
     rustc: list[str]
     link: list[str]
-    kbuild_text: str
-    shim_text: str
-    make: list[str]
-    runtime: tuple[str, ...] = ()          # the runtime parts (c/*.c) the shim carries
+    side: KbuildSide                      # Kbuild's make and texts, as `start_kbuild` decides them
 
     def commands(self) -> list[list[str]]:
-        return [*(cmd for _dep, cmd in self.dependencies), self.rustc, self.link, self.make]
+        return [*(cmd for _dep, cmd in self.dependencies), self.rustc, self.link, self.side.make]
 
 
 def crate_flags(target: Target, spec: ModuleSpec) -> list[str]:
@@ -483,6 +480,10 @@ class KbuildSide:
                    shim_text=kbuild.shim_source(spec.info, runtime), runtime=runtime,
                    layout=tuple(spec.layout.items()))
 
+    def prepare(self, spec: ModuleSpec) -> None:
+        """Write the Kbuild folder's files: the project's C files, the Kbuild file, the shim."""
+        kbuild.prepare(spec.kbuild_dir, spec.info, dict(self.layout), self.kbuild_text, self.shim_text)
+
 
 def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj: Path | None = None) -> Plan:
     """`obj`: where the Rust object goes (default: the module's work folder)."""
@@ -491,9 +492,8 @@ def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj:
     deps, linked = dependency_commands(target, spec.deps, spec.work / "deps", crate_flags(target, spec))
     rustc = crate_command(target, spec.crate, spec.source, spec.project_dir, obj, spec.dep_file,
                           spec.edition, [*crate_flags(target, spec), *linked])
-    side = KbuildSide.of(target.options, target.kernel, spec)
     return Plan(target=target, dependencies=deps, rustc=rustc, link=link_command(target, spec.crate, obj, entry),
-                kbuild_text=side.kbuild_text, shim_text=side.shim_text, make=side.make, runtime=side.runtime)
+                side=KbuildSide.of(target.options, target.kernel, spec))
 
 
 def kbuild_job(options: Options, kernel: KernelInfo, spec: ModuleSpec) -> kbuild.KbuildJob:
@@ -515,7 +515,7 @@ def start_kbuild(options: Options, kernel: KernelInfo, spec: ModuleSpec) -> Star
     """Write the Kbuild directory's files and start make: its ~30 compiler checks (Kbuild's
     try-run, on every invocation) then overlap finding rustc, the rest of SCons's start and rustc."""
     side = KbuildSide.of(options, kernel, spec)
-    kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, side.kbuild_text, side.shim_text)
+    side.prepare(spec)
     return StartedKbuild(kbuild.Kbuild(kbuild_job(options, kernel, spec), spec.name), side)
 
 
@@ -546,8 +546,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
     log = log or (lambda line: None)
     planned = plan(target, spec)
     target = planned.target
-    wanted = KbuildSide(planned.make, planned.kbuild_text, planned.shim_text, planned.runtime, tuple(spec.layout.items()))
-    if started is not None and started.side != wanted:
+    if started is not None and started.side != planned.side:
         started.running.stop()
         started = None
     try:
@@ -557,7 +556,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
             started.running.stop()
         raise
     if started is None:
-        kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text, planned.shim_text)
+        planned.side.prepare(spec)
     running_make = started.running if started else kbuild.Kbuild(kbuild_job(target.options, target.kernel, spec),
                                                                   spec.name)
     with running_make as running:
@@ -569,7 +568,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
         if after_rust:
             after_rust()
         refuse_runtime_gaps(spec.crate, crate.undefined)
-        missing = kbuild.missing_runtime(planned.runtime, crate.undefined)
+        missing = kbuild.missing_runtime(planned.side.runtime, crate.undefined)
         if missing:
             raise RustkoError(f"the crate of module {spec.name} calls {', '.join(missing)}, which no file of "
                               "the module names (a macro put the name together)",

@@ -630,7 +630,8 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     if tgt is not None:
         plan = _user(build.plan, tgt, spec)
         overrides.update(RUSTKO_PLAN=plan, RUSTKO_SIGNATURE=_signature(
-            *(_command_text(cmd) for cmd in plan.commands()), _digest(plan.kbuild_text), _digest(plan.shim_text)))
+            *(_command_text(cmd) for cmd in plan.commands()), _digest(plan.side.kbuild_text),
+            _digest(plan.side.shim_text)))
     nodes = MODULE(env, [unchecked, work.File(f"{name}_rust.o")], sources, **overrides)
     if tgt is not None:
         env.Depends(nodes, [*_kernel_files(env, tgt), *waits])
