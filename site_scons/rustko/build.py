@@ -437,6 +437,33 @@ class ModuleSpec:
     def layout(self) -> dict[str, Path]:
         return kbuild.c_layout(self.name, self.c_sources, self.project_dir)
 
+    @functools.cached_property
+    def rust_files(self) -> tuple[Path, ...]:
+        """The Rust files the module and its path dependencies may compile. Walked once per spec,
+        which one `scons` run makes while reading the SConstruct: its start of Kbuild, plan and
+        build step share the walk, and the next run walks again (an edit, a new or deleted file)."""
+        found, todo = {*mod_files(self.source), *self.source.parent.rglob("*.rs")}, list(self.deps)
+        while todo:  # the path dependencies, transitively: what they link, the module links
+            dep = todo.pop()
+            found.update([*mod_files(dep.root), *dep.root.parent.rglob("*.rs")])
+            todo.extend(dep.deps)
+        return tuple(sorted(found))
+
+    @functools.cached_property
+    def crates(self) -> tuple[str, ...]:
+        """The sysroot crates the Rust files name, so the sysroot must hold (`sysroot.uses`)."""
+        return sysroot.uses(self.rust_files)
+
+    def with_c_sources(self, more: Iterable[Path]) -> "ModuleSpec":
+        """This spec with more C files (the headers SCons found its C files include), keeping
+        the walk of the Rust files, which the C files do not change."""
+        wider = replace(self, c_sources=tuple(dict.fromkeys([*self.c_sources, *more])))
+        wider.__dict__.update({name: self.__dict__[name] for name in _WALKED if name in self.__dict__})
+        return wider
+
+
+_WALKED = ("rust_files", "crates")  # ModuleSpec's cached walk and what was read from it
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -472,8 +499,7 @@ class KbuildSide:
 
     @classmethod
     def of(cls, options: Options, kernel: KernelInfo, spec: ModuleSpec) -> "KbuildSide":
-        files = rust_files(spec)
-        runtime = kbuild.runtime_parts([*files, *spec.c_sources], "rustko" in sysroot.uses(files))
+        runtime = kbuild.runtime_parts([*spec.rust_files, *spec.c_sources], "rustko" in spec.crates)
         text = kbuild.kbuild_file(spec.name, kbuild.c_objects(spec.layout),
                                   kbuild.ccflags_for_kbuild(spec.ccflags, spec.project_dir))
         return cls(make=kbuild_job(options, kernel, spec).make_command(), kbuild_text=text,
@@ -519,21 +545,10 @@ def start_kbuild(options: Options, kernel: KernelInfo, spec: ModuleSpec) -> Star
     return StartedKbuild(kbuild.Kbuild(kbuild_job(options, kernel, spec), spec.name), side)
 
 
-def rust_files(spec: ModuleSpec) -> list[Path]:
-    """The Rust files a module and its path dependencies may compile: which sysroot crates they
-    name decides which ones the sysroot needs (`sysroot.uses`)."""
-    found, todo = {*mod_files(spec.source), *spec.source.parent.rglob("*.rs")}, list(spec.deps)
-    while todo:  # the path dependencies, transitively: what they link, the module links
-        dep = todo.pop()
-        found.update([*mod_files(dep.root), *dep.root.parent.rglob("*.rs")])
-        todo.extend(dep.deps)
-    return sorted(found)
-
-
 def ensure_sysroot(target: Target, spec: ModuleSpec, log: Log) -> None:
     """The sysroot crates this module's files name, built now if the cache lacks them."""
     target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"),
-                   crates=sysroot.uses(rust_files(spec)))
+                   crates=spec.crates)
 
 
 def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None = None,
