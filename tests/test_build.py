@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 
 from conftest import KDIRS, copy_example, require_kdir, rustko, scons, snapshot, tool
-from rustko import vm
+from rustko import build, kbuild, vm
 from rustko.kernel import probe
 
 
@@ -80,6 +81,27 @@ def test_editing_a_submodule_rebuilds_and_noop_builds_nothing(tmp_path: Path, kd
     output = build_ok(project, kdir61)
     assert "  RUSTC   hello" in output and "  KBUILD  hello.ko" in output
     assert build_ok(project, kdir61).strip() == "scons: `.' is up to date."
+
+
+def test_rust_files_are_walked_once_per_spec(tmp_path: Path) -> None:
+    """One `scons` run makes a module's spec while reading the SConstruct, and its early Kbuild
+    start, plan and build step share one walk of the Rust files (and one read of the sysroot
+    crates they name); the next run's spec sees a new file, what it names, and a deleted file."""
+    project = copy_example(tmp_path / "hello")
+    spec = build.ModuleSpec(info=kbuild.ModuleInfo(name="hello"), source=project / "src/lib.rs",
+                            project_dir=project, work=tmp_path / "work")
+    walked = spec.rust_files
+    assert walked == (project / "src/lib.rs", project / "src/log.rs") and "alloc" not in spec.crates
+    extra = project / "src/extra.rs"
+    extra.write_text("extern crate alloc;\n")
+    assert spec.rust_files is walked and "alloc" not in spec.crates  # the same run: not walked again
+    with_headers = spec.with_c_sources([project / "src/glue.h"])
+    assert with_headers.c_sources == (project / "src/glue.h",) and with_headers.rust_files is walked
+
+    next_run = dataclasses.replace(spec)
+    assert extra in next_run.rust_files and "alloc" in next_run.crates
+    (project / "src/log.rs").unlink()
+    assert dataclasses.replace(spec).rust_files == (extra, project / "src/lib.rs")
 
 
 def test_project_path_with_spaces_builds(tmp_path: Path, kdir61: Path) -> None:

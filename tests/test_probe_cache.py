@@ -204,3 +204,22 @@ def test_cache_lock_excludes_other_processes(tmp_path: Path) -> None:
             assert not other_gets_it()
             raise RuntimeError("inside")
     assert other_gets_it()
+
+
+def test_store_replaces_whole_files_and_never_fails(tmp_path: Path) -> None:
+    """cache.store publishes a complete new file: a reader that opened the old one still reads
+    all of it (a rewrite in place would cut it short), and nothing else is left in the folder.
+    A cache that cannot be written (its folder is a file) is not an error."""
+    from rustko.cache import store
+
+    entry = tmp_path / "kept" / "entry"
+    store(entry, b"old " * 1000)
+    with open(entry, "rb") as reader:
+        store(entry, b"new")
+        assert reader.read() == b"old " * 1000
+    assert entry.read_bytes() == b"new"
+    assert [p.name for p in entry.parent.iterdir()] == ["entry"]
+
+    (tmp_path / "file").write_text("")
+    store(tmp_path / "file" / "entry", b"x")  # NotADirectoryError, swallowed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "kept"]

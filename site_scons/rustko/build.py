@@ -437,6 +437,33 @@ class ModuleSpec:
     def layout(self) -> dict[str, Path]:
         return kbuild.c_layout(self.name, self.c_sources, self.project_dir)
 
+    @functools.cached_property
+    def rust_files(self) -> tuple[Path, ...]:
+        """The Rust files the module and its path dependencies may compile. Walked once per spec,
+        which one `scons` run makes while reading the SConstruct: its start of Kbuild, plan and
+        build step share the walk, and the next run walks again (an edit, a new or deleted file)."""
+        found, todo = {*mod_files(self.source), *self.source.parent.rglob("*.rs")}, list(self.deps)
+        while todo:  # the path dependencies, transitively: what they link, the module links
+            dep = todo.pop()
+            found.update([*mod_files(dep.root), *dep.root.parent.rglob("*.rs")])
+            todo.extend(dep.deps)
+        return tuple(sorted(found))
+
+    @functools.cached_property
+    def crates(self) -> tuple[str, ...]:
+        """The sysroot crates the Rust files name, so the sysroot must hold (`sysroot.uses`)."""
+        return sysroot.uses(self.rust_files)
+
+    def with_c_sources(self, more: Iterable[Path]) -> "ModuleSpec":
+        """This spec with more C files (the headers SCons found its C files include), keeping
+        the walk of the Rust files, which the C files do not change."""
+        wider = replace(self, c_sources=tuple(dict.fromkeys([*self.c_sources, *more])))
+        wider.__dict__.update({name: self.__dict__[name] for name in _WALKED if name in self.__dict__})
+        return wider
+
+
+_WALKED = ("rust_files", "crates")  # ModuleSpec's cached walk and what was read from it
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -447,13 +474,10 @@ class Plan:
     dependencies: list[tuple[project.Dependency, list[str]]]
     rustc: list[str]
     link: list[str]
-    kbuild_text: str
-    shim_text: str
-    make: list[str]
-    runtime: tuple[str, ...] = ()          # the runtime parts (c/*.c) the shim carries
+    side: KbuildSide                      # Kbuild's make and texts, as `start_kbuild` decides them
 
     def commands(self) -> list[list[str]]:
-        return [*(cmd for _dep, cmd in self.dependencies), self.rustc, self.link, self.make]
+        return [*(cmd for _dep, cmd in self.dependencies), self.rustc, self.link, self.side.make]
 
 
 def crate_flags(target: Target, spec: ModuleSpec) -> list[str]:
@@ -475,13 +499,16 @@ class KbuildSide:
 
     @classmethod
     def of(cls, options: Options, kernel: KernelInfo, spec: ModuleSpec) -> "KbuildSide":
-        files = rust_files(spec)
-        runtime = kbuild.runtime_parts([*files, *spec.c_sources], "rustko" in sysroot.uses(files))
+        runtime = kbuild.runtime_parts([*spec.rust_files, *spec.c_sources], "rustko" in spec.crates)
         text = kbuild.kbuild_file(spec.name, kbuild.c_objects(spec.layout),
                                   kbuild.ccflags_for_kbuild(spec.ccflags, spec.project_dir))
         return cls(make=kbuild_job(options, kernel, spec).make_command(), kbuild_text=text,
                    shim_text=kbuild.shim_source(spec.info, runtime), runtime=runtime,
                    layout=tuple(spec.layout.items()))
+
+    def prepare(self, spec: ModuleSpec) -> None:
+        """Write the Kbuild folder's files: the project's C files, the Kbuild file, the shim."""
+        kbuild.prepare(spec.kbuild_dir, spec.info, dict(self.layout), self.kbuild_text, self.shim_text)
 
 
 def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj: Path | None = None) -> Plan:
@@ -491,9 +518,8 @@ def plan(target: Target, spec: ModuleSpec, entry: str | None = "rust_init", obj:
     deps, linked = dependency_commands(target, spec.deps, spec.work / "deps", crate_flags(target, spec))
     rustc = crate_command(target, spec.crate, spec.source, spec.project_dir, obj, spec.dep_file,
                           spec.edition, [*crate_flags(target, spec), *linked])
-    side = KbuildSide.of(target.options, target.kernel, spec)
     return Plan(target=target, dependencies=deps, rustc=rustc, link=link_command(target, spec.crate, obj, entry),
-                kbuild_text=side.kbuild_text, shim_text=side.shim_text, make=side.make, runtime=side.runtime)
+                side=KbuildSide.of(target.options, target.kernel, spec))
 
 
 def kbuild_job(options: Options, kernel: KernelInfo, spec: ModuleSpec) -> kbuild.KbuildJob:
@@ -515,25 +541,14 @@ def start_kbuild(options: Options, kernel: KernelInfo, spec: ModuleSpec) -> Star
     """Write the Kbuild directory's files and start make: its ~30 compiler checks (Kbuild's
     try-run, on every invocation) then overlap finding rustc, the rest of SCons's start and rustc."""
     side = KbuildSide.of(options, kernel, spec)
-    kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, side.kbuild_text, side.shim_text)
+    side.prepare(spec)
     return StartedKbuild(kbuild.Kbuild(kbuild_job(options, kernel, spec), spec.name), side)
-
-
-def rust_files(spec: ModuleSpec) -> list[Path]:
-    """The Rust files a module and its path dependencies may compile: which sysroot crates they
-    name decides which ones the sysroot needs (`sysroot.uses`)."""
-    found, todo = {*mod_files(spec.source), *spec.source.parent.rglob("*.rs")}, list(spec.deps)
-    while todo:  # the path dependencies, transitively: what they link, the module links
-        dep = todo.pop()
-        found.update([*mod_files(dep.root), *dep.root.parent.rglob("*.rs")])
-        todo.extend(dep.deps)
-    return sorted(found)
 
 
 def ensure_sysroot(target: Target, spec: ModuleSpec, log: Log) -> None:
     """The sysroot crates this module's files name, built now if the cache lacks them."""
     target.sysroot(log=lambda crate, cmd: log(f"  SYSROOT {crate} (once per rustc and flag set)"),
-                   crates=sysroot.uses(rust_files(spec)))
+                   crates=spec.crates)
 
 
 def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None = None,
@@ -546,8 +561,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
     log = log or (lambda line: None)
     planned = plan(target, spec)
     target = planned.target
-    wanted = KbuildSide(planned.make, planned.kbuild_text, planned.shim_text, planned.runtime, tuple(spec.layout.items()))
-    if started is not None and started.side != wanted:
+    if started is not None and started.side != planned.side:
         started.running.stop()
         started = None
     try:
@@ -557,7 +571,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
             started.running.stop()
         raise
     if started is None:
-        kbuild.prepare(spec.kbuild_dir, spec.info, spec.layout, planned.kbuild_text, planned.shim_text)
+        planned.side.prepare(spec)
     running_make = started.running if started else kbuild.Kbuild(kbuild_job(target.options, target.kernel, spec),
                                                                   spec.name)
     with running_make as running:
@@ -569,7 +583,7 @@ def build_module(target: Target, spec: ModuleSpec, out_ko: Path, log: Log | None
         if after_rust:
             after_rust()
         refuse_runtime_gaps(spec.crate, crate.undefined)
-        missing = kbuild.missing_runtime(planned.runtime, crate.undefined)
+        missing = kbuild.missing_runtime(planned.side.runtime, crate.undefined)
         if missing:
             raise RustkoError(f"the crate of module {spec.name} calls {', '.join(missing)}, which no file of "
                               "the module names (a macro put the name together)",

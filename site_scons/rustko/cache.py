@@ -7,6 +7,7 @@ parallel builds never see a half-written entry and an interrupted build leaves n
 from __future__ import annotations
 
 import os
+from _thread import get_ident  # threading's own, without importing threading at start-up
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,23 @@ def file_stamp(path: Path) -> str:
     info = path.stat()
     return (f"{path.resolve()}|{info.st_dev}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|"
             f"{info.st_ctime_ns}")
+
+
+def store(path: Path, data: bytes) -> None:
+    """Write the cache file `path` whole or not at all: concurrent builds and DKMS runs share the
+    cache, and a reader must never see half a file. The bytes go to a temporary file beside it,
+    named for this process and thread (SCons runs -j jobs as threads), that one `os.replace`
+    publishes. Errors are ignored: a cache that cannot be written only costs the next run speed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)  # a full disk's partial file
+        except OSError:
+            pass
 
 
 class locked:

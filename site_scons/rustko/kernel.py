@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 from . import arch
-from .cache import cache_root, file_stamp
+from .cache import cache_root, file_stamp, store
 from .errors import RustkoError
 from .record import record
 
@@ -94,13 +94,7 @@ def read_config(path: Path) -> dict[str, str]:
     except (OSError, EOFError, ValueError, TypeError):
         pass
     config = _parse_config(path)
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-        tmp.write_bytes(marshal.dumps((stamp, config)))
-        os.replace(tmp, cached)
-    except OSError:
-        pass  # a read-only cache only costs speed
+    store(cached, marshal.dumps((stamp, config)))
     return config
 
 

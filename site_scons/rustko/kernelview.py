@@ -4,7 +4,6 @@ the resulting `KernelView`, never the host."""
 
 from __future__ import annotations
 
-import os
 import re
 import zlib
 from bisect import bisect_left
@@ -12,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 
-from .cache import cache_root, file_stamp
+from .cache import cache_root, file_stamp, store
 from .errors import RustkoError
 from .loader import needs_plt_sections
 from .record import Slotted, record
@@ -197,13 +196,7 @@ def read_symvers(path: Path) -> Mapping[str, Export]:
     except OSError:
         pass
     blob = Exports.encode(_parse_symvers(path))
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-        tmp.write_bytes(stamp + blob)
-        os.replace(tmp, cached)
-    except OSError:
-        pass  # a read-only cache only costs speed
+    store(cached, stamp + blob)
     return Exports(blob)
 
 

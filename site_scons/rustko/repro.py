@@ -76,10 +76,7 @@ def _library_hash_once(target: Any) -> str:
     if memo.is_file():
         return memo.read_text().strip()
     digest = library_hash(target.toolchain.lib_src)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    partial = memo.with_name(f".{memo.name}.{os.getpid()}")
-    partial.write_text(digest + "\n")
-    os.replace(partial, memo)
+    cache.store(memo, f"{digest}\n".encode())
     return digest
 
 
@@ -119,10 +116,7 @@ def packages(paths: Sequence[Path]) -> dict[str, str]:
     listed = subprocess.run(["dpkg-query", "-W", "-f", "${binary:Package}\t${Version}\n", *sorted(names)],
                             capture_output=True, text=True)
     versions = dict(sorted(line.split("\t", 1) for line in listed.stdout.splitlines() if "\t" in line))
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    partial = memo.with_name(f".{memo.name}.{os.getpid()}")
-    partial.write_text(json.dumps(versions))
-    os.replace(partial, memo)
+    cache.store(memo, json.dumps(versions).encode())
     return versions
 
 

@@ -217,10 +217,17 @@ SCANNER = SCons.Scanner.ScannerBase(
 
 # --- the composed module: crate + Kbuild side by side ------------------------------------------
 
-def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
+def _action_spec(env: Any) -> build.ModuleSpec:
+    """The spec a build step works from: the one made while the SConstruct was read, whose walk
+    of the Rust files serves the whole run. --interactive builds again and again without reading
+    the SConstruct again: each of its builds walks the files afresh."""
     spec: build.ModuleSpec = env["RUSTKO_SPEC"]
+    return dataclasses.replace(spec) if env.GetOption("interactive") else spec
+
+
+def _module_action(target: list[Any], source: list[Any], env: Any) -> int:
     headers = [Path(n.srcnode().abspath) for n in target[0].implicit or () if n.name.endswith(".h")]
-    spec = dataclasses.replace(spec, c_sources=tuple(dict.fromkeys([*spec.c_sources, *headers])))
+    spec = _action_spec(env).with_c_sources(headers)
     try:
         # The steps after rustc say themselves when they start (a crate that does not compile
         # never reaches Kbuild); under V=1 the strfunction has shown every command already.
@@ -276,7 +283,7 @@ MODULE = SCons.Builder.Builder(
 # --- RustObject --------------------------------------------------------------------------------
 
 def _object_action(target: list[Any], source: list[Any], env: Any) -> int:
-    spec: build.ModuleSpec = env["RUSTKO_SPEC"]
+    spec = _action_spec(env)
     try:
         tgt = build.with_rustflags(_target(env), list(spec.rustflags))
         spec.work.mkdir(parents=True, exist_ok=True)
@@ -511,7 +518,7 @@ def _starts_early(env: Any, spec: build.ModuleSpec, unchecked: Path) -> bool:
         built = unchecked.stat().st_mtime_ns
     except OSError:
         return True
-    inputs = [*build.rust_files(spec), spec.project_dir / "Cargo.toml"]
+    inputs = [*spec.rust_files, spec.project_dir / "Cargo.toml"]
     return any(path.stat().st_mtime_ns > built for path in inputs if path.is_file())
 
 
@@ -630,7 +637,8 @@ def RustKernelModule(env: Any, name: str, source: Any = "src/lib.rs", *, license
     if tgt is not None:
         plan = _user(build.plan, tgt, spec)
         overrides.update(RUSTKO_PLAN=plan, RUSTKO_SIGNATURE=_signature(
-            *(_command_text(cmd) for cmd in plan.commands()), _digest(plan.kbuild_text), _digest(plan.shim_text)))
+            *(_command_text(cmd) for cmd in plan.commands()), _digest(plan.side.kbuild_text),
+            _digest(plan.side.shim_text)))
     nodes = MODULE(env, [unchecked, work.File(f"{name}_rust.o")], sources, **overrides)
     if tgt is not None:
         env.Depends(nodes, [*_kernel_files(env, tgt), *waits])

@@ -97,7 +97,7 @@ def _version(rustc: Path, binary: Path | None) -> tuple[str, str]:
     if release is None:
         raise RustkoError(f"RUSTC={rustc} does not behave like rustc (`rustc -vV` failed)", INSTALL_HINT)
     if cached is not None:
-        _store(cached, out.stdout)
+        cache.store(cached, out.stdout.encode())
     return release, out.stdout
 
 
@@ -115,17 +115,6 @@ def _binary_stamp(binary: Path) -> str | None:
     except OSError:
         return None
     return hashlib.sha256(stamp.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-
-
-def _store(path: Path, text: str) -> None:
-    """Write a cache file atomically; a read-only cache only costs the next build a process."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass
 
 
 def _sysroot(rustc: Path) -> tuple[Path, Path | None]:
