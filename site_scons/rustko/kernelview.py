@@ -301,11 +301,7 @@ def struct_module_size(info: "KernelInfo") -> int | None:
                  if syms.name(i) == "rustko_struct_module_size"]
     if not sizes:
         return None
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(str(sizes[0]))
-    except OSError:
-        pass
+    store(cached, str(sizes[0]).encode())
     return sizes[0]
 
 
