@@ -8,6 +8,7 @@ checker's numpy or the VM code.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import signal
@@ -117,5 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# Allocations between two runs of the cyclic garbage collector's youngest generation (Python's
+# default: 700). A run makes many objects and frees them by reference counting (a check's ELF
+# columns and findings, the Module.symvers lines it looked up), so collecting rarely loses no
+# memory and spares repeated walks over everything the imports made.
+GC_THRESHOLD = 20_000
+
+
+def entry() -> None:
+    """The `rustko` command (pip's console script, the .deb's, `python -m rustko.cli`): `main`,
+    then exit without the collector walking the run's objects once more (gc.freeze: Python
+    frees them at exit anyway). Both spare about 5% of the instructions of `rustko check` over
+    Debian's DKMS corpus (valgrind: 526 to 505 million)."""
+    gc.set_threshold(GC_THRESHOLD)
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
