@@ -175,6 +175,12 @@ class Symbols:
     def name(self, index: int) -> str:
         return _cstring(self.strtab, _NAME.unpack_from(self.raw, index * SYM64_SIZE)[0])
 
+    def names(self, indexes: list[int]) -> list[str]:
+        """`name` of each index, the string table decoded once (a module's undefined symbols:
+        dozens to hundreds, each decoded on its own cost more than the lookups)."""
+        column = self.column("name")
+        return _strings(self.strtab, [column[i] for i in indexes])
+
 
 _SYM = struct.Struct("<IBBHQQ")
 _MODVERSION = struct.Struct("<Q56s")

@@ -17,7 +17,7 @@ import sys
 from array import array
 from functools import lru_cache
 from itertools import chain, compress, islice
-from typing import Iterable
+from collections.abc import Iterable
 
 from .elf import RELA64_SIZE, SHN_ABS, SHN_UNDEF, SHT_NOBITS, STB_WEAK, Elf, Shdr, Symbols
 from .kernelview import KernelView
