@@ -1138,8 +1138,11 @@ def _check_read(elf: Elf, view: KernelView | None, arch: str | None, version: Ve
                 locate: bool, screened: list[int] | None = None) -> list[Finding]:
     """`check_module` once the file is read."""
     findings = check_elf(elf, view, _arch(elf, view, arch), version, locate, screened)
+    module = None  # made for the first located finding (most have no source line)
     for f in findings:
-        f.source = _local_source(Path(elf.path), f.source)
+        if f.source:
+            module = module or Path(elf.path)
+            f.source = _local_source(module, f.source)
     return findings
 
 

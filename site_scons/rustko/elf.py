@@ -176,10 +176,14 @@ class Symbols:
         return _cstring(self.strtab, _NAME.unpack_from(self.raw, index * SYM64_SIZE)[0])
 
     def names(self, indexes: list[int]) -> list[str]:
-        """`name` of each index, the string table decoded once (a module's undefined symbols:
-        dozens to hundreds, each decoded on its own cost more than the lookups)."""
-        column = self.column("name")
-        return _strings(self.strtab, [column[i] for i in indexes])
+        """`name` of each index, in one comprehension (a module's undefined symbols: dozens to
+        hundreds). The table's last NUL ends every string, and a start past it gives ""."""
+        column, strtab = self.column("name"), self.strtab
+        if not strtab.endswith(b"\0"):
+            return [_cstring(strtab, column[i]) for i in indexes]
+        find = strtab.find
+        return [strtab[start:find(b"\0", start)].decode("utf-8", "replace")
+                for start in map(column.__getitem__, indexes)]
 
 
 _SYM = struct.Struct("<IBBHQQ")
