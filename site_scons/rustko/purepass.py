@@ -78,6 +78,22 @@ def _symbols_below(blob: bytes, count: int, limit: int) -> bool:
     return not int.from_bytes(high, "little") & int.from_bytes(low, "little")
 
 
+# Entry indexes kept as one list of ints for every module of a run (a module of Debian's
+# trees has fewer entries), which `compress` walks without making an int per entry as `range`
+# does: 15 of the DKMS corpus's 205 million instructions in this pass.
+INDEXES_KEPT = 1 << 17
+_INDEXES: list[int] = []
+
+
+def _indexes(count: int) -> list[int] | range:
+    """0, 1, ..., at least `count` of them."""
+    if count > INDEXES_KEPT:
+        return range(count)
+    if len(_INDEXES) < count:
+        _INDEXES.extend(range(len(_INDEXES), count))
+    return _INDEXES
+
+
 def _compared(value: int) -> bytes:
     """A `bytes.translate` table: 0 for the bytes below `value`, 1 for it, 2 above."""
     return bytes(value) + b"\1" + b"\2" * (255 - value)
@@ -136,7 +152,7 @@ def clean(elf: Elf, syms: Symbols, rules: ArchRules, version: Version, parts: li
     if not types.translate(None, _bytes_of(checked)):  # every entry is checked
         infos, addends = quads[1::3].tolist(), _column(blob, "q")[2::3].tolist()
     else:  # the few overflow-checked entries, gathered at C speed
-        picked = list(compress(range(count), types.translate(_selector(checked))))
+        picked = list(compress(_indexes(count), types.translate(_selector(checked))))
         gather = operator.itemgetter(*picked)  # a tuple of the items, or the one item alone
         infos, addends = gather(quads[1::3]), gather(_column(blob, "q")[2::3])
         if len(picked) == 1:
