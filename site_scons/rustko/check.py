@@ -397,18 +397,18 @@ def _check_symbols(elf: Elf, syms: Symbols, modinfo: dict[str, list[str]],
             break
     if view.exports is None:
         return out
-    bind = [info >> 4 for info in syms.column("info")]
-    undefined = [i for i, shndx in enumerate(shndxs)
-                 if shndx == SHN_UNDEF and bind[i] in (STB_GLOBAL, STB_WEAK)]
+    infos = syms.column("info")
+    # the undefined symbols (SHN_UNDEF is 0) picked at C speed, then the global and weak ones
+    undefined = [i for i in compress(range(len(shndxs)), map(operator.not_, shndxs))
+                 if infos[i] >> 4 in (STB_GLOBAL, STB_WEAK)]
     license = modinfo.get("license", ["unspecified"])[0]
     gpl_ok = license in GPL_COMPATIBLE
     imports = set(modinfo.get("import_ns", []))
-    for index in undefined:
-        symbol = syms.name(index)
+    for index, symbol in zip(undefined, syms.names(undefined)):
         if not symbol:
             continue
         export = view.export(symbol)
-        weak = bind[index] == STB_WEAK
+        weak = infos[index] >> 4 == STB_WEAK
         if export is not None and export.gpl_only and not gpl_ok:
             export_visible = None  # find_symbol skips GPL-only exports for a non-GPL module
         else:
@@ -1138,8 +1138,11 @@ def _check_read(elf: Elf, view: KernelView | None, arch: str | None, version: Ve
                 locate: bool, screened: list[int] | None = None) -> list[Finding]:
     """`check_module` once the file is read."""
     findings = check_elf(elf, view, _arch(elf, view, arch), version, locate, screened)
+    module = None  # made for the first located finding (most have no source line)
     for f in findings:
-        f.source = _local_source(Path(elf.path), f.source)
+        if f.source:
+            module = module or Path(elf.path)
+            f.source = _local_source(module, f.source)
     return findings
 
 
