@@ -484,14 +484,11 @@ class Kbuild:
         refused object); before, the released lock fails make's rule for the object."""
         self._release()
         try:
-            if exc_type is not None and self._handed_over and self._make.poll() is None:
-                try:
-                    os.killpg(self._make.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass  # make ended in between
+            if exc_type is not None and self._handed_over:
+                self._terminate()
             self._make.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(self._make.pid, signal.SIGTERM)
+            self._terminate()
             self._make.wait()
         finally:
             self._output.close()
@@ -499,13 +496,17 @@ class Kbuild:
     def stop(self) -> None:
         """Stop make now (a run started early that the build did not take over)."""
         self._release()
+        self._terminate()
+        self._make.wait()
+        self._output.close()
+
+    def _terminate(self) -> None:
+        """SIGTERM to make's process group (its compilers too), unless make has ended."""
         if self._make.poll() is None:
             try:
                 os.killpg(self._make.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass  # make ended in between
-        self._make.wait()
-        self._output.close()
 
     def _release(self) -> None:
         if not self._lock.closed:
