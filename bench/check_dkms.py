@@ -30,13 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import dkmscorpus  # noqa: E402
 import rustko  # noqa: E402
-
-
-def rustko_command() -> list[str]:
-    """`rustko` as users start it: the console script beside this interpreter (PYTHONPATH still
-    puts the checkout's library first), else the module."""
-    script = Path(sys.executable).with_name("rustko")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "rustko.cli"]
+from check_tree import rustko_command  # noqa: E402
 
 
 RUNS = 5
