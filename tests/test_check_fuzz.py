@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,3 +127,36 @@ def test_every_section_moved_or_emptied(module_bytes: bytes) -> None:
                 data = bytearray(module_bytes)
                 data[at:at + 8] = value.to_bytes(8, "little")
                 run_check(bytes(data))
+
+
+def test_a_sibling_pointing_back_ends(module_bytes: bytes, tmp_path: Path) -> None:
+    """A DW_AT_sibling pointing at its own DIE (a hang the random flips above found: pyelftools
+    walked the same DIEs forever while a finding's source line was looked up): the check ends.
+    Run in a process of its own, so that a regression fails the test instead of hanging it."""
+    from io import BytesIO
+
+    from elftools.elf.elffile import ELFFile
+
+    data = bytearray(module_bytes)
+    elf = ELFFile(BytesIO(bytes(module_bytes)))
+    base = elf.get_section_by_name(".debug_info")["sh_offset"]
+    for cu in elf.get_dwarf_info(relocate_dwarf_sections=False).iter_CUs():
+        sibling = next((die for die in cu.get_top_DIE().iter_children()
+                        if die.tag == "DW_TAG_subprogram"
+                        and die.attributes.get("DW_AT_sibling", None) is not None
+                        and die.attributes["DW_AT_sibling"].form == "DW_FORM_ref4"), None)
+        if sibling is not None:
+            struct.pack_into("<I", data, base + sibling.attributes["DW_AT_sibling"].offset,
+                             sibling.offset - cu.cu_offset)
+            break
+    else:
+        pytest.fail("the seed has no function with a DW_AT_sibling to point back")
+    ko = tmp_path / "loop.ko"
+    ko.write_bytes(data)
+    code = ("import sys\nfrom rustko import check\n"
+            "findings = check.check_bytes(open(sys.argv[1], 'rb').read(), 'loop.ko', version=(6, 1))\n"
+            "print(len(findings))")
+    env = {**os.environ, "PYTHONPATH": str(Path(check.__file__).parent.parent)}
+    done = subprocess.run([sys.executable, "-c", code, str(ko)], capture_output=True, text=True,
+                          env=env, timeout=SECONDS_PER_CHECK)
+    assert done.returncode == 0 and int(done.stdout) > 0, done.stderr

@@ -267,6 +267,18 @@ def _ranges(die, dwarf, base: int) -> list[tuple[int, int]]:
     return []
 
 
+def _children(die):
+    """`die.iter_children()` while the children's offsets grow, as they do in valid DWARF:
+    pyelftools finds each next child through the previous one's DW_AT_sibling, and a corrupt
+    one pointing back (or at itself) had it yield the same DIEs forever."""
+    last = die.offset
+    for child in die.iter_children():
+        if child.offset <= last:
+            return
+        last = child.offset
+        yield child
+
+
 def _inline_chains(dwarf, programs: dict, addresses: dict[int, int],
                    wanted: list[tuple[int, int]]):
     """For each wanted place inside a function, a maker of its addr2line -i frames from the
@@ -282,11 +294,11 @@ def _inline_chains(dwarf, programs: dict, addresses: dict[int, int],
         top = cu.get_top_DIE()
         program = programs.get(cu.cu_offset)
         base = top.attributes["DW_AT_low_pc"].value if "DW_AT_low_pc" in top.attributes else 0
-        stack = list(top.iter_children())
+        stack = list(_children(top))
         while stack:
             die = stack.pop()
             if die.tag in ("DW_TAG_namespace", "DW_TAG_structure_type", "DW_TAG_module"):
-                stack.extend(die.iter_children())
+                stack.extend(_children(die))
                 continue
             if die.tag != "DW_TAG_subprogram" or "DW_AT_low_pc" not in die.attributes:
                 continue
@@ -300,7 +312,7 @@ def _inline_chains(dwarf, programs: dict, addresses: dict[int, int],
                 chain = [die]
                 node = die
                 while True:
-                    inner = next((c for c in node.iter_children()
+                    inner = next((c for c in _children(node)
                                   if c.tag in ("DW_TAG_inlined_subroutine", "DW_TAG_lexical_block")
                                   and any(lo <= offset < hi for lo, hi in _ranges(c, dwarf, base))),
                                  None)
